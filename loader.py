@@ -1,0 +1,251 @@
+"""Data: the MNIST reader, and the weight-pair shards that generation writes and training reads."""
+import functools
+import gzip
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_save
+
+# ----------------------------------------------------------------------------------------
+# MNIST, read from the IDX files (torchvision's layout: <root>/MNIST/raw/), no torchvision.
+
+MNIST_FILES = {  # name -> (md5 of the decompressed bytes, IDX magic number, count)
+    'train-images-idx3-ubyte': ('6bbc9ace898e44ae57da46a324031adb', 2051, 60000),
+    'train-labels-idx1-ubyte': ('a25bea736e30d166cdddb491f175f624', 2049, 60000),
+    't10k-images-idx3-ubyte': ('2646ac647ad5339dbf082846283269ea', 2051, 10000),
+    't10k-labels-idx1-ubyte': ('27ae3e4e09519cfbb04c329615203637', 2049, 10000),
+}
+MNIST_HELP = ('put the four MNIST IDX files (.gz or uncompressed) in <mnist_root>/MNIST/raw/; '
+              'this repository ships them in data/MNIST/raw/ (git checkout -- data/MNIST/raw restores them)')
+
+
+def mnist_raw_dir(root):
+    """The folder holding the IDX files: <root>/MNIST/raw, or root itself if the files are there."""
+    raw = os.path.join(root, 'MNIST', 'raw')
+    if not os.path.isdir(raw) and any(os.path.exists(os.path.join(root, n + '.gz')) for n in MNIST_FILES):
+        return root
+    return raw
+
+
+def _read_idx_bytes(raw, name):
+    """Decompressed bytes of one IDX file, md5-checked; decompresses .gz once beside it as a cache."""
+    md5, _, _ = MNIST_FILES[name]
+    plain, packed = os.path.join(raw, name), os.path.join(raw, name + '.gz')
+    if os.path.exists(plain):
+        with open(plain, 'rb') as f:
+            data = f.read()
+        if hashlib.md5(data).hexdigest() == md5:
+            return data
+        if not os.path.exists(packed):
+            raise UserError(f'{plain}: md5 mismatch (corrupt or not MNIST); {MNIST_HELP}')
+    if not os.path.exists(packed):
+        raise UserError(f'MNIST file missing: {plain}(.gz); {MNIST_HELP}')
+    try:
+        with gzip.open(packed, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f'{packed}: cannot decompress ({e}): truncated or corrupt; {MNIST_HELP}') from None
+    if hashlib.md5(data).hexdigest() != md5:
+        raise UserError(f'{packed}: md5 of the decompressed bytes is not the MNIST one '
+                        f'(corrupt or not MNIST); {MNIST_HELP}')
+    try:  # cache the decompressed file so later start-ups skip gunzip; a read-only folder is fine
+        atomic_write_bytes(plain, data)
+    except OSError:
+        pass
+    return data
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path through a temporary file and os.replace."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _parse_idx(data, name):
+    """Check an IDX file's header and return its payload as a numpy uint8 array."""
+    _, magic, count = MNIST_FILES[name]
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header or int.from_bytes(data[:4], 'big') != magic:
+        raise UserError(f'{name}: wrong IDX magic number (expected {magic}); {MNIST_HELP}')
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+    expected = [count] + ([28, 28] if ndim == 3 else [])
+    if dims != expected or len(data) != header + int(np.prod(dims)):
+        raise UserError(f'{name}: dimensions {dims} / size {len(data)} do not match MNIST {expected}; {MNIST_HELP}')
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+@functools.lru_cache(maxsize=4)
+def load_mnist(root='data', train=True):
+    """MNIST as (images uint8 (N, 28, 28), labels int64 (N,)); N = 60000 train, 10000 test.
+
+    The returned tensors are cached per process and shared: do not modify them in place."""
+    raw = mnist_raw_dir(root)
+    prefix = 'train' if train else 't10k'
+    images = _parse_idx(_read_idx_bytes(raw, f'{prefix}-images-idx3-ubyte'), f'{prefix}-images-idx3-ubyte')
+    labels = _parse_idx(_read_idx_bytes(raw, f'{prefix}-labels-idx1-ubyte'), f'{prefix}-labels-idx1-ubyte')
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------
+# Weight-pair shards.
+#
+# A data root holds recipe.json (the recipe every shard of it was made with) and shard files
+# shard_<start>_<stop>.pt, each covering the contiguous indices [start, stop) with every tensor
+# stacked along a first axis:
+#   {'format': SHARD_FORMAT, 'recipe': {...}, 'index': (n,) int64, 'seed': (n,) int64,
+#    'begin': {state-dict key: (n, ...)}, 'basic': {...}, 'last': {...},
+#    'simple': {...}  (only when the small block was trained),
+#    'acc_large': (n,), 'acc_small_init': (n,), 'acc_small': (n,)  float64, in %; NaN when not measured}
+
+SHARD_FORMAT = 'kt-pairs-v1'
+SHARD_RE = re.compile(r'^shard_(\d+)_(\d+)\.pt$')
+
+
+def shard_path(root, start, stop):
+    """Path of the shard covering [start, stop)."""
+    return os.path.join(root, f'shard_{start:08d}_{stop:08d}.pt')
+
+
+def list_shards(root):
+    """Sorted (start, stop, path) of the shards in root, read from the file names."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = SHARD_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def covered_indices(root):
+    """Set of indices covered by the shards in root."""
+    return {i for start, stop, _ in list_shards(root) for i in range(start, stop)}
+
+
+def check_shard_ranges(shards):
+    """Raise if shard ranges overlap (an index made twice)."""
+    for (a0, a1, pa), (b0, b1, pb) in zip(shards, shards[1:]):
+        if b0 < a1:
+            raise UserError(f'shards overlap: {pa} [{a0}, {a1}) and {pb} [{b0}, {b1}); remove one of them')
+
+
+def missing_ranges(indices, start, stop):
+    """Contiguous ranges [a, b) of [start, stop) not in `indices`."""
+    ranges, a = [], None
+    for i in range(start, stop):
+        if i in indices:
+            if a is not None:
+                ranges.append((a, i))
+                a = None
+        elif a is None:
+            a = i
+    if a is not None:
+        ranges.append((a, stop))
+    return ranges
+
+
+def format_ranges(ranges, limit=10):
+    """'a-b, c, ...' for a list of [a, b) ranges."""
+    parts = [f'{a}' if b == a + 1 else f'{a}-{b - 1}' for a, b in ranges[:limit]]
+    return ', '.join(parts) + (f', ... ({len(ranges)} ranges)' if len(ranges) > limit else '')
+
+
+def read_recipe(root):
+    """The recipe dict stored in root/recipe.json, or None."""
+    path = os.path.join(root, 'recipe.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def claim_root(root, recipe):
+    """Make root/recipe.json hold `recipe`; refuse a root made with another recipe."""
+    os.makedirs(root, exist_ok=True)
+    old = read_recipe(root)
+    if old is not None and old != recipe:
+        diff = {k: (old.get(k), recipe.get(k)) for k in set(old) | set(recipe) if old.get(k) != recipe.get(k)}
+        raise UserError(f'{root} holds pairs made with another recipe (stored vs asked: {diff}); '
+                        f'use another --data_root or the same settings')
+    if old is None:
+        path = os.path.join(root, 'recipe.json')
+        atomic_write_bytes(path, (json.dumps(recipe, indent=1, sort_keys=True) + '\n').encode())
+
+
+def write_shard(root, shard):
+    """Write one shard atomically; its name comes from its index range."""
+    index = shard['index']
+    start, stop = int(index[0]), int(index[-1]) + 1
+    assert torch.equal(index, torch.arange(start, stop)), 'a shard covers a contiguous range'
+    atomic_save({'format': SHARD_FORMAT, **shard}, shard_path(root, start, stop))
+
+
+def load_shard(path):
+    """Load one shard, naming the file if it is unreadable."""
+    try:
+        shard = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'{path}: cannot be read ({type(e).__name__}: {e}); delete it and re-run generation') from None
+    if not isinstance(shard, dict) or shard.get('format') != SHARD_FORMAT:
+        raise UserError(f'{path}: not a {SHARD_FORMAT} shard')
+    return shard
+
+
+def read_pairs(root, num):
+    """Indices [0, num) of the shards in root, merged into one dict of stacked tensors."""
+    shards = list_shards(root)
+    if not shards:
+        raise UserError(f'{root}: no shard_*.pt files (generate them with construct_train.py / construct_val.py)')
+    check_shard_ranges(shards)
+    have = covered_indices(root)
+    if num > len(have) or not all(i in have for i in range(num)):
+        gaps = missing_ranges(have, 0, num)
+        raise UserError(f'{root}: asked for pairs 0..{num - 1} but {len(have)} exist; '
+                        f'missing indices: {format_ranges(gaps)}')
+    parts, recipe = [], read_recipe(root)
+    for start, stop, path in shards:
+        if start >= num:
+            break
+        shard = load_shard(path)
+        if recipe is not None and shard['recipe'] != recipe:
+            raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
+        recipe = shard['recipe']
+        parts.append(_slice_shard(shard, 0, min(stop, num) - start))
+    return _concat_shards(parts)
+
+
+def _slice_shard(shard, a, b):
+    """Rows [a, b) of a shard."""
+    out = {}
+    for key, value in shard.items():
+        if isinstance(value, dict) and key != 'recipe':
+            out[key] = {n: t[a:b] for n, t in value.items()}
+        elif isinstance(value, torch.Tensor):
+            out[key] = value[a:b]
+        else:
+            out[key] = value
+    return out
+
+
+def _concat_shards(parts):
+    """Concatenate sliced shards along the first axis."""
+    out = {}
+    for key, value in parts[0].items():
+        if isinstance(value, dict) and key != 'recipe':
+            if any(key not in p for p in parts):
+                raise UserError(f'some shards have "{key}" weights and some do not')
+            out[key] = {n: torch.cat([p[key][n] for p in parts]) for n in value}
+        elif isinstance(value, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts])
+        else:
+            out[key] = value
+    return out

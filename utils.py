@@ -1,0 +1,83 @@
+"""Small helpers shared by the scripts: logging, devices, seeds, atomic saves, errors, summaries."""
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input (a flag, a file, a dataset): reported without a traceback."""
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def set_logger(log_path):
+    """Log INFO to `log_path` (with timestamps) and to the console; safe to call again."""
+    logger = logging.getLogger()
+    logger.setLevel(logging.INFO)
+    for h in [h for h in logger.handlers if getattr(h, '_kt', False)]:
+        logger.removeHandler(h)
+        h.close()
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter('%(asctime)s:%(levelname)s: %(message)s'))
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter('%(message)s'))
+    for h in (file_handler, console):
+        h._kt = True
+        logger.addHandler(h)
+    return logger
+
+
+def get_device(gpu_id=0, device=None):
+    """`device` if given, else CUDA (restricted to --gpu_id, as the original did) when present, else CPU."""
+    if device:
+        return torch.device(device)
+    # Like the original, pin the process to one GPU; an explicit CUDA_VISIBLE_DEVICES wins.
+    os.environ.setdefault('CUDA_VISIBLE_DEVICES', str(gpu_id))
+    return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
+
+
+def seed_for(seed, split, index):
+    """A 63-bit seed derived only from (seed, split, index); train and val never collide."""
+    digest = hashlib.sha256(f'kt/{seed}/{split}/{index}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.pt')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def acc_histogram(accs):
+    """Counts of accuracies (in %) in the 20 bins [0, 5), [5, 10), ..., [95, 100]."""
+    accs = torch.as_tensor(accs, dtype=torch.float64)
+    return torch.bincount((accs / 5).floor().clamp(0, 19).long(), minlength=20).tolist()
+
+
+def acc_summary(accs):
+    """'mean / min / max' of accuracies in %."""
+    accs = torch.as_tensor(accs, dtype=torch.float64)
+    return f'mean {accs.mean():.2f}  min {accs.min():.2f}  max {accs.max():.2f}'
