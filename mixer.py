@@ -1,0 +1,73 @@
+"""The translator: an MLP-Mixer that reads a BasicBlock's two conv weights and writes a SimpleBlock_NoBn's.
+
+Tokens are the (out, in) channel pairs of the conv weights, each token's channels the 9 taps
+of its 3x3 kernel: 36 + 36 = 72 tokens in, 18 + 18 = 36 tokens out. Parameter names follow
+the original implementation, so its state dicts load with strict=True.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+KERNEL = 9  # taps of a 3x3 kernel: a token's width before map1 and after map2
+IN_SHAPES = ((6, 6, 3, 3), (6, 6, 3, 3))  # BasicBlock conv1, conv2
+OUT_SHAPES = ((3, 6, 3, 3), (6, 3, 3, 3))  # SimpleBlock_NoBn conv1, conv2
+NUM_TOKENS = sum(s[0] * s[1] for s in IN_SHAPES)  # 72: S_dim must equal this
+NUM_OUT_TOKENS = sum(s[0] * s[1] for s in OUT_SHAPES)  # 36
+
+
+class MixingMLP(nn.Module):
+    """Pre-LayerNorm MLP with a residual, mixing along the tokens or along the channels."""
+
+    def __init__(self, norm_dim, dim, hidden_dim, dropout=0., token_mixing=False):
+        super().__init__()
+        self.token_mixing = token_mixing
+        self.layernorm = nn.LayerNorm(norm_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.gelu = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = self.layernorm(x)  # LayerNorm is always over channels, even for token mixing
+        if self.token_mixing:
+            y = y.transpose(1, 2)
+        y = self.dropout(self.fc2(self.dropout(self.gelu(self.fc1(y)))))
+        if self.token_mixing:
+            y = y.transpose(1, 2)
+        return x + y
+
+
+class MLPMixer(nn.Module):
+    """[conv1 (B, 6, 6, 3, 3), conv2 (B, 6, 6, 3, 3)] -> (conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3))."""
+
+    def __init__(self, num_layers=8, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.):
+        super().__init__()
+        self.config = dict(num_layers=num_layers, S_dim=S_dim, C_dim=C_dim, hidden_S_dim=hidden_S_dim,
+                           hidden_C_dim=hidden_C_dim, dropout=dropout)
+        if C_dim != KERNEL:  # with C_dim == 9 the taps are the channels and no mapping exists
+            self.map1 = nn.Linear(KERNEL, C_dim)
+            self.map2 = nn.Linear(C_dim, KERNEL)
+        self.layers = nn.Sequential(OrderedDict(
+            (f'mixer_layer_{i}', nn.Sequential(
+                MixingMLP(C_dim, S_dim, hidden_S_dim, dropout, token_mixing=True),
+                MixingMLP(C_dim, C_dim, hidden_C_dim, dropout)))
+            for i in range(num_layers)))
+        self.layernorm = nn.LayerNorm(C_dim)
+        self.fc1 = nn.Linear(S_dim, hidden_S_dim)
+        self.gelu = nn.GELU()
+        self.fc2 = nn.Linear(hidden_S_dim, NUM_OUT_TOKENS)
+
+    def forward(self, weights):
+        conv1, conv2 = weights
+        b = conv1.shape[0]
+        # (B, o, i, 3, 3) -> (B, o*i, 9), tokens in (o, i) row-major order
+        x = torch.cat([conv1.reshape(b, -1, KERNEL), conv2.reshape(b, -1, KERNEL)], dim=1)
+        if hasattr(self, 'map1'):
+            x = self.map1(x)
+        x = self.layers(x)
+        x = self.fc2(self.gelu(self.fc1(self.layernorm(x).transpose(1, 2)))).transpose(1, 2)  # (B, 36, C)
+        if hasattr(self, 'map2'):
+            x = self.map2(x)
+        n1 = OUT_SHAPES[0][0] * OUT_SHAPES[0][1]
+        return x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:].reshape(b, *OUT_SHAPES[1])
