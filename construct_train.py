@@ -1,0 +1,292 @@
+"""Make the translator's training pairs: (trained BasicBlock, SimpleBlock_NoBn trained in its place).
+
+For each pair index i, with every random choice derived only from (--seed, i):
+  1. train a fresh large network Begin -> BasicBlock -> Last on MNIST (SGD, momentum 0.9,
+     batch 128, random horizontal flips, --num_epochs epochs);
+  2. freeze its Begin and Last in eval mode and train a fresh SimpleBlock_NoBn between them
+     with the same optimiser and data pipeline;
+  3. record the test accuracy of the large network, of the small one at init and after training.
+Many pairs train side by side in one process (--models_per_step) with grouped convolutions;
+MNIST stays on the device. Pairs are written as shards (see loader.py); re-running the same
+command resumes and skips finished indices.
+
+    python construct_train.py --num_data 100 --start_index 0 --data_root ./data/train
+"""
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import loader
+import net
+import utils
+
+MOMENTUM = 0.9
+NUM_CLASSES = 10
+
+
+def get_args(kind='train', argv=None):
+    """Flags; names and defaults follow the original generation scripts."""
+    p = argparse.ArgumentParser(description=f'Generate {kind} networks for Knowledge Translation.')
+    p.add_argument('--batch_size', type=int, default=128, help='SGD batch size of both phases')
+    p.add_argument('--gpu_id', type=int, default=0, help='GPU to use (sets CUDA_VISIBLE_DEVICES)')
+    p.add_argument('--num_epochs', type=int, default=10, help='epochs of each phase (large net, small block)')
+    p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (momentum 0.9, no weight decay)')
+    p.add_argument('--num_data', type=int, default=1, help='number of networks this process makes')
+    p.add_argument('--start_index', type=int, default=0, help='index of its first network')
+    p.add_argument('--data_root', type=str, default=f'./data/{kind}', help='folder of the shards')
+    p.add_argument('--seed', type=int, default=0, help='dataset seed: network i depends only on (seed, i)')
+    p.add_argument('--device', type=str, default='', help="'cpu', 'cuda', 'cuda:1', ...; default: CUDA if present")
+    p.add_argument('--mnist_root', type=str, default='data', help='folder holding MNIST/raw/')
+    p.add_argument('--models_per_step', type=int, default=0,
+                   help='networks trained side by side (one shard each group); 0 = chosen from the device')
+    p.add_argument('--num_threads', type=int, default=0, help='CPU threads of this process; 0 = torch default')
+    p.add_argument('--num_train_images', type=int, default=60000,
+                   help='use the first N training images (quick runs and tests; the recipe uses 60000)')
+    p.add_argument('--num_test_images', type=int, default=10000,
+                   help='score on the first N test images (quick runs and tests; the recipe uses 10000)')
+    if kind == 'train':
+        p.add_argument('--skip_simple', action='store_true',
+                       help='skip the small-block phase (pairs usable only by the functional loss)')
+    else:
+        p.add_argument('--train_simple', action='store_true',
+                       help='also retrain a SimpleBlock_NoBn in each network (the "Retrained" reference)')
+    args = p.parse_args(argv)
+    for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images'):
+        if getattr(args, flag) <= 0:
+            raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
+    if args.start_index < 0:
+        raise utils.UserError(f'--start_index must be >= 0 (got {args.start_index})')
+    if args.lr <= 0:
+        raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
+    if args.models_per_step < 0 or args.num_threads < 0:
+        raise utils.UserError('--models_per_step and --num_threads must be >= 0')
+    if args.num_train_images > 60000 or args.num_test_images > 10000:
+        raise utils.UserError('MNIST has 60000 training and 10000 test images')
+    args.kind = kind
+    args.train_small = (not args.skip_simple) if kind == 'train' else args.train_simple
+    return args
+
+
+def recipe_of(args):
+    """Everything that decides a dataset's contents; a data root holds one recipe only."""
+    return {'kind': args.kind, 'seed': args.seed, 'num_epochs': args.num_epochs, 'lr': args.lr,
+            'batch_size': args.batch_size, 'momentum': MOMENTUM, 'train_small': args.train_small,
+            'num_train_images': args.num_train_images, 'num_test_images': args.num_test_images}
+
+
+# ----------------------------------------------------------------------------------------
+# The recipe, for K networks at once.
+
+def init_pair(seed):
+    """Default-initialised state dicts (begin, basic, last, simple) of one pair, from its seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        begin, basic, last = net.large_network()
+        simple = net.SimpleBlock_NoBn()
+    return [m.state_dict() for m in (begin, basic, last, simple)]
+
+
+def data_generator(seed):
+    """The generator of one network's shuffles and flips (separate from its initialisation)."""
+    return torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+
+
+def draw_epoch(gens, n, device):
+    """Each network's shuffled order (K, n) and flip decisions (K, n) for one epoch."""
+    perms, flips = [], []
+    for g in gens:
+        perms.append(torch.randperm(n, generator=g))
+        flips.append(torch.rand(n, generator=g) < 0.5)
+    return torch.stack(perms).to(device), torch.stack(flips).to(device)
+
+
+def augment(images, idx, flip):
+    """Images idx (K, B) of uint8 MNIST, each flipped horizontally where flip, as floats (B, K, 28, 28)."""
+    x = images[idx]
+    x = torch.where(flip[..., None, None], x.flip(-1), x)
+    return net.to_float(x).transpose(0, 1)
+
+
+def train_phase(params, logits_fn, gens, images, labels, args):
+    """One phase of SGD over K networks: `logits_fn(idx, flip)` gives logits (K, B, 10)."""
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=0.0, foreach=True)
+    n = len(images)
+    for _ in range(args.num_epochs):
+        perm, flip = draw_epoch(gens, n, images.device)
+        for b0 in range(0, n, args.batch_size):  # the last partial batch is kept
+            idx, fl = perm[:, b0:b0 + args.batch_size], flip[:, b0:b0 + args.batch_size]
+            logits = logits_fn(idx, fl)
+            # sum of the K networks' mean losses: each network gets exactly its own gradient
+            loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
+                                   reduction='sum') / idx.shape[1]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def trainable(state):
+    """The float parameters of a stacked state (not BN statistics), set to require grad."""
+    return [t.requires_grad_() for name, t in state.items() if 'running' not in name and 'num_batches' not in name]
+
+
+def begin_cache_fits(k, n, device):
+    """Whether both flips of Begin's output for all training images (fp32) fit in memory."""
+    need = k * 2 * n * 6 * 14 * 14 * 4
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < 0.5 * free
+    avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    return need < 0.3 * avail
+
+
+@torch.no_grad()
+def begin_outputs(images, begin, k, chunk=2000):
+    """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14)."""
+    out = torch.empty(k, 2, len(images), 6, 14, 14, device=images.device)
+    for flipped in (0, 1):
+        for i0 in range(0, len(images), chunk):
+            x = net.to_float(images[i0:i0 + chunk]).unsqueeze(1)
+            x = x.flip(-1) if flipped else x
+            h = net.begin_forward(x, begin)  # (B, K*6, 14, 14)
+            out[:, flipped, i0:i0 + chunk] = h.view(len(x), k, 6, 14, 14).transpose(0, 1)
+    return out
+
+
+def make_pairs(indices, args, mnist, device, cache_begin=None):
+    """Train the networks `indices` side by side; return their shard (CPU tensors)."""
+    train_x, train_y, test_x, test_y = mnist
+    k = len(indices)
+    seeds = [utils.seed_for(args.seed, args.kind, i) for i in indices]
+    sds = [init_pair(s) for s in seeds]
+    begin, basic, last, simple = ({n: t.to(device) for n, t in net.stack_states([sd[j] for sd in sds]).items()}
+                                  for j in range(4))
+    gens = [data_generator(s) for s in seeds]
+
+    # 1. the large network, all of it trained
+    def large_logits(idx, flip):
+        h = net.begin_forward(augment(train_x, idx, flip), begin, training=True)
+        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+
+    train_phase(trainable(begin) + trainable(basic) + trainable(last), large_logits, gens, train_x, train_y, args)
+    for state in (begin, basic, last):
+        for t in state.values():
+            t.requires_grad_(False)
+    acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
+    nan = torch.full((k,), float('nan'), dtype=torch.float64)
+    acc['acc_small_init'], acc['acc_small'] = nan, nan.clone()
+
+    # 2. the small block between the frozen (eval-mode) Begin and Last
+    if args.train_small:
+        frozen = [t.clone() for t in (*begin.values(), *last.values())]
+        acc['acc_small_init'] = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
+        if cache_begin is None:
+            cache_begin = args.num_epochs > 1 and begin_cache_fits(k, len(train_x), device)
+        cache = begin_outputs(train_x, begin, k) if cache_begin else None
+        knets = torch.arange(k, device=device)[:, None]
+
+        def small_logits(idx, flip):
+            if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
+                h = cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * 6, 14, 14)
+            else:
+                with torch.no_grad():
+                    h = net.begin_forward(augment(train_x, idx, flip), begin)
+            return net.last_forward(net.simple_forward(h, simple), last)
+
+        train_phase(trainable(simple), small_logits, gens, train_x, train_y, args)
+        del cache
+        for t in simple.values():
+            t.requires_grad_(False)
+        if not all(torch.equal(a, b) for a, b in zip((*begin.values(), *last.values()), frozen)):
+            raise RuntimeError('the frozen Begin/Last changed during the small-block phase')
+        acc['acc_small'] = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
+
+    shard = {'recipe': recipe_of(args), 'index': torch.tensor(list(indices), dtype=torch.long),
+             'seed': torch.tensor(seeds, dtype=torch.long),
+             'begin': begin, 'basic': basic, 'last': last, **acc}
+    if args.train_small:
+        shard['simple'] = simple
+    return {key: ({n: t.detach().cpu() for n, t in v.items()} if isinstance(v, dict) and key != 'recipe'
+                  else v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in shard.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Driver: resumable, sharded, with a progress bar.
+
+def default_models_per_step(device):
+    """Networks per step: many on a GPU (kernel launches dominate), one on a CPU (measured fastest)."""
+    if device.type != 'cuda':
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(256, free // (600 * 2 ** 20))))
+
+
+def check_writable(root):
+    """Create root if needed and make sure files can be written there."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f'.write_test_{os.getpid()}')
+        open(probe, 'wb').close()
+        os.remove(probe)
+    except OSError as e:
+        raise utils.UserError(f'--data_root {root} is not writable ({e.strerror}); choose another folder') from None
+
+
+def load_mnist_to(device, args):
+    """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
+    train_x, train_y = loader.load_mnist(args.mnist_root, train=True)
+    test_x, test_y = loader.load_mnist(args.mnist_root, train=False)
+    return (train_x[:args.num_train_images].to(device), train_y[:args.num_train_images].to(device),
+            test_x[:args.num_test_images].to(device), test_y[:args.num_test_images].to(device))
+
+
+def generate(args):
+    """Make the missing networks of [start_index, start_index + num_data) in args.data_root."""
+    device = utils.get_device(args.gpu_id, args.device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    check_writable(args.data_root)
+    utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
+    loader.claim_root(args.data_root, recipe_of(args))
+    shards = loader.list_shards(args.data_root)
+    loader.check_shard_ranges(shards)
+    stop = args.start_index + args.num_data
+    todo = loader.missing_ranges(loader.covered_indices(args.data_root), args.start_index, stop)
+    k = args.models_per_step or default_models_per_step(device)
+    groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
+    total = sum(b - a for a, b in groups)
+    logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root}: {args.num_data - total} '
+                 f'already made, {total} to make; device {device}, {k} per step, recipe {recipe_of(args)}')
+    mnist = load_mnist_to(device, args)
+    made, t0 = [], time.time()
+    with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
+        for a, b in groups:
+            shard = make_pairs(range(a, b), args, mnist, device)
+            loader.write_shard(args.data_root, shard)
+            made.append(shard)
+            bar.update(b - a)
+            bar.set_postfix(large=f"{shard['acc_large'].mean():.1f}%",
+                            small=f"{shard['acc_small'].mean():.1f}%" if args.train_small else '-')
+    if made:
+        hours = (time.time() - t0) / 3600
+        means = {key: torch.cat([s[key] for s in made]).mean().item()
+                 for key in ('acc_large', 'acc_small_init', 'acc_small')}
+        logging.info(f'made {total} networks in {hours * 3600:.1f} s ({total / hours:.1f} per hour); mean test '
+                     f'accuracy: large {means["acc_large"]:.2f}%, small at init {means["acc_small_init"]:.2f}%, '
+                     f'small trained {means["acc_small"]:.2f}%')
+    else:
+        logging.info('nothing to do: every index of the range exists')
+    return made
+
+
+def main(kind='train'):
+    """Parse the flags and generate."""
+    generate(get_args(kind))
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

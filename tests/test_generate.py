@@ -1,0 +1,232 @@
+"""Pair generation: the recipe, batched equals one-by-one, determinism, shards, resume, run.sh."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import construct_train
+import generate_sh
+import loader
+import net
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
+
+
+def tiny_args(data_root, *extra, kind='train'):
+    return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
+
+
+@pytest.fixture(scope='module')
+def mnist():
+    args = tiny_args('unused')
+    return construct_train.load_mnist_to(torch.device('cpu'), args)
+
+
+def reference_pair(index, args, mnist):
+    """One pair made the plain way: nn.Modules, one network, the same seeds and data order."""
+    train_x, train_y, test_x, test_y = mnist
+    seed = utils.seed_for(args.seed, args.kind, index)
+    begin, basic, last, simple = net.BeginBlock(), net.BasicBlock(), net.LastBlock(), net.SimpleBlock_NoBn()
+    for m, sd in zip((begin, basic, last, simple), construct_train.init_pair(seed)):
+        m.load_state_dict(sd)
+    g = construct_train.data_generator(seed)
+
+    def run(model, params):
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+        for _ in range(args.num_epochs):
+            perm, flip = torch.randperm(len(train_x), generator=g), torch.rand(len(train_x), generator=g) < 0.5
+            for b0 in range(0, len(train_x), args.batch_size):
+                idx, fl = perm[b0:b0 + args.batch_size], flip[b0:b0 + args.batch_size]
+                x = train_x[idx].float() / 255
+                x[fl] = x[fl].flip(-1)
+                loss = F.cross_entropy(model(x.unsqueeze(1)), train_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    large = torch.nn.Sequential(begin, basic, last).train()
+    run(large, large.parameters())
+    large.eval()
+    after_large = [{n: t.clone() for n, t in m.state_dict().items()} for m in (begin, basic, last)]
+    for p in large.parameters():
+        p.requires_grad_(False)
+    small = torch.nn.Sequential(begin, simple, last)
+    simple.train()
+    run(small, simple.parameters())
+    assert all(torch.equal(a, b) for m, sd in zip((begin, last), after_large[::2])
+               for a, b in zip(m.state_dict().values(), sd.values()))
+    with torch.no_grad():
+        acc = (small.eval()(test_x.float().unsqueeze(1) / 255).argmax(1) == test_y).double().mean() * 100
+    return after_large, simple.state_dict(), acc
+
+
+def test_batched_equals_one_by_one_modules(mnist):
+    args = tiny_args('unused')
+    shard = construct_train.make_pairs(range(3), args, mnist, torch.device('cpu'))
+    for j in range(3):
+        (begin, basic, last), simple, acc_small = reference_pair(j, args, mnist)
+        for key, ref in (('begin', begin), ('basic', basic), ('last', last), ('simple', simple)):
+            for name, t in ref.items():
+                torch.testing.assert_close(shard[key][name][j], t, atol=2e-5, rtol=1e-4, msg=f'{key}.{name}')
+        assert abs(shard['acc_small'][j].item() - acc_small.item()) <= 1.0  # at most 2 of 200 images flip
+
+
+def test_recipe_pieces(mnist):
+    args = tiny_args('unused', '--batch_size', '128')
+    shard = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
+    steps = -(-300 // 128)  # the last partial batch is kept
+    assert shard['basic']['bn1.num_batches_tracked'].tolist() == [steps, steps]
+    assert shard['begin']['bn.num_batches_tracked'].tolist() == [steps, steps]  # untouched in the small phase
+    assert set(shard['simple']) == {'conv1.weight', 'conv2.weight'}
+    assert shard['simple']['conv1.weight'].shape == (2, 3, 6, 3, 3)
+    for key in ('acc_large', 'acc_small_init', 'acc_small'):
+        assert shard[key].shape == (2,) and ((shard[key] >= 0) & (shard[key] <= 100)).all()
+    assert shard['seed'].tolist() == [utils.seed_for(0, 'train', i) for i in range(2)]
+
+
+def test_begin_cache_is_exact(mnist):
+    args = tiny_args('unused', '--num_epochs', '2')
+    a = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=True)
+    b = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=False)
+    for name in a['simple']:
+        torch.testing.assert_close(a['simple'][name], b['simple'][name], atol=1e-5, rtol=1e-4)
+
+
+def test_flips_draw_half_and_keep_pixels():
+    gens = [construct_train.data_generator(s) for s in (1, 2)]
+    perm, flip = construct_train.draw_epoch(gens, 10000, torch.device('cpu'))
+    assert all(torch.equal(p.sort().values, torch.arange(10000)) for p in perm)
+    assert 0.47 < flip.float().mean() < 0.53 and not torch.equal(perm[0], perm[1])
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    idx, fl = torch.tensor([[0, 1]]), torch.tensor([[True, False]])
+    x = construct_train.augment(images, idx, fl)
+    assert x.shape == (2, 1, 28, 28)
+    assert torch.equal(x[0, 0] * 255, images[0].flip(-1).float()) and torch.equal(x[1, 0] * 255, images[1].float())
+
+
+def test_val_networks_and_seeds_differ(tmp_path, mnist):
+    val = tiny_args(tmp_path, kind='val')
+    assert not val.train_small
+    shard = construct_train.make_pairs(range(1), val, mnist, torch.device('cpu'))
+    assert 'simple' not in shard and torch.isnan(shard['acc_small']).all()
+    train = construct_train.make_pairs(range(1), tiny_args(tmp_path), mnist, torch.device('cpu'))
+    assert shard['seed'][0] != train['seed'][0]
+    assert not torch.equal(shard['basic']['conv1.weight'], train['basic']['conv1.weight'])
+    with_simple = construct_train.make_pairs(range(1), tiny_args(tmp_path, '--train_simple', kind='val'),
+                                             mnist, torch.device('cpu'))
+    assert 'simple' in with_simple and torch.equal(with_simple['basic']['conv1.weight'], shard['basic']['conv1.weight'])
+
+
+def test_same_seed_same_shards_and_split_independent(tmp_path):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    construct_train.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))
+    construct_train.generate(tiny_args(b, '--num_data', '1', '--start_index', '2', '--models_per_step', '1'))
+    construct_train.generate(tiny_args(b, '--num_data', '3', '--models_per_step', '2'))  # resumes: makes 0, 1
+    assert [s[:2] for s in loader.list_shards(b)] == [(0, 2), (2, 3)]
+    pa, pb = loader.read_pairs(str(a), 3), loader.read_pairs(str(b), 3)
+    assert torch.equal(pa['seed'], pb['seed'])
+    for name, t in pa['simple'].items():
+        torch.testing.assert_close(t, pb['simple'][name], atol=1e-5, rtol=1e-4)
+    construct_train.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))  # nothing to do
+    again = loader.read_pairs(str(a), 3)
+    assert all(torch.equal(again['basic'][n], t) for n, t in pa['basic'].items())
+    c = tmp_path / 'c'
+    construct_train.generate(tiny_args(c, '--num_data', '3', '--models_per_step', '3'))
+    pc = loader.read_pairs(str(c), 3)
+    assert all(torch.equal(pc['basic'][n], t) for n, t in pa['basic'].items())  # bit-identical on CPU
+
+
+def test_other_recipe_is_refused(tmp_path):
+    construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+    with pytest.raises(utils.UserError, match='another recipe.*seed'):
+        construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))
+    assert len(loader.list_shards(tmp_path)) == 1
+
+
+def _cli(*argv, script='construct_train.py'):
+    return subprocess.run([sys.executable, script, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--num_data', '0'], '--num_data must be > 0'),
+    (['--start_index', '-1'], '--start_index must be >= 0'),
+    (['--lr', '0'], '--lr must be > 0'),
+    (['--mnist_root', '/nonexistent'], 'MNIST file missing'),
+])
+def test_bad_flags(tmp_path, flags, message):
+    r = _cli('--data_root', str(tmp_path / 'd'), *TINY, *flags)
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr
+    assert not loader.list_shards(tmp_path / 'd')
+
+
+def test_unwritable_data_root(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    r = _cli('--data_root', str(blocker / 'sub'), *TINY)
+    assert r.returncode == 2 and 'is not writable' in r.stderr
+
+
+def test_resume_after_kill(tmp_path):
+    root = tmp_path / 'pairs'
+    cmd = [sys.executable, 'construct_train.py', '--data_root', str(root), '--num_data', '12',
+           '--models_per_step', '1', '--num_threads', '1', *TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(loader.list_shards(root)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = loader.list_shards(root)
+    assert 2 <= len(done) < 12, 'kill the process mid-run'
+    for _, _, path in done:
+        loader.load_shard(path)  # every shard left behind is complete
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shards = loader.list_shards(root)
+    loader.check_shard_ranges(shards)
+    assert loader.covered_indices(root) == set(range(12)) and len(shards) == 12
+    assert f'{12 - len(done)} to make' in r.stderr
+    ref = tmp_path / 'ref'
+    construct_train.generate(tiny_args(ref, '--num_data', '12', '--models_per_step', '1'))
+    a, b = loader.read_pairs(str(root), 12), loader.read_pairs(str(ref), 12)
+    assert all(torch.equal(a['simple'][n], t) for n, t in b['simple'].items())
+
+
+def test_run_sh_content():
+    args = generate_sh.get_args(['--num_gpus', '2', '--num_processes_each_gpu', '2', '--num_data_each_process', '5',
+                                 '--start_index', '10', '--num_nodes', '2', '--node_rank', '1'])
+    lines = generate_sh.run_sh(args).splitlines()
+    procs = [line for line in lines if line.startswith('python')]
+    assert procs[0] == 'python construct_train.py --gpu_id 0 --num_data 5 --start_index 30 --data_root ./data/train &'
+    assert [p.split('--gpu_id ')[1].split()[0] for p in procs] == ['0', '0', '1', '1']
+    assert [int(p.split('--start_index ')[1].split()[0]) for p in procs] == [30, 35, 40, 45]
+    assert lines[-1] == 'wait'
+    cpu = generate_sh.run_sh(generate_sh.get_args(['--num_gpus', '0', '--num_processes_each_gpu', '2',
+                                                   '--num_cpus', '4', '--val']))
+    assert 'construct_val.py' in cpu and '--device cpu --num_threads 2' in cpu and './data/val' in cpu
+    slurm = generate_sh.slurm_sh(generate_sh.get_args(['--num_gpus', '8', '--num_processes_each_gpu', '5',
+                                                       '--slurm', '--num_nodes', '2']))
+    assert '#SBATCH --array=0-79' in slurm and 'SLURM_ARRAY_TASK_ID * 7500' in slurm
+    with pytest.raises(utils.UserError, match='--node_rank'):
+        generate_sh.get_args(['--num_nodes', '2', '--node_rank', '2'])
+
+
+def test_generate_sh_and_run_sh_end_to_end(tmp_path):
+    root = tmp_path / 'pairs'
+    out = tmp_path / 'run.sh'
+    extra = ' '.join(TINY[:-2] + ['--models_per_step', '1'])
+    r = _cli('--num_gpus', '0', '--num_processes_each_gpu', '2', '--num_data_each_process', '1', '--num_cpus', '2',
+             '--data_root', str(root), '--out', str(out), '--extra', extra, script='generate_sh.py')
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(['sh', str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert loader.covered_indices(root) == {0, 1}
+    pairs = loader.read_pairs(str(root), 2)
+    assert pairs['simple']['conv1.weight'].shape == (2, 3, 6, 3, 3)
