@@ -249,3 +249,197 @@ def _concat_shards(parts):
         else:
             out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# The translator's datasets: every pair loaded once into stacked tensors (no per-item file reads).
+#
+# Two layouts, detected automatically:
+#   * shards (above), as construct_train.py / construct_val.py write them;
+#   * the original per-file layout, one plain state dict per file:
+#       train: inputs/{i}.pth (BasicBlock), labels/{i}.pth (SimpleBlock_NoBn),
+#              backup_begin/{i}.pth, backup_last/{i}.pth (BeginBlock, LastBlock; optional here)
+#       val:   begin/{i}.pth, complex/{i}.pth (BasicBlock), last/{i}.pth
+
+from tqdm import tqdm  # noqa: E402  (this section was added below the shard code)
+
+from utils import load_file  # noqa: E402
+
+BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
+              'bn2.weight', 'bn2.bias', 'bn2.running_mean', 'bn2.running_var')  # the original item order
+SIMPLE_KEYS = ('conv1.weight', 'conv2.weight')
+ACC_KEYS = ('acc_large', 'acc_small_init', 'acc_small')
+WEIGHT_SHAPES = {  # block -> {key: shape of one network's tensor} that the translator depends on
+    'basic': {'conv1.weight': (6, 6, 3, 3), 'conv2.weight': (6, 6, 3, 3), **{k: (6,) for k in BASIC_KEYS[2:]}},
+    'simple': {'conv1.weight': (3, 6, 3, 3), 'conv2.weight': (6, 3, 3, 3)},
+}
+ORIGINAL_ITEM_RE = re.compile(r'^(\d+)\.pth$')
+
+
+def _original_indices(folder):
+    """Set of i with a file folder/{i}.pth."""
+    return {int(m.group(1)) for m in map(ORIGINAL_ITEM_RE.match, os.listdir(folder)) if m}
+
+
+def read_original(base_path, num, dirs, required):
+    """Indices [0, num) of the original per-file layout as stacked dicts {block: {key: (num, ...)}}.
+
+    dirs maps block -> sub-folder; folders of blocks not in `required` may be absent."""
+    present = {b: os.path.join(base_path, d) for b, d in dirs.items() if os.path.isdir(os.path.join(base_path, d))}
+    for block in required:
+        if block not in present:
+            raise UserError(f'{base_path}: sub-folder {dirs[block]}/ is missing (the original layout needs '
+                            f'{", ".join(dirs[b] + "/" for b in required)})')
+    for block, folder in present.items():
+        have = _original_indices(folder)
+        if num > len(have) or not all(i in have for i in range(num)):
+            raise UserError(f'{folder}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
+                            f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
+    out = {}
+    for block, folder in present.items():
+        sds = []
+        for i in tqdm(range(num), desc=f'reading {folder}', leave=False, disable=num < 2000):
+            path = os.path.join(folder, f'{i}.pth')
+            sd = load_file(path, 'state dict')
+            if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+                raise UserError(f'{path}: not a plain state dict of tensors')
+            if sds and set(sd) != set(sds[0]):
+                raise UserError(f'{path}: keys {sorted(sd)} differ from {folder}/0.pth {sorted(sds[0])}')
+            sds.append(sd)
+        try:
+            out[block] = {k: torch.stack([sd[k] for sd in sds]) for k in sds[0]}
+        except RuntimeError as e:
+            raise UserError(f'{folder}: tensors of different shapes across files ({e})') from None
+    return out
+
+
+def read_shard_blocks(root, num, blocks):
+    """Like read_pairs, but keeps only the weight dicts in `blocks` (the rest is dropped shard by shard,
+    so a 300k-pair train set never holds its Begin and Last blocks in memory at once)."""
+    shards = list_shards(root)
+    check_shard_ranges(shards)
+    have = covered_indices(root)
+    if num > len(have) or not all(i in have for i in range(num)):
+        raise UserError(f'{root}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
+                        f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
+    parts, recipe = [], read_recipe(root)
+    for start, stop, path in shards:
+        if start >= num:
+            break
+        shard = load_shard(path)
+        if recipe is not None and shard.get('recipe') != recipe:
+            raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
+        recipe = shard.get('recipe')
+        shard = {k: v for k, v in shard.items() if not (isinstance(v, dict) and k != 'recipe') or k in blocks}
+        parts.append(_slice_shard(shard, 0, min(stop, num) - start))
+    return _concat_shards(parts)
+
+
+class _PairData:
+    """Shared loading, checks and device moves of TrainDataset and ValDataset."""
+    original_dirs = {}
+    original_required = ()
+
+    def __init__(self, base_path, num, blocks):
+        if num < 1:
+            raise UserError(f'{base_path}: asked for {num} pairs; ask for at least 1')
+        self.base_path, self.num = base_path, num
+        if list_shards(base_path):
+            data, self.layout = read_shard_blocks(base_path, num, blocks), 'shards'
+        elif os.path.isdir(base_path) and any(os.path.isdir(os.path.join(base_path, d))
+                                              for d in self.original_dirs.values()):
+            dirs = {b: d for b, d in self.original_dirs.items() if b in blocks}
+            data, self.layout = read_original(base_path, num, dirs, self.original_required), 'original'
+        else:
+            folders = ', '.join(d + '/' for d in self.original_dirs.values())
+            raise UserError(f'{base_path}: no pairs there (neither shard_*.pt files nor the original folders '
+                            f'{folders}); generate them with construct_train.py / construct_val.py or fix the path')
+        self.recipe = data.get('recipe')
+        self.begin, self.basic, self.last, self.simple = (data.get(b) for b in ('begin', 'basic', 'last', 'simple'))
+        for key in ACC_KEYS:
+            setattr(self, key, data.get(key))
+        for block in ('basic', 'simple'):
+            self._check_shapes(block)
+        # the translator runs in float32 whatever precision the files were saved in
+        for block in ('begin', 'basic', 'last', 'simple'):
+            d = getattr(self, block)
+            if d is not None:
+                setattr(self, block, {k: t.float().contiguous() if t.is_floating_point() else t.contiguous()
+                                      for k, t in d.items()})
+
+    def _check_shapes(self, block):
+        """Refuse blocks of another architecture, naming the data folder."""
+        stacked = getattr(self, block)
+        if stacked is None:
+            return
+        for key, shape in WEIGHT_SHAPES[block].items():
+            if key not in stacked:
+                raise UserError(f'{self.base_path}: {block} weights lack "{key}" (not a '
+                                f'{"BasicBlock" if block == "basic" else "SimpleBlock_NoBn"} state dict)')
+            if tuple(stacked[key].shape[1:]) != shape:
+                raise UserError(f'{self.base_path}: {block} "{key}" has shape {tuple(stacked[key].shape[1:])}, '
+                                f'expected {shape} (the 6->6->6 BasicBlock / 6->3->6 SimpleBlock_NoBn of KT)')
+
+    def __len__(self):
+        return self.num
+
+    def to(self, device):
+        """Move every tensor to `device` (in place); returns self."""
+        for block in ('begin', 'basic', 'last', 'simple'):
+            d = getattr(self, block)
+            if d is not None:
+                setattr(self, block, {k: t.to(device) for k, t in d.items()})
+        for key in ACC_KEYS:
+            if getattr(self, key) is not None:
+                setattr(self, key, getattr(self, key).to(device))
+        return self
+
+    def require(self, block, why):
+        """Raise a UserError if the set lacks `block` weights, saying why they are needed."""
+        if getattr(self, block) is None:
+            what = {'simple': 'small blocks (SimpleBlock_NoBn)', 'begin': 'Begin blocks', 'last': 'Last blocks'}[block]
+            raise UserError(f'{self.base_path}: holds no {what}, needed for {why} '
+                            f'(made with --skip_simple, or the original layout without that folder); '
+                            f'regenerate it without --skip_simple or point at another set')
+
+    def basic_inputs(self, i):
+        """The 10 BasicBlock tensors of pair i, in the original order (BASIC_KEYS)."""
+        return [self.basic[k][i] for k in BASIC_KEYS]
+
+
+class TrainDataset(_PairData):
+    """Training pairs. Item i: (inputs, targets), inputs the 10 BasicBlock tensors in BASIC_KEYS order,
+    targets [conv1.weight, conv2.weight] of the SimpleBlock_NoBn.
+
+    Attributes (stacked tensors, leading axis = pair): basic and simple (dicts by state-dict key; simple is
+    None without small blocks), begin and last (None unless with_networks=True and present: training
+    never needs them and at 300k pairs Last alone is 7 GB), acc_large / acc_small_init / acc_small
+    ((num,) float64 in %, None in the original layout), recipe (dict or None), layout."""
+    original_dirs = {'basic': 'inputs', 'simple': 'labels', 'begin': 'backup_begin', 'last': 'backup_last'}
+    original_required = ('basic',)
+
+    def __init__(self, base_path, num, with_networks=False):
+        super().__init__(base_path, num, ('basic', 'simple') + (('begin', 'last') if with_networks else ()))
+
+    def __getitem__(self, i):
+        self.require('simple', 'MSE targets')
+        return self.basic_inputs(i), [self.simple[k][i] for k in SIMPLE_KEYS]
+
+
+class ValDataset(_PairData):
+    """Validation networks. Item i: (begin, inputs, last), begin and last that network's BeginBlock and
+    LastBlock state dicts, inputs its 10 BasicBlock tensors in BASIC_KEYS order.
+
+    Attributes as TrainDataset, begin and last always loaded; simple holds retrained small blocks when
+    the shards have them (key 'simple'), else None."""
+    original_dirs = {'begin': 'begin', 'basic': 'complex', 'last': 'last'}
+    original_required = ('begin', 'basic', 'last')
+
+    def __init__(self, base_path, num):
+        super().__init__(base_path, num, ('begin', 'basic', 'last', 'simple'))
+        self.require('begin', 'validation')
+        self.require('last', 'validation')
+
+    def __getitem__(self, i):
+        return ({k: t[i] for k, t in self.begin.items()}, self.basic_inputs(i),
+                {k: t[i] for k, t in self.last.items()})

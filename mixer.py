@@ -71,3 +71,30 @@ class MLPMixer(nn.Module):
             x = self.map2(x)
         n1 = OUT_SHAPES[0][0] * OUT_SHAPES[0][1]
         return x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:].reshape(b, *OUT_SHAPES[1])
+
+
+def mixer_flops(num_layers=8, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.,
+                batch=1, backward=False):
+    """Matmul FLOPs of MLPMixer(same arguments) on `batch` blocks: 2*M*N*K per Linear (M rows, K in, N out),
+    summed over every Linear (map1/map2, the mixing MLPs, the head); with backward=True the training
+    step's forward + backward, counted as 3x the forward. LayerNorm, GELU, adds and biases are not
+    counted (a few percent). Takes MLPMixer's arguments, so mixer_flops(**model.config, batch=b) works."""
+    def linear(rows, k, n):
+        return 2 * rows * k * n
+    f = 0
+    if C_dim != KERNEL:
+        f += linear(S_dim, KERNEL, C_dim) + linear(NUM_OUT_TOKENS, C_dim, KERNEL)  # map1, map2
+    token = linear(C_dim, S_dim, hidden_S_dim) + linear(C_dim, hidden_S_dim, S_dim)  # along tokens, per channel
+    channel = linear(S_dim, C_dim, hidden_C_dim) + linear(S_dim, hidden_C_dim, C_dim)  # along channels, per token
+    f += num_layers * (token + channel)
+    f += linear(C_dim, S_dim, hidden_S_dim) + linear(C_dim, hidden_S_dim, NUM_OUT_TOKENS)  # head fc1, fc2
+    return f * batch * (3 if backward else 1)
+
+
+def config_from_state_dict(sd):
+    """The MLPMixer keyword arguments a state dict's shapes imply (dropout cannot be seen: 0; without
+    layers hidden_C_dim is irrelevant: 512)."""
+    layers = {k.split('.')[1] for k in sd if k.startswith('layers.mixer_layer_')}
+    return dict(num_layers=len(layers), S_dim=sd['fc1.weight'].shape[1], C_dim=sd['layernorm.weight'].shape[0],
+                hidden_S_dim=sd['fc1.weight'].shape[0],
+                hidden_C_dim=sd['layers.mixer_layer_0.1.fc1.weight'].shape[0] if layers else 512, dropout=0.)

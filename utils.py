@@ -81,3 +81,13 @@ def acc_summary(accs):
     """'mean / min / max' of accuracies in %."""
     accs = torch.as_tensor(accs, dtype=torch.float64)
     return f'mean {accs.mean():.2f}  min {accs.min():.2f}  max {accs.max():.2f}'
+
+
+def load_file(path, what='file', hint=''):
+    """torch.load(path, weights_only=True) onto the CPU; a missing or unreadable file is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} does not exist{hint}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'{what} {path} cannot be read ({type(e).__name__}: {e}): corrupt or not a torch file{hint}') from None

@@ -1,0 +1,122 @@
+"""Compress one trained network with a trained translator: BasicBlock in, SimpleBlock_NoBn out.
+
+    python translate.py --ckpt T.pth --complex basic_block.pth --out simple_block.pth [--begin begin.pth --last last.pth]
+
+--ckpt is a checkpoint of train.py (it carries its configuration) or a bare state dict of the original
+implementation (then --num_layers/--s_dim/--c_dim/--hidden_s_dim/--hidden_c_dim give the configuration,
+defaulting to train.py's). With --begin and --last it also prints the MNIST test accuracy of the network
+before (BasicBlock) and after (translated SimpleBlock_NoBn) compression.
+"""
+import argparse
+
+import torch
+
+import loader
+import net
+import utils
+from mixer import MLPMixer, config_from_state_dict
+from utils import UserError
+
+SIZE_FLAGS = {'num_layers': ('num_layers', 24), 's_dim': ('S_dim', 72), 'c_dim': ('C_dim', 128),
+              'hidden_s_dim': ('hidden_S_dim', 256), 'hidden_c_dim': ('hidden_C_dim', 512)}  # flag -> (kwarg, default)
+
+
+def get_args(argv=None):
+    """Parse the flags."""
+    p = argparse.ArgumentParser(description='Translate a BasicBlock state dict into a SimpleBlock_NoBn one.')
+    p.add_argument('--ckpt', required=True, help="translator: train.py's checkpoint or the original's state dict")
+    p.add_argument('--complex', required=True, help='BasicBlock state dict (the original format)')
+    p.add_argument('--out', required=True, help='where to write the SimpleBlock_NoBn state dict')
+    p.add_argument('--begin', help='BeginBlock state dict of the same network (with --last: report accuracy)')
+    p.add_argument('--last', help='LastBlock state dict of the same network')
+    for flag, (_, default) in SIZE_FLAGS.items():
+        p.add_argument(f'--{flag}', type=int, default=None,
+                       help=f'translator size for a bare state dict (default {default}); checked against a train.py checkpoint')
+    p.add_argument('--device', default=None, help='e.g. cpu or cuda (default: CUDA if present)')
+    p.add_argument('--gpu_id', type=int, default=0)
+    p.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
+    p.add_argument('--num_test_images', type=int, default=10000, help='score on the first N test images (for tests)')
+    args = p.parse_args(argv)
+    if (args.begin is None) != (args.last is None):
+        raise UserError('--begin and --last go together: give both to measure the accuracy, or neither')
+    if not 1 <= args.num_test_images <= 10000:
+        raise UserError(f'--num_test_images {args.num_test_images} must be in [1, 10000]')
+    return args
+
+
+def flags_of(config):
+    """A translator configuration written as the size flags."""
+    return ' '.join(f'--{flag} {config[kw]}' for flag, (kw, _) in SIZE_FLAGS.items())
+
+
+def load_translator(args):
+    """The translator of --ckpt, in eval mode; a UserError if the weights do not fit the configuration."""
+    ckpt = utils.load_file(args.ckpt, 'translator checkpoint')
+    given = {kw: getattr(args, flag) for flag, (kw, _) in SIZE_FLAGS.items() if getattr(args, flag) is not None}
+    if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt:
+        config, state = dict(ckpt['config']), ckpt['model']
+        clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
+                 if kw in given and config.get(kw) != given[kw]]
+        if clash:
+            raise UserError(f'{args.ckpt} is a translator with {flags_of(config)}, but the flags ask for '
+                            f'{" ".join(clash)}; drop the size flags')
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values()):
+        config = {kw: default for _, (kw, default) in SIZE_FLAGS.items()}
+        config.update(given, dropout=0.)
+        state = ckpt
+    else:
+        raise UserError(f'{args.ckpt}: neither a train.py checkpoint (dict with "config" and "model") '
+                        f'nor a translator state dict')
+    model = MLPMixer(**config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError) as e:
+        try:
+            hint = f'; its shapes say {flags_of(config_from_state_dict(state))}'
+        except (KeyError, IndexError, AttributeError):
+            hint = ' (it is not an MLPMixer translator)'
+        raise UserError(f'{args.ckpt}: weights do not fit a translator with {flags_of(config)}{hint}') from None
+    return model.eval()
+
+
+def load_block(path, block, what):
+    """A state dict that must load strictly into net.BLOCKS[block]; a UserError naming the file otherwise."""
+    sd = utils.load_file(path, what)
+    module = net.BLOCKS[block]()
+    if not isinstance(sd, dict):
+        raise UserError(f'{path}: not a state dict ({what})')
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UserError(f'{path}: not a {type(module).__name__} state dict of this repository\'s MNIST network '
+                        f'({" ".join(str(e).split())[:300]})') from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    model = load_translator(args)
+    basic = load_block(args.complex, 'basic', 'BasicBlock')
+    with torch.no_grad():
+        conv1, conv2 = model([basic['conv1.weight'][None], basic['conv2.weight'][None]])
+    simple = {'conv1.weight': conv1[0].contiguous(), 'conv2.weight': conv2[0].contiguous()}
+    net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
+    utils.atomic_save(simple, args.out)
+    print(f'wrote {args.out}: SimpleBlock_NoBn, conv1 {tuple(simple["conv1.weight"].shape)}, '
+          f'conv2 {tuple(simple["conv2.weight"].shape)}')
+    if args.begin is None:
+        return
+    device = utils.get_device(args.gpu_id, args.device)
+    begin, last = load_block(args.begin, 'begin', 'BeginBlock'), load_block(args.last, 'last', 'LastBlock')
+    images, labels = loader.load_mnist(args.mnist_root, train=False)
+    images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
+    stacked = {name: {k: v[None].to(device) for k, v in sd.items()}
+               for name, sd in (('begin', begin), ('basic', basic), ('simple', simple), ('last', last))}
+    accs = {kind: net.stacked_accuracy(images, labels, stacked['begin'], stacked[kind], stacked['last'], kind,
+                                       chunk_images=1000)[0].item() for kind in ('basic', 'simple')}
+    print(f'test accuracy on {len(images)} MNIST test images: large (BasicBlock) {accs["basic"]:.2f}%, '
+          f'compressed (translated SimpleBlock_NoBn) {accs["simple"]:.2f}%')
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
