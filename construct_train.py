@@ -45,6 +45,7 @@ def get_args(kind='train', argv=None):
     p.add_argument('--models_per_step', type=int, default=0,
                    help='networks trained side by side (one shard each group); 0 = chosen from the device')
     p.add_argument('--num_threads', type=int, default=0, help='CPU threads of this process; 0 = torch default')
+    p.add_argument('--compile', action='store_true', help='torch.compile the training step (GPU; slow to start)')
     p.add_argument('--num_train_images', type=int, default=60000,
                    help='use the first N training images (quick runs and tests; the recipe uses 60000)')
     p.add_argument('--num_test_images', type=int, default=10000,
@@ -115,15 +116,20 @@ def augment(images, idx, flip):
 def train_phase(params, logits_fn, gens, images, labels, args):
     """One phase of SGD over K networks: `logits_fn(idx, flip)` gives logits (K, B, 10)."""
     opt = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=0.0, foreach=True)
+
+    def loss_fn(idx, flip):
+        # sum of the K networks' mean losses: each network gets exactly its own gradient
+        logits = logits_fn(idx, flip)
+        return F.cross_entropy(logits.reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
+                               reduction='sum') / idx.shape[1]
+
+    if args.compile:
+        loss_fn = torch.compile(loss_fn)
     n = len(images)
     for _ in range(args.num_epochs):
         perm, flip = draw_epoch(gens, n, images.device)
         for b0 in range(0, n, args.batch_size):  # the last partial batch is kept
-            idx, fl = perm[:, b0:b0 + args.batch_size], flip[:, b0:b0 + args.batch_size]
-            logits = logits_fn(idx, fl)
-            # sum of the K networks' mean losses: each network gets exactly its own gradient
-            loss = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
-                                   reduction='sum') / idx.shape[1]
+            loss = loss_fn(perm[:, b0:b0 + args.batch_size], flip[:, b0:b0 + args.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -247,6 +253,7 @@ def load_mnist_to(device, args):
 def generate(args):
     """Make the missing networks of [start_index, start_index + num_data) in args.data_root."""
     device = utils.get_device(args.gpu_id, args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest grouped convolutions
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     check_writable(args.data_root)

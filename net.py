@@ -258,3 +258,30 @@ def num_params(module):
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())
 
+
+
+# ----------------------------------------------------------------------------------------
+# Channel symmetries. Begin -> BasicBlock -> Last computes the same function after any
+# permutation P of the 6 residual channels and any permutation Q of BasicBlock's 6 hidden
+# channels; a SimpleBlock_NoBn in the middle follows P on its outer channels.
+
+def permute_network(begin, basic, last, simple, p, q):
+    """State dicts of the same networks with residual channels permuted by p and hidden ones by q."""
+    bn = ('weight', 'bias', 'running_mean', 'running_var')
+    begin = dict(begin, **{'conv.weight': begin['conv.weight'][p]}, **{f'bn.{n}': begin[f'bn.{n}'][p] for n in bn})
+    basic = dict(basic, **{'conv1.weight': basic['conv1.weight'][q][:, p], 'conv2.weight': basic['conv2.weight'][p][:, q]},
+                 **{f'bn1.{n}': basic[f'bn1.{n}'][q] for n in bn}, **{f'bn2.{n}': basic[f'bn2.{n}'][p] for n in bn})
+    last = dict(last, **{'downsample.weight': last['downsample.weight'][:, p]})
+    simple = {'conv1.weight': simple['conv1.weight'][:, p], 'conv2.weight': simple['conv2.weight'][p]}
+    return begin, basic, last, simple
+
+
+def permute_pairs(c1, c2, s1, s2, p, q):
+    """Batched pair (BasicBlock convs c1, c2 -> small convs s1, s2) under per-sample permutations p, q (B, 6)."""
+    b = torch.arange(len(c1), device=c1.device)[:, None, None]
+    c1 = c1[b, q[:, :, None], p[:, None, :]]  # c1'[o, i] = c1[q[o], p[i]]
+    c2 = c2[b, p[:, :, None], q[:, None, :]]  # c2'[o, i] = c2[p[o], q[i]]
+    b2 = b[:, :, 0]
+    s1 = s1.transpose(1, 2)[b2, p].transpose(1, 2)  # s1'[:, i] = s1[:, p[i]]
+    s2 = s2[b2, p]  # s2'[o] = s2[p[o]]
+    return c1, c2, s1, s2

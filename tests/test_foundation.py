@@ -225,3 +225,32 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         utils.atomic_save({'a': lambda: 0}, str(path))  # cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)['a'], torch.ones(2))
     assert os.listdir(tmp_path) == ['x.pt']
+
+
+def test_channel_permutations_keep_both_networks_functions():
+    begin, basic, last = (_trained_like(b, i) for i, b in enumerate(['begin', 'basic', 'last']))
+    simple = _trained_like('simple', 3)
+    sds = [m.state_dict() for m in (begin, basic, last, simple)]
+    gen = torch.Generator().manual_seed(0)
+    p, q = torch.randperm(6, generator=gen), torch.randperm(6, generator=gen)
+    assert not torch.equal(p, torch.arange(6)) and not torch.equal(q, torch.arange(6))
+    permuted = net.permute_network(*sds, p, q)
+    x = torch.rand(4, 1, 28, 28)
+
+    def outputs(states):
+        mods = [net.BLOCKS[b]() for b in ('begin', 'basic', 'last', 'simple')]
+        for m, sd in zip(mods, states):
+            m.load_state_dict(sd, strict=True)
+            m.eval()
+        with torch.no_grad():
+            return torch.nn.Sequential(*mods[:3])(x), torch.nn.Sequential(mods[0], mods[3], mods[2])(x)
+
+    for a, b in zip(outputs(sds), outputs(permuted)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(permuted[1]['conv1.weight'], sds[1]['conv1.weight'])
+    # the batched form used for augmentation gives the same tensors
+    c1, c2, s1, s2 = net.permute_pairs(sds[1]['conv1.weight'][None], sds[1]['conv2.weight'][None],
+                                       sds[3]['conv1.weight'][None], sds[3]['conv2.weight'][None], p[None], q[None])
+    for got, want in zip((c1, c2, s1, s2), (permuted[1]['conv1.weight'], permuted[1]['conv2.weight'],
+                                            permuted[3]['conv1.weight'], permuted[3]['conv2.weight'])):
+        assert torch.equal(got[0], want)

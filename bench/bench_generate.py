@@ -1,0 +1,193 @@
+"""Pair generation speed: the original's structure vs our one-at-a-time and batched paths, in one run.
+
+(a) original structure: one network per process, a torch DataLoader over MNIST whose workers
+    flip each image (per-item transform, as torchvision's RandomHorizontalFlip + ToTensor did),
+    nn.Module training, a test evaluation after every epoch of both phases;
+(b) ours, one network at a time (--models_per_step 1): MNIST in memory, batching and flips on
+    the device, frozen Begin cached in the small phase;
+(c) ours, K networks side by side (grouped convolutions).
+Each path trains both phases for --epochs epochs on --num_images images, then the time of the full
+recipe (10 + 10 epochs on 60,000 images) is projected linearly from the measured training time
+plus the evaluations that recipe makes. Also: bytes and files per 1,000 pairs on disk.
+
+    python bench/bench_generate.py            # 1 + 1 epochs on all images
+    python bench/bench_generate.py --quick    # 12,800 images
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import construct_train  # noqa: E402
+import loader  # noqa: E402
+import net  # noqa: E402
+
+RECIPE_EPOCHS, RECIPE_IMAGES, TEST_IMAGES = 10, 60000, 10000
+
+
+class FlipDataset(torch.utils.data.Dataset):
+    """MNIST items transformed one by one in the workers, as the original's torchvision pipeline."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div(255).unsqueeze(0)
+        if torch.rand(1).item() < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def evaluate(model, test_x, test_y):
+    """Test accuracy of one module, batches of 128 (the original's loop)."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(test_x), 128):
+            correct += (model(test_x[i:i + 128].float().div(255).unsqueeze(1)).argmax(1) == test_y[i:i + 128]).sum()
+    return correct.item() / len(test_x) * 100
+
+
+def original_structure(args, mnist, workers):
+    """Seconds of training both phases and seconds of one test evaluation, the original way."""
+    train_x, train_y, test_x, test_y = mnist
+    data = torch.utils.data.DataLoader(FlipDataset(train_x, train_y), batch_size=128, shuffle=True,
+                                       num_workers=workers, persistent_workers=workers > 0)
+    begin, basic, last = net.BeginBlock(), net.BasicBlock(), net.LastBlock()
+    t_train = t_eval = 0.0
+    for phase in ('large', 'small'):
+        if phase == 'large':
+            model = torch.nn.Sequential(begin, basic, last)
+        else:
+            simple = net.SimpleBlock_NoBn()
+            model = torch.nn.Sequential(begin, simple, last)
+            for p in list(begin.parameters()) + list(last.parameters()):
+                p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        for _ in range(args.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            if phase == 'small':
+                begin.eval(), last.eval()
+            for x, y in data:
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            t1 = time.perf_counter()
+            evaluate(model, test_x, test_y)
+            t_train += t1 - t0
+            t_eval = time.perf_counter() - t1
+    return t_train, t_eval
+
+
+def ours(args, mnist, device, k, compile=False):
+    """Seconds per network of our make_pairs (training + its 3 evaluations) for K networks at once."""
+    gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
+                                                  str(args.num_images), '--device', str(device)]
+                                        + (['--compile'] if compile else []))
+    cache = args.epochs > 1 or args.num_images == RECIPE_IMAGES  # as the full recipe will
+    construct_train.make_pairs(range(k), gen_args, tuple(t[:256] for t in mnist), device)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    construct_train.make_pairs(range(k), gen_args, mnist, device, cache_begin=cache)
+    sync(device)
+    total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(3):
+        net.stacked_accuracy(mnist[2], mnist[3], *(net.fresh_states(b, range(k), device)
+                                                    for b in ('begin', 'basic', 'last')), 'basic')
+    sync(device)
+    t_eval = time.perf_counter() - t1
+    return (total - t_eval) / k, t_eval / k
+
+
+def sync(device):
+    """Wait for the device."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def storage_per_1000(tmp):
+    """(bytes, files) per 1,000 pairs: original four .pth files per pair vs our shards."""
+    sds = construct_train.init_pair(0)
+    names = ('backup_begin', 'inputs', 'backup_last', 'labels')
+    orig = 0
+    for name, sd in zip(names, sds):
+        path = os.path.join(tmp, name + '.pth')
+        torch.save(sd, path)
+        orig += os.path.getsize(path)
+    n = 100
+    stacked = [net.stack_states([construct_train.init_pair(i)[j] for i in range(n)]) for j in range(4)]
+    shard = {'recipe': {}, 'index': torch.arange(n), 'seed': torch.arange(n), 'begin': stacked[0],
+             'basic': stacked[1], 'last': stacked[2], 'simple': stacked[3],
+             **{k: torch.zeros(n, dtype=torch.float64) for k in ('acc_large', 'acc_small_init', 'acc_small')}}
+    loader.write_shard(tmp, shard)
+    ours_bytes = os.path.getsize(loader.shard_path(tmp, 0, n)) / n
+    return {'original_bytes': orig * 1000, 'original_files': 4000, 'shard_bytes': ours_bytes * 1000}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='12,800 images per epoch')
+    p.add_argument('--epochs', type=int, default=1, help='epochs of each phase actually run')
+    p.add_argument('--num_images', type=int, default=RECIPE_IMAGES, help='training images actually used')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--k', type=int, nargs='+', default=None, help='K values of the batched path')
+    p.add_argument('--workers', type=int, default=2, help='DataLoader workers of the original structure')
+    p.add_argument('--compile', action='store_true', help='also time the batched path with --compile')
+    p.add_argument('--skip_original', action='store_true', help='skip path (a) (e.g. on a GPU)')
+    p.add_argument('--out', default='bench/results/generate.json')
+    args = p.parse_args()
+    if args.quick:
+        args.num_images = 12800
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    ks = args.k or ([64, 128, 256] if device.type == 'cuda' else [4])
+    mnist = construct_train.load_mnist_to(device, construct_train.get_args('train', []))
+    scale = (RECIPE_EPOCHS / args.epochs) * (RECIPE_IMAGES / args.num_images)
+    rows = {}
+    if not args.skip_original:
+        cpu_mnist = tuple(t.cpu() for t in mnist)
+        t_train, t_eval = original_structure(args, cpu_mnist, args.workers)
+        rows['(a) original structure'] = {'k': 1, 'train_s': t_train, 'eval_s': t_eval,
+                                          'pair_s': t_train * scale + 2 * RECIPE_EPOCHS * t_eval}
+    paths = [('(b) ours, one at a time', 1, False)] + [(f'(c) ours, batched K={k}', k, False) for k in ks]
+    paths += [(f'(c) ours, batched K={k}, compiled', k, True) for k in ks if args.compile]
+    for label, k, compiled in paths:
+        t_train, t_eval = ours(args, mnist, device, k, compiled)
+        rows[label] = {'k': k, 'train_s': t_train, 'eval_s': t_eval, 'pair_s': t_train * scale + t_eval}
+    base = rows.get('(a) original structure', rows['(b) ours, one at a time'])['pair_s']
+    machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
+    print(f'\n{machine}; measured {args.epochs}+{args.epochs} epochs on {args.num_images} images, '
+          f'projected to the recipe (10+10 epochs on 60,000 images)\n')
+    print('| path | measured training s / pair | projected s / pair | pairs / hour | vs (a) |')
+    print('| --- | --- | --- | --- | --- |')
+    for label, r in rows.items():
+        r['pairs_per_hour'] = 3600 / r['pair_s']
+        r['ratio_vs_a'] = base / r['pair_s']
+        print(f"| {label} | {r['train_s']:.2f} | {r['pair_s']:.1f} | {r['pairs_per_hour']:.1f} | {r['ratio_vs_a']:.2f}x |")
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = storage_per_1000(tmp)
+    print(f"\nper 1,000 pairs: original layout {storage['original_bytes'] / 1e6:.1f} MB in 4,000 files; "
+          f"our shards {storage['shard_bytes'] / 1e6:.1f} MB in 1000/K files")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump({'machine': machine, 'args': vars(args), 'rows': rows, 'storage': storage}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
