@@ -71,3 +71,12 @@ def pair_sets(tmp_path_factory):
     write_shards(base / 'train', 12, shard_size=4, seed=1)
     write_shards(base / 'val', 3, shard_size=3, seed=2)
     return {'train': str(base / 'train'), 'val': str(base / 'val')}
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test single-threaded: tiny CPU ops on a shared 2-core machine are far slower with 2 threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

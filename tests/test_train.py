@@ -1,0 +1,300 @@
+"""train.py and translate.py end to end on tiny pair sets, plus their schedules, augmentation and errors."""
+import csv
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loader
+import net
+import train
+import translate
+from conftest import ROOT, write_shards
+from mixer import MLPMixer
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+TINY = ['--num_layers', '1', '--c_dim', '16', '--hidden_s_dim', '16', '--hidden_c_dim', '16']
+
+
+def train_argv(pair_sets, out, *extra):
+    """Flags of a tiny run: 12 pairs in batches of 5 (3 steps per epoch), 3 val networks, 200 test images."""
+    return ['--train_path', pair_sets['train'], '--val_path', pair_sets['val'], '--train_data_length', '12',
+            '--val_data_length', '3', '--num_test_images', '200', '--batch_size', '5', '--num_epochs', '4',
+            '--log_step', '2', '--device', 'cpu', '--ckpt_path', str(out / 'ckpts'), '--log_path', str(out / 'logs'),
+            *TINY, *extra]
+
+
+def run_dirs(argv):
+    """(ckpt run dir, log run dir) of a run."""
+    args = train.get_args(argv)
+    name = train.run_name(args)
+    return os.path.join(args.ckpt_path, name), os.path.join(args.log_path, name)
+
+
+def read_metrics(log_dir):
+    with open(os.path.join(log_dir, 'metrics.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def run_cli(code, *argv):
+    """Run a repository module's main under utils.run_main in a fresh interpreter."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, code, *argv], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def expect_user_error(capsys, main, argv, message):
+    """main(argv) under utils.run_main exits with status 2 and prints `message` on stderr."""
+    import utils
+    with pytest.raises(SystemExit) as exc:
+        utils.run_main(lambda: main(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the log goes to stderr too
+    assert err.startswith('error: ') and message in err, err
+
+
+@pytest.fixture(scope='module')
+def finished_run(pair_sets, tmp_path_factory):
+    """One complete tiny run: 4 epochs, evaluated at epochs 2 and 3."""
+    argv = train_argv(pair_sets, tmp_path_factory.mktemp('run'))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main(argv)
+    torch.set_num_threads(n)
+    return argv
+
+
+def test_end_to_end_outputs(finished_run, pair_sets):
+    ckpt_dir, log_dir = run_dirs(finished_run)
+    assert ckpt_dir.endswith(os.path.join('adam_lr0.001_bs5_wd0_clip-1_cos_wu0_cyc1_ep4', 'L1_S72_C16_hs16_hc16_do0',
+                                          'mask-t0_noise-t0_n12_seed0'))
+    log_text = open(os.path.join(log_dir, 'train.log')).read()
+    for row in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'counts per 5% bin', 'flags:'):
+        assert row in log_text
+    assert json.load(open(os.path.join(log_dir, 'args.json')))['num_epochs'] == 4
+    metrics = read_metrics(log_dir)
+    assert [m['epoch'] for m in metrics] == ['0', '1', '2', '3']
+    assert [m['mean'] != '' for m in metrics] == [False, False, True, True]  # epoch % log_step == 0, and the last
+    assert float(metrics[3]['loss']) < float(metrics[0]['loss'])
+    summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
+    assert set(summary['rows']) == {'Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection',
+                                    'Retrained', 'KT (best)', 'KT (last)'}
+    for row in summary['rows'].values():
+        assert len(row['histogram']) == 20 and sum(row['histogram']) == 3 and len(row['accs']) == 3
+        assert row['min'] <= row['mean'] <= row['max']
+    best = summary['rows']['KT (best)']
+    assert best['mean'] == max(float(m['mean']) for m in metrics if m['mean'])
+    assert os.path.basename(summary['checkpoint']) == f'{best["mean"]:.2f}.pth'
+    # the saved translator reproduces the logged accuracies of every val network
+    ckpt = torch.load(summary['checkpoint'], weights_only=True)
+    model = MLPMixer(**ckpt['config'])
+    model.load_state_dict(ckpt['model'])
+    val = loader.ValDataset(pair_sets['val'], 3)
+    images, labels = loader.load_mnist('data', train=False)
+    middle = train.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
+    accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, 'simple')
+    assert [round(a, 4) for a in accs.tolist()] == best['accs']
+    # reference rows are what they claim to be
+    retrained = net.stacked_accuracy(images[:200], labels[:200], val.begin, val.simple, val.last, 'simple')
+    assert [round(a, 4) for a in retrained.tolist()] == summary['rows']['Retrained']['accs']
+
+
+def test_resume_equals_uninterrupted(pair_sets, tmp_path, capsys):
+    # dropout, masking and noise all draw random numbers: resuming must restore every generator
+    extra = ['--dropout', '0.1', '--prob', '0.2', '--mask_target', 'both', '--noise', '0.01', '--log_step', '1']
+    straight = train_argv(pair_sets, tmp_path / 'a', *extra)
+    train.main(straight)
+    broken = train_argv(pair_sets, tmp_path / 'b', *extra)
+    train.main(broken + ['--stop_after_epoch', '1'])
+    ckpt_b, log_b = run_dirs(broken)
+    assert torch.load(os.path.join(ckpt_b, 'last.pth'), weights_only=True)['epoch'] == 2
+    assert not os.path.exists(os.path.join(ckpt_b, 'summary.json'))
+    train.main(broken + ['--resume'])
+    ckpt_a, log_a = run_dirs(straight)
+    assert open(os.path.join(log_a, 'metrics.csv')).read() == open(os.path.join(log_b, 'metrics.csv')).read()
+    assert 'resumed from' in open(os.path.join(log_b, 'train.log')).read()
+    best_a, best_b = (glob.glob(os.path.join(d, '[0-9]*.pth')) for d in (ckpt_a, ckpt_b))
+    assert [os.path.basename(p) for p in best_a] == [os.path.basename(p) for p in best_b]
+    for pa, pb in ((best_a[0], best_b[0]), (os.path.join(ckpt_a, 'last.pth'), os.path.join(ckpt_b, 'last.pth'))):
+        a, b = torch.load(pa, weights_only=True)['model'], torch.load(pb, weights_only=True)['model']
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.load(open(os.path.join(d, 'summary.json'))) for d in (ckpt_a, ckpt_b))
+    assert sa['rows'] == sb['rows']
+    # resuming with flags that change the results is refused
+    capsys.readouterr()
+    expect_user_error(capsys, train.main, broken + ['--resume', '--val_data_length', '2'], 'other flags')
+
+
+def lrs_of(pair_sets, out, *extra):
+    """The per-epoch lr column of a tiny run (evaluated only at the last epoch)."""
+    argv = train_argv(pair_sets, out, '--log_step', '100', *extra)
+    train.main(argv)
+    return [float(m['lr']) for m in read_metrics(run_dirs(argv)[1])]
+
+
+@pytest.mark.parametrize('scheduler, warmup, want', [
+    ('cos', 0, [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
+    ('linear', 0, [1e-3 * (1 - e / 4) for e in range(4)]),
+    ('constant', 0, [1e-3] * 4),
+    # warm-up of 2 epochs x 3 steps: the lr logged is that of each epoch's last step (3/6, 6/6), then cos over 2
+    ('cos', 2, [0.5e-3, 1e-3, 1e-3, 0.5e-3]),
+])
+def test_lr_schedules(pair_sets, tmp_path, scheduler, warmup, want):
+    got = lrs_of(pair_sets, tmp_path, '--scheduler', scheduler, '--warmup', str(warmup))
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+def test_cos_cycles_and_warmup_steps():
+    args = train.get_args(['--num_epochs', '5', '--warmup', '1', '--num_cycles', '2', '--lr', '0.1'])
+    assert [train.warmup_lr(args, 0, it, 4) for it in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = train.make_scheduler(opt, args)  # T_max = (5 - 1) // 2 = 2: down to 0 in 2 epochs, then back up
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        train.step_scheduler(sched, 1.0)
+    assert lrs == pytest.approx([0.1, 0.05, 0.0, 0.05], abs=1e-12)
+
+
+def test_reduce_on_plateau():
+    args = train.get_args(['--scheduler', 'reduce_0.5', '--lr', '0.1'])
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = train.make_scheduler(opt, args)
+    lrs = []
+    for loss in [5, 4, 4, 4, 4, 4, 4, 4, 3]:  # patience 2: the third epoch without improvement halves the lr
+        opt.step()
+        train.step_scheduler(sched, loss)
+        lrs.append(opt.param_groups[0]['lr'])
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025])
+
+
+@pytest.mark.parametrize('target, hit_t, hit_s', [('t', True, False), ('s', False, True), ('both', True, True)])
+def test_mask_and_noise_targets(target, hit_t, hit_s):
+    gen = torch.Generator().manual_seed(0)
+    t, s = [torch.ones(400, 6, 6, 3, 3)] * 2, [torch.ones(400, 3, 6, 3, 3)] * 2
+    args = train.get_args(['--mask_target', target, '--prob', '0.3'])
+    ti, si = train.augment(t, s, args, gen)
+    for got, hit in ((ti, hit_t), (si, hit_s)):
+        zeros = (got[0] == 0).double().mean().item()
+        assert (abs(zeros - 0.3) < 0.01) if hit else zeros == 0
+        assert set(got[1].unique().tolist()) <= {0.0, 1.0}
+    args = train.get_args(['--noise_target', target, '--noise', '0.5'])
+    ti, si = train.augment(t, s, args, gen)
+    for got, hit in ((ti, hit_t), (si, hit_s)):
+        std = (got[1] - 1).std().item()
+        assert (abs(std - 0.5) < 0.01) if hit else std == 0
+
+
+def test_augmentation_is_fresh_per_batch_and_free_when_off():
+    gen = torch.Generator().manual_seed(0)
+    x = [torch.ones(10, 6, 6, 3, 3)]
+    a, b = train.perturb(x, 0.5, 0.1, gen), train.perturb(x, 0.5, 0.1, gen)
+    assert not torch.equal(a[0], b[0])
+    state = gen.get_state()
+    assert train.perturb(x, 0., 0., gen)[0] is x[0] and torch.equal(gen.get_state(), state)
+
+
+def test_loss_is_mean_of_the_two_mses():
+    out, tgt = [torch.zeros(2, 3, 6, 3, 3), torch.zeros(2, 6, 3, 3, 3)], [torch.ones(2, 3, 6, 3, 3),
+                                                                          2 * torch.ones(2, 6, 3, 3, 3)]
+    assert train.mse_loss(out, tgt).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_original_readme_command_parses():
+    args = train.get_args('--gpu_id 0 --num_epochs 1000 --batch_size 4096 --lr 1e-3 --optimizer adam --log_step 10 '
+                          '--train_data_length 300000 --num_layers 24 --scheduler cos --mask_target t --prob 0.'.split())
+    train.check_args(args)
+    assert train.translator_config(args) == dict(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256,
+                                                 hidden_C_dim=512, dropout=0.)
+    d = train.get_args([])
+    assert (d.num_epochs, d.log_step, d.batch_size, d.lr, d.scheduler, d.ckpt_path, d.train_path, d.val_path,
+            d.val_data_length, d.seed) == (300, 25, 4096, 1e-3, 'cos', './ckpts/nobn', './data/train', './data/val',
+                                           100, 0)
+
+
+def test_translate_round_trip(finished_run, pair_sets, tmp_path, capsys):
+    summary = json.load(open(os.path.join(run_dirs(finished_run)[0], 'summary.json')))
+    val = loader.ValDataset(pair_sets['val'], 3)
+    k = 1
+    for name in ('begin', 'basic', 'last'):
+        torch.save(net.unstack_state(getattr(val, name), k), tmp_path / f'{name}.pth')
+    out = tmp_path / 'simple.pth'
+    translate.main(['--ckpt', summary['checkpoint'], '--complex', str(tmp_path / 'basic.pth'), '--out', str(out),
+                    '--begin', str(tmp_path / 'begin.pth'), '--last', str(tmp_path / 'last.pth'),
+                    '--num_test_images', '200', '--device', 'cpu'])
+    simple = torch.load(out, weights_only=True)
+    net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)
+    ckpt = torch.load(summary['checkpoint'], weights_only=True)
+    model = MLPMixer(**ckpt['config']).eval()
+    model.load_state_dict(ckpt['model'])
+    with torch.no_grad():
+        c1, c2 = model([val.basic['conv1.weight'][k:k + 1], val.basic['conv2.weight'][k:k + 1]])
+    assert torch.equal(simple['conv1.weight'], c1[0]) and torch.equal(simple['conv2.weight'], c2[0])
+    printed = capsys.readouterr().out
+    want = summary['rows']['KT (best)']['accs'][k]
+    assert f'compressed (translated SimpleBlock_NoBn) {want:.2f}%' in printed
+    assert f'large (BasicBlock) {summary["rows"]["Large (BasicBlock)"]["accs"][k]:.2f}%' in printed
+
+
+def test_translate_reads_original_state_dicts(tmp_path, capsys):
+    case = torch.load('tests/fixtures/original_mixer.pt', weights_only=True)['L2_C16']
+    torch.save(case['state_dict'], tmp_path / 'orig.pth')
+    basic = net.BasicBlock().state_dict()
+    basic['conv1.weight'], basic['conv2.weight'] = case['inputs'][0][2], case['inputs'][1][2]
+    torch.save(basic, tmp_path / 'basic.pth')
+    sizes = ['--num_layers', '2', '--c_dim', '16', '--hidden_s_dim', '32', '--hidden_c_dim', '64']
+    translate.main(['--ckpt', str(tmp_path / 'orig.pth'), '--complex', str(tmp_path / 'basic.pth'),
+                    '--out', str(tmp_path / 'out.pth'), *sizes])
+    simple = torch.load(tmp_path / 'out.pth', weights_only=True)
+    torch.testing.assert_close(simple['conv1.weight'], case['outputs'][0][2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(simple['conv2.weight'], case['outputs'][1][2], atol=1e-6, rtol=0)
+    # without the size flags the defaults (24 layers, C 128) do not fit: the error says what would
+    expect_user_error(capsys, translate.main, ['--ckpt', str(tmp_path / 'orig.pth'), '--complex',
+                                               str(tmp_path / 'basic.pth'), '--out', str(tmp_path / 'x.pth')],
+                      'its shapes say --num_layers 2 --s_dim 72 --c_dim 16 --hidden_s_dim 32 --hidden_c_dim 64')
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--prob', '1.5'], '--prob 1.5 must be in [0, 1]'),
+    (['--noise', '-1'], '--noise -1.0 must be >= 0'),
+    (['--lr', '0'], '--lr 0.0 must be > 0'),
+    (['--scheduler', 'step'], '--scheduler step: unknown'),
+    (['--scheduler', 'reduce_'], 'reduce_<factor> needs a factor in (0, 1)'),
+    (['--scheduler', 'reduce_2'], 'reduce_<factor> needs a factor in (0, 1)'),
+    (['--batch_size', '0'], '--batch_size 0 must be > 0'),
+    (['--log_step', '0'], '--log_step 0 must be > 0'),
+    (['--num_epochs', '0'], '--num_epochs 0 must be > 0'),
+    (['--s_dim', '64'], '--s_dim 64 must be 72'),
+    (['--train_data_length', '13'], 'asked for 13 pairs (0..12) but 12 exist'),
+    (['--val_data_length', '4'], 'asked for 4 pairs (0..3) but 3 exist'),
+])
+def test_bad_train_flags(pair_sets, tmp_path, capsys, flags, message):
+    expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, *flags), message)
+
+
+def test_bad_train_data(pair_sets, tmp_path, capsys):
+    write_shards(tmp_path / 'nosimple', 12, simple=False)
+    expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, '--train_path', str(tmp_path / 'nosimple')),
+                      'holds no small blocks (SimpleBlock_NoBn), needed for the MSE targets')
+    os.makedirs(tmp_path / 'empty')
+    expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, '--val_path', str(tmp_path / 'empty')),
+                      'no pairs there')
+
+
+def test_cli_exit_status(finished_run, pair_sets, tmp_path):
+    """The real command lines: a bad flag and a checkpoint of another configuration exit 2 with a message."""
+    r = run_cli('train.py', *train_argv(pair_sets, tmp_path, '--prob', '-0.1'))
+    assert r.returncode == 2 and 'error: --prob -0.1 must be in [0, 1]' in r.stderr and 'Traceback' not in r.stderr
+    summary = json.load(open(os.path.join(run_dirs(finished_run)[0], 'summary.json')))
+    torch.save(net.BasicBlock().state_dict(), tmp_path / 'basic.pth')
+    r = run_cli('translate.py', '--ckpt', summary['checkpoint'], '--complex', str(tmp_path / 'basic.pth'),
+                '--out', str(tmp_path / 'o.pth'), '--num_layers', '3')
+    assert r.returncode == 2 and 'is a translator with --num_layers 1' in r.stderr and 'Traceback' not in r.stderr
+    assert not os.path.exists(tmp_path / 'o.pth')
