@@ -14,7 +14,7 @@ import loader
 import net
 import train
 import translate
-from conftest import ROOT, write_shards
+from conftest import ROOT, write_original, write_shards
 from mixer import MLPMixer
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -103,6 +103,16 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     # reference rows are what they claim to be
     retrained = net.stacked_accuracy(images[:200], labels[:200], val.begin, val.simple, val.last, 'simple')
     assert [round(a, 4) for a in retrained.tolist()] == summary['rows']['Retrained']['accs']
+
+
+def test_trains_on_the_original_layout(tmp_path):
+    write_original(tmp_path / 'train', 6, 'train', seed=7)
+    write_original(tmp_path / 'val', 2, 'val', seed=8)
+    argv = train_argv({'train': str(tmp_path / 'train'), 'val': str(tmp_path / 'val')}, tmp_path,
+                      '--train_data_length', '6', '--val_data_length', '2', '--num_epochs', '2')
+    train.main(argv)
+    summary = json.load(open(os.path.join(run_dirs(argv)[0], 'summary.json')))
+    assert 'Retrained' not in summary['rows'] and len(summary['rows']['KT (best)']['accs']) == 2
 
 
 def test_resume_equals_uninterrupted(pair_sets, tmp_path, capsys):
