@@ -52,3 +52,36 @@ def test_batch_items_are_independent():
     assert batch[0].shape == (4, 3, 6, 3, 3) and batch[1].shape == (4, 6, 3, 3, 3)
     torch.testing.assert_close(batch[0][2:3], single[0])
     torch.testing.assert_close(batch[1][2:3], single[1])
+
+
+def test_mixer_flops_hand_count():
+    """mixer_flops against a hand count of every Linear of a tiny config (2 * rows * in * out each)."""
+    from mixer import mixer_flops
+    # L=1, S=72, C=16, hS=8, hC=4: map1 72x9->16, token fc1 16x72->8, fc2 16x8->72, channel fc1 72x16->4,
+    # fc2 72x4->16, head fc1 16x72->8, fc2 16x8->36, map2 36x16->9
+    hand = 2 * (72 * 9 * 16 + 16 * 72 * 8 + 16 * 8 * 72 + 72 * 16 * 4 + 72 * 4 * 16 + 16 * 72 * 8 + 16 * 8 * 36
+                + 36 * 16 * 9)
+    assert mixer_flops(1, 72, 16, 8, 4) == hand
+    assert mixer_flops(1, 72, 16, 8, 4, batch=5, backward=True) == 15 * hand
+    model = MLPMixer(num_layers=1, C_dim=16, hidden_S_dim=8, hidden_C_dim=4)
+    assert mixer_flops(**model.config) == hand
+    # C_dim == 9: no map1 / map2
+    assert mixer_flops(1, 72, 9, 8, 4) == 2 * (9 * 72 * 8 * 2 + 72 * 9 * 4 * 2 + 9 * 72 * 8 + 9 * 8 * 36)
+    # the README configuration: about 0.68 GFLOP per block forward
+    assert 0.67e9 < mixer_flops(24, 72, 128, 256, 512) < 0.70e9
+
+
+def test_mixer_flops_counts_every_linear():
+    """Counting with hooks on the actual model's Linear layers gives the same number."""
+    from mixer import mixer_flops
+    model = MLPMixer(num_layers=2, C_dim=16, hidden_S_dim=8, hidden_C_dim=4)
+    counted = []
+
+    def hook(mod, inp, out):
+        counted.append(2 * inp[0].numel() * mod.out_features)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model([torch.randn(3, 6, 6, 3, 3), torch.randn(3, 6, 6, 3, 3)])
+    assert sum(counted) == mixer_flops(**model.config, batch=3)
