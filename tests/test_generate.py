@@ -23,6 +23,11 @@ def tiny_args(data_root, *extra, kind='train'):
     return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
 
 
+@pytest.fixture(autouse=True)
+def single_thread(one_thread):
+    """Generation tests run single-threaded, like the subprocesses they compare with."""
+
+
 @pytest.fixture(scope='module')
 def mnist():
     args = tiny_args('unused')
