@@ -140,26 +140,11 @@ def trainable(state):
     return [t.requires_grad_() for name, t in state.items() if 'running' not in name and 'num_batches' not in name]
 
 
-def begin_cache_fits(k, n, device):
-    """Whether both flips of Begin's output for all training images (fp32) fit in memory."""
-    need = k * 2 * n * 6 * 14 * 14 * 4
-    if device.type == 'cuda':
-        free, _ = torch.cuda.mem_get_info(device)
-        return need < 0.5 * free
-    avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    return need < 0.3 * avail
-
-
-@torch.no_grad()
-def begin_outputs(images, begin, k, chunk=2000):
+def begin_outputs_both_flips(images, begin):
     """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14)."""
-    out = torch.empty(k, 2, len(images), 6, 14, 14, device=images.device)
+    out = torch.empty(begin['conv.weight'].shape[0], 2, len(images), 6, 14, 14, device=images.device)
     for flipped in (0, 1):
-        for i0 in range(0, len(images), chunk):
-            x = net.to_float(images[i0:i0 + chunk]).unsqueeze(1)
-            x = x.flip(-1) if flipped else x
-            h = net.begin_forward(x, begin)  # (B, K*6, 14, 14)
-            out[:, flipped, i0:i0 + chunk] = h.view(len(x), k, 6, 14, 14).transpose(0, 1)
+        net.begin_outputs(images.flip(-1) if flipped else images, begin, out=out[:, flipped])
     return out
 
 
@@ -191,8 +176,9 @@ def make_pairs(indices, args, mnist, device, cache_begin=None):
         frozen = [t.clone() for t in (*begin.values(), *last.values())]
         acc['acc_small_init'] = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
         if cache_begin is None:
-            cache_begin = args.num_epochs > 1 and begin_cache_fits(k, len(train_x), device)
-        cache = begin_outputs(train_x, begin, k) if cache_begin else None
+            cache_bytes = k * 2 * len(train_x) * 6 * 14 * 14 * 4
+            cache_begin = args.num_epochs > 1 and utils.fits_in_memory(cache_bytes, device, 0.5)
+        cache = begin_outputs_both_flips(train_x, begin) if cache_begin else None
         knets = torch.arange(k, device=device)[:, None]
 
         def small_logits(idx, flip):

@@ -234,8 +234,24 @@ def stacked_logits(x, begin, middle, last, middle_kind):
 
 
 @torch.no_grad()
-def stacked_accuracy(images, labels, begin, middle, last, middle_kind, chunk_images=1000, chunk_nets=None):
-    """Test accuracy in % (K,) of K eval-mode networks on the same images (N, 28, 28) uint8 or float."""
+def begin_outputs(images, begin, chunk_images=1000, out=None):
+    """Eval-mode Begin output of K networks on the same images (N, 28, 28): (K, N, 6, 14, 14)."""
+    k = begin['conv.weight'].shape[0]
+    if out is None:
+        out = torch.empty(k, len(images), 6, 14, 14, device=images.device)
+    for i0 in range(0, len(images), chunk_images):
+        x = to_float(images[i0:i0 + chunk_images]).unsqueeze(1)
+        out[:, i0:i0 + chunk_images] = begin_forward(x, begin).view(len(x), k, 6, 14, 14).transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+def stacked_accuracy(images, labels, begin, middle, last, middle_kind, chunk_images=1000, chunk_nets=None,
+                     begin_out=None):
+    """Test accuracy in % (K,) of K eval-mode networks on the same images (N, 28, 28) uint8 or float.
+
+    begin_out: the networks' begin_outputs(images, begin), when already computed (it is the same for
+    every middle block scored inside the same networks)."""
     k = begin['conv.weight'].shape[0]
     chunk_nets = chunk_nets or k
     correct = torch.zeros(k, dtype=torch.long, device=labels.device)
@@ -243,8 +259,11 @@ def stacked_accuracy(images, labels, begin, middle, last, middle_kind, chunk_ima
         sl = slice(n0, n0 + chunk_nets)
         b, m, l = ({n: t[sl] for n, t in d.items()} for d in (begin, middle, last))
         for i0 in range(0, len(images), chunk_images):
-            x = to_float(images[i0:i0 + chunk_images]).unsqueeze(1)
-            pred = stacked_logits(x, b, m, l, middle_kind).argmax(-1)
+            if begin_out is None:
+                h = begin_forward(to_float(images[i0:i0 + chunk_images]).unsqueeze(1), b)
+            else:
+                h = begin_out[sl, i0:i0 + chunk_images].transpose(0, 1).flatten(1, 2)
+            pred = last_forward(MIDDLE_FORWARD[middle_kind](h, m), l).argmax(-1)
             correct[sl] += (pred == labels[i0:i0 + chunk_images]).sum(1)
     return correct.double() * 100.0 / len(images)
 

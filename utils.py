@@ -48,6 +48,13 @@ def get_device(gpu_id=0, device=None):
     return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
 
 
+def fits_in_memory(nbytes, device, fraction=0.3):
+    """Whether nbytes fit in `fraction` of the device's free memory (CUDA) or of the available RAM."""
+    if device.type == 'cuda':
+        return nbytes < fraction * torch.cuda.mem_get_info(device)[0]
+    return nbytes < fraction * os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
 def seed_for(seed, split, index):
     """A 63-bit seed derived only from (seed, split, index); train and val never collide."""
     digest = hashlib.sha256(f'kt/{seed}/{split}/{index}'.encode()).digest()

@@ -171,6 +171,14 @@ def test_stacked_forward_equals_modules_in_eval(middle):
     acc = net.stacked_accuracy(x[:, 0], torch.zeros(5, dtype=torch.long), *states, middle, chunk_images=2)
     expect = torch.stack([(logits[j].argmax(-1) == 0).double().mean() * 100 for j in range(k)])
     torch.testing.assert_close(acc, expect)
+    begin_out = net.begin_outputs(x[:, 0], states[0], chunk_images=3)
+    for j in range(k):
+        with torch.no_grad():
+            torch.testing.assert_close(begin_out[j], mods[j][0](x), atol=1e-6, rtol=1e-6)
+    for chunk_nets in (1, 2, None):  # the cached Begin output gives the same accuracies
+        cached = net.stacked_accuracy(x[:, 0], torch.zeros(5, dtype=torch.long), *states, middle, chunk_images=2,
+                                      chunk_nets=chunk_nets, begin_out=begin_out)
+        torch.testing.assert_close(cached, expect)
 
 
 def test_stacked_train_mode_updates_bn_like_modules():
