@@ -1,0 +1,77 @@
+"""Print the results table of one or more train.py runs (their summary.json files).
+
+    python report.py ckpts/nobn/<run>/summary.json [more summary.json ...] [--out table.md] [--hist]
+
+One table per run: Large / Random Init / Mean target / Weight selection / KT / Retrained, with mean, min and
+max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline.
+"""
+import argparse
+import json
+import os
+
+import utils
+
+ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'KT (best)', 'KT (last)',
+         'Retrained']
+BASELINES = ['Random Init', 'Mean target', 'Weight selection']
+
+
+def load_summary(path):
+    """A train.py summary.json, or a clear error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f'{path}: not a readable summary.json ({e}); train.py writes it at the end of a run')
+
+
+def verdict(rows, kt='KT (best)'):
+    """One honest sentence: did KT's mean accuracy beat each baseline present?"""
+    parts = []
+    for name in BASELINES:
+        if name in rows:
+            diff = rows[kt]['mean'] - rows[name]['mean']
+            parts.append(f"{'beat' if diff > 0 else 'did NOT beat'} {name} ({diff:+.2f} points)")
+    if 'Retrained' in rows:
+        parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
+    return 'KT (best epoch) ' + ', '.join(parts) + '.'
+
+
+def table(summary, hist=False):
+    """Markdown table (and optional 5% histograms) of one run."""
+    rows = summary['rows']
+    lines = ['| row | mean | min | max |', '| --- | --- | --- | --- |']
+    for name in [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]:
+        r = rows[name]
+        lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
+    lines += ['', verdict(rows)]
+    if hist:
+        lines += ['', 'Counts of val networks per 5% accuracy bin (0-5, 5-10, ..., 95-100):', '```']
+        lines += [f"{name:>18}: {' '.join(f'{c:3d}' for c in rows[name]['histogram'])}"
+                  for name in ('Random Init', 'KT (best)') if name in rows]
+        lines.append('```')
+    return '\n'.join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description='Results table of train.py runs.')
+    p.add_argument('summaries', nargs='+', help='summary.json files written by train.py')
+    p.add_argument('--out', default='', help='also write the tables to this markdown file')
+    p.add_argument('--hist', action='store_true', help='add the 20-bin histograms of Random Init and KT')
+    args = p.parse_args()
+    text = []
+    for path in args.summaries:
+        s = load_summary(path)
+        text += [f"### {s['run']}",
+                 f"{s['train_pairs']} training pairs, {s['num_val']} val networks, {s['num_test_images']} test "
+                 f"images; translator {s['config']}; best epoch {s['best_epoch']} of {s['num_epochs']}", '',
+                 table(s, args.hist), '']
+    print('\n'.join(text))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            f.write('\n'.join(text))
+
+
+if __name__ == '__main__':
+    utils.run_main(main)
