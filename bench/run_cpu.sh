@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The CPU runs behind BENCHMARKS.md; logs and JSON land in results/bench_cpu/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=results/bench_cpu
+mkdir -p $OUT
+lscpu | grep -E 'Model name|^CPU\(s\)' > $OUT/machine.txt
+python bench/bench_generate.py --k 4 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log
+python bench/bench_loading.py --num_pairs 20000 --out $OUT/loading.json 2>&1 | tee $OUT/loading.log
+python bench/bench_translator_step.py --batches 64 --main_batch 64 --warmup 1 --repeats 2 --iters 1 \
+  --out $OUT/translator_step.json 2>&1 | tee $OUT/translator_step.log
+python bench/bench_eval.py --no_sweep --repeats 1 --out $OUT/eval.json 2>&1 | tee $OUT/eval.log
