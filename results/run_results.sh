@@ -28,11 +28,10 @@ if [ "${1:-1}" = 1 ]; then
   # scaling with the number of training pairs (300 epochs each)
   for n in 25 64 128; do run pairs_$n --train_data_length $n --num_epochs 300 --log_step 100; done
   # translator epochs at 256 pairs
-  for e in 30 100; do run epochs_$e --train_data_length 256 --num_epochs $e --log_step $((e / 2)); done
+  run epochs_100 --train_data_length 256 --num_epochs 100 --log_step 50
   # --prob and --noise at 256 pairs, 100 epochs
   run prob0.1_t --train_data_length 256 --num_epochs 100 --log_step 50 --prob 0.1 --mask_target t
   run noise0.01_t --train_data_length 256 --num_epochs 100 --log_step 50 --noise 0.01 --noise_target t
-  run noise0.01_both --train_data_length 256 --num_epochs 100 --log_step 50 --noise 0.01 --noise_target both
 else
   # research options (issue: KT at small data), 100 epochs, at 64 and 256 pairs
   for n in 64 256; do
@@ -40,7 +39,7 @@ else
     run perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --perm_aug
     run hinv_$n --train_data_length $n --num_epochs 100 --log_step 50 --hidden_invariant_loss
     run functional_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional --functional_images 32
-    run functional_perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional \
+    [ $n = 64 ] && run functional_perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional \
       --functional_images 32 --perm_aug
   done
 fi

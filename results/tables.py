@@ -2,6 +2,7 @@
 
     python results/tables.py > results/tables.md
 """
+import csv
 import json
 import os
 import re
@@ -14,22 +15,23 @@ import report  # noqa: E402
 GROUPS = [
     ('KT against the number of training pairs (300 translator epochs)',
      ['pairs_25', 'pairs_64', 'pairs_128', 'demo']),
-    ('KT against translator epochs (256 pairs)', ['epochs_30', 'epochs_100', 'demo']),
-    ('--prob and --noise (256 pairs, 100 epochs)', ['epochs_100', 'prob0.1_t', 'noise0.01_t', 'noise0.01_both']),
+    ('KT against translator epochs (256 pairs; see also the evaluations inside the main job below)',
+     ['epochs_100', 'demo']),
+    ('--prob and --noise (256 pairs, 100 epochs)', ['epochs_100', 'prob0.1_t', 'noise0.01_t']),
     ('Research options at small data (100 epochs)',
      ['mse_64', 'perm_64', 'hinv_64', 'functional_64', 'functional_perm_64',
-      'epochs_100', 'perm_256', 'hinv_256', 'functional_256', 'functional_perm_256']),
+      'epochs_100', 'perm_256', 'hinv_256', 'functional_256']),
 ]
 
 
 def load(name):
     """summary.json of one run (results/demo holds the main job's), or None if it has not run."""
-    folder = os.path.join(HERE, 'runs', name) if name != 'demo' else os.path.join(HERE, 'demo')
-    for root, _, files in os.walk(folder):
-        if 'summary.json' in files:
-            with open(os.path.join(root, 'summary.json')) as f:
-                return json.load(f)
-    return None
+    path = os.path.join(HERE, 'demo' if name == 'demo' else os.path.join('runs', name), 'summary.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        s = json.load(f)
+    return s if 'rows' in s else None
 
 
 def options(s):
@@ -68,6 +70,16 @@ def main():
         means = [f"{name}: {s['rows']['Mean target']['mean']:.2f}" for name in names
                  if (s := load(name)) and 'Mean target' in s['rows']]
         print(f"\nMean target (depends on the pairs used): {', '.join(means) or 'n/a'}")
+    metrics = [os.path.join(root, 'metrics.csv') for root, _, files in os.walk(os.path.join(HERE, 'demo', 'logs'))
+               if 'metrics.csv' in files]
+    if metrics:
+        print('\n#### Inside the main job (256 pairs, cosine schedule over 300 epochs): evaluations\n')
+        print('| epoch | training loss | KT mean | KT min | KT max |\n| --- | --- | --- | --- | --- |')
+        with open(metrics[0]) as f:
+            for r in csv.DictReader(f):
+                if r['mean']:
+                    print(f"| {r['epoch']} | {float(r['loss']):.5f} | {float(r['mean']):.2f} | {float(r['min']):.2f} "
+                          f"| {float(r['max']):.2f} |")
 
 
 if __name__ == '__main__':
