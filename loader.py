@@ -8,8 +8,9 @@ import re
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from utils import UserError, atomic_save
+from utils import UserError, atomic_save, load_file
 
 # ----------------------------------------------------------------------------------------
 # MNIST, read from the IDX files (torchvision's layout: <root>/MNIST/raw/), no torchvision.
@@ -200,25 +201,29 @@ def load_shard(path):
     return shard
 
 
-def read_pairs(root, num):
-    """Indices [0, num) of the shards in root, merged into one dict of stacked tensors."""
+def read_pairs(root, num, blocks=None):
+    """Indices [0, num) of the shards in root, merged into one dict of stacked tensors.
+
+    blocks: the weight dicts to keep (e.g. ('basic', 'simple')); the others are dropped shard by shard,
+    so a 300k-pair train set never holds its Begin and Last blocks in memory at once. None keeps all."""
     shards = list_shards(root)
     if not shards:
         raise UserError(f'{root}: no shard_*.pt files (generate them with construct_train.py / construct_val.py)')
     check_shard_ranges(shards)
     have = covered_indices(root)
     if num > len(have) or not all(i in have for i in range(num)):
-        gaps = missing_ranges(have, 0, num)
-        raise UserError(f'{root}: asked for pairs 0..{num - 1} but {len(have)} exist; '
-                        f'missing indices: {format_ranges(gaps)}')
+        raise UserError(f'{root}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
+                        f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
     parts, recipe = [], read_recipe(root)
     for start, stop, path in shards:
         if start >= num:
             break
         shard = load_shard(path)
-        if recipe is not None and shard['recipe'] != recipe:
+        if recipe is not None and shard.get('recipe') != recipe:
             raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
-        recipe = shard['recipe']
+        recipe = shard.get('recipe')
+        if blocks is not None:
+            shard = {k: v for k, v in shard.items() if not (isinstance(v, dict) and k != 'recipe') or k in blocks}
         parts.append(_slice_shard(shard, 0, min(stop, num) - start))
     return _concat_shards(parts)
 
@@ -260,10 +265,6 @@ def _concat_shards(parts):
 #       train: inputs/{i}.pth (BasicBlock), labels/{i}.pth (SimpleBlock_NoBn),
 #              backup_begin/{i}.pth, backup_last/{i}.pth (BeginBlock, LastBlock; optional here)
 #       val:   begin/{i}.pth, complex/{i}.pth (BasicBlock), last/{i}.pth
-
-from tqdm import tqdm  # noqa: E402  (this section was added below the shard code)
-
-from utils import load_file  # noqa: E402
 
 BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
               'bn2.weight', 'bn2.bias', 'bn2.running_mean', 'bn2.running_var')  # the original item order
@@ -313,28 +314,6 @@ def read_original(base_path, num, dirs, required):
     return out
 
 
-def read_shard_blocks(root, num, blocks):
-    """Like read_pairs, but keeps only the weight dicts in `blocks` (the rest is dropped shard by shard,
-    so a 300k-pair train set never holds its Begin and Last blocks in memory at once)."""
-    shards = list_shards(root)
-    check_shard_ranges(shards)
-    have = covered_indices(root)
-    if num > len(have) or not all(i in have for i in range(num)):
-        raise UserError(f'{root}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
-                        f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
-    parts, recipe = [], read_recipe(root)
-    for start, stop, path in shards:
-        if start >= num:
-            break
-        shard = load_shard(path)
-        if recipe is not None and shard.get('recipe') != recipe:
-            raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
-        recipe = shard.get('recipe')
-        shard = {k: v for k, v in shard.items() if not (isinstance(v, dict) and k != 'recipe') or k in blocks}
-        parts.append(_slice_shard(shard, 0, min(stop, num) - start))
-    return _concat_shards(parts)
-
-
 class _PairData:
     """Shared loading, checks and device moves of TrainDataset and ValDataset."""
     original_dirs = {}
@@ -345,7 +324,7 @@ class _PairData:
             raise UserError(f'{base_path}: asked for {num} pairs; ask for at least 1')
         self.base_path, self.num = base_path, num
         if list_shards(base_path):
-            data, self.layout = read_shard_blocks(base_path, num, blocks), 'shards'
+            data, self.layout = read_pairs(base_path, num, blocks), 'shards'
         elif os.path.isdir(base_path) and any(os.path.isdir(os.path.join(base_path, d))
                                               for d in self.original_dirs.values()):
             dirs = {b: d for b, d in self.original_dirs.items() if b in blocks}
