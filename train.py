@@ -367,10 +367,9 @@ def translate(model, conv1, conv2, batch_size=4096):
 
 
 def eval_chunks(device):
-    """(images, networks) per forward of net.stacked_accuracy. Measured for 100 networks x 10000 images:
-    on an H200, 10 networks x 1000 images takes 0.13 s (0.6 GiB) against 0.32 s for a per-network
-    module loop and 0.11 s at best with 5 GiB chunks; on CPU grouped convolutions are about 2x slower
-    than that loop, so there one network at a time (as fast as the loop)."""
+    """(images, networks) per forward of net.stacked_accuracy: on a GPU 10 networks side by side in small
+    memory; on a CPU grouped convolutions are slower than separate ones, so one network at a time
+    (bench/bench_eval.py measures both; BENCHMARKS.md)."""
     return (1000, 10) if device.type == 'cuda' else (500, 1)
 
 
