@@ -2,7 +2,7 @@
 # Knowledge Translation end to end on a CPU, in minutes.
 #
 #   bash demo.sh              # translator + table on the embedded full-recipe data in data/demo/
-#   bash demo.sh --generate   # first make a small reduced-recipe dataset from scratch (slower)
+#   bash demo.sh --generate   # first make a small reduced-recipe dataset from scratch (about 10 more minutes)
 #
 # The embedded data (data/demo/, 10 MB) are 256 training pairs and 100 validation networks with
 # retrained small blocks, made with the paper's recipe (10 + 10 epochs per network) on one GPU by:
@@ -21,8 +21,8 @@ if [ "${1:-}" = "--generate" ]; then
   # Reduced recipe (1 + 1 epochs per network) so that generation takes minutes, not hours.
   TRAIN=data/demo_generated/train
   VAL=data/demo_generated/val
-  NUM_TRAIN=48
-  NUM_VAL=12
+  NUM_TRAIN=32
+  NUM_VAL=8
   echo "== generating $NUM_VAL validation networks and $NUM_TRAIN training pairs (1 + 1 epochs each)"
   python construct_val.py --num_data $NUM_VAL --train_simple --num_epochs 1 --data_root $VAL --device cpu
   python construct_train.py --num_data $NUM_TRAIN --num_epochs 1 --data_root $TRAIN --device cpu
