@@ -210,11 +210,12 @@ def make_pairs(indices, args, mnist, device, cache_begin=None):
 # Driver: resumable, sharded, with a progress bar.
 
 def default_models_per_step(device):
-    """Networks per step: many on a GPU (kernel launches dominate), one on a CPU (measured fastest)."""
+    """Networks per step: one on a CPU (grouped convolutions are slower there), up to 128 on a GPU
+    (measured on an H200: BENCHMARKS.md), fewer when device memory is short."""
     if device.type != 'cuda':
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(256, free // (600 * 2 ** 20))))
+    return int(max(1, min(128, free // (600 * 2 ** 20))))
 
 
 def check_writable(root):
