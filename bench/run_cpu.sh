@@ -10,4 +10,5 @@ python bench/bench_loading.py --num_pairs 20000 --out $OUT/loading.json 2>&1 | t
 python bench/bench_translator_step.py --batches 64 --main_batch 64 --warmup 1 --repeats 2 --iters 1 \
   --out $OUT/translator_step.json 2>&1 | tee $OUT/translator_step.log
 python bench/bench_eval.py --no_sweep --repeats 1 --out $OUT/eval.json 2>&1 | tee $OUT/eval.log
+python bench/bench_mnist_load.py 2>&1 | tee $OUT/mnist_load.log
 python bench/profile_step.py 2>&1 | tee $OUT/profile_step.log
