@@ -19,6 +19,7 @@ NUM_TRAIN=256
 NUM_VAL=100
 if [ "${1:-}" = "--generate" ]; then
   # Reduced recipe (1 + 1 epochs per network) so that generation takes minutes, not hours.
+  OUT=results/demo_generated
   TRAIN=data/demo_generated/train
   VAL=data/demo_generated/val
   NUM_TRAIN=32
