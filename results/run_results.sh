@@ -39,7 +39,7 @@ else
     run perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --perm_aug
     run hinv_$n --train_data_length $n --num_epochs 100 --log_step 50 --hidden_invariant_loss
     run functional_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional --functional_images 32
-    [ $n = 64 ] && run functional_perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional \
+    run functional_perm_$n --train_data_length $n --num_epochs 100 --log_step 50 --loss functional \
       --functional_images 32 --perm_aug
   done
 fi

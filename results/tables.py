@@ -20,7 +20,7 @@ GROUPS = [
     ('--prob and --noise (256 pairs, 100 epochs)', ['epochs_100', 'prob0.1_t', 'noise0.01_t']),
     ('Research options at small data (100 epochs)',
      ['mse_64', 'perm_64', 'hinv_64', 'functional_64', 'functional_perm_64',
-      'epochs_100', 'perm_256', 'hinv_256', 'functional_256']),
+      'epochs_100', 'perm_256', 'hinv_256', 'functional_256', 'functional_perm_256']),
 ]
 
 
