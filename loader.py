@@ -192,10 +192,7 @@ def write_shard(root, shard):
 
 def load_shard(path):
     """Load one shard, naming the file if it is unreadable."""
-    try:
-        shard = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'{path}: cannot be read ({type(e).__name__}: {e}); delete it and re-run generation') from None
+    shard = load_file(path, 'shard', '; delete it and re-run generation')
     if not isinstance(shard, dict) or shard.get('format') != SHARD_FORMAT:
         raise UserError(f'{path}: not a {SHARD_FORMAT} shard')
     return shard

@@ -235,3 +235,12 @@ def test_generate_sh_and_run_sh_end_to_end(tmp_path):
     assert loader.covered_indices(root) == {0, 1}
     pairs = loader.read_pairs(str(root), 2)
     assert pairs['simple']['conv1.weight'].shape == (2, 3, 6, 3, 3)
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+    (_, _, path), = loader.list_shards(tmp_path)
+    with open(path, 'r+b') as f:
+        f.truncate(100)
+    with pytest.raises(utils.UserError, match=f'shard {path} cannot be read.*delete it and re-run generation'):
+        loader.read_pairs(str(tmp_path), 1)
