@@ -1,4 +1,5 @@
-"""Markdown tables for RESULTS.md from the runs in results/runs/ (each holds train.py's summary.json).
+"""Markdown tables for RESULTS.md from the runs in results/runs/ and results/scaling/runs/ (each holds
+train.py's summary.json).
 
     python results/tables.py > results/tables.md
 """
@@ -22,6 +23,12 @@ GROUPS = [
      ['mse_64', 'perm_64', 'hinv_64', 'functional_64', 'functional_perm_64',
       'epochs_100', 'perm_256', 'hinv_256', 'functional_256', 'functional_perm_256']),
 ]
+
+
+SCALING_SIZES = [50, 150, 500, 2000]
+SCALING_VARIANTS = [('mse', 'faithful MSE'), ('perm', 'MSE + `--perm_aug`'),
+                    ('hinv', 'MSE + `--hidden_invariant_loss`'), ('functional', '`--loss functional`'),
+                    ('functional_perm', '`--loss functional --perm_aug`')]
 
 
 def load(name):
@@ -48,6 +55,56 @@ def row(name, s):
     margins = ' | '.join(f"{kt['mean'] - r[b]['mean']:+.2f}" if b in r else 'n/a' for b in report.BASELINES)
     return (f"| {name} | {s['train_pairs']} | {s['num_epochs']} | {options(s)} | {kt['mean']:.2f} | "
             f"{kt['min']:.2f} | {kt['max']:.2f} | {margins} |")
+
+
+def paired_margin(s, baseline):
+    """KT minus a baseline over the same val networks: (mean difference, its standard error)."""
+    diffs = [a - b for a, b in zip(s['rows']['KT (best)']['accs'], s['rows'][baseline]['accs'])]
+    mean = sum(diffs) / len(diffs)
+    std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    return mean, std / len(diffs) ** 0.5
+
+
+def beats_by_2se(s, baseline):
+    """Whether KT's paired margin over the baseline exceeds two standard errors."""
+    mean, se = paired_margin(s, baseline)
+    return mean > 2 * se
+
+
+def scaling():
+    """The 50 -> 2,000 networks study (results/scaling/run_scaling.sh): KT means beside the baselines."""
+    runs = {(v, n): load(os.path.join('..', 'scaling', 'runs', f'{v}_{n}'))
+            for v, _ in SCALING_VARIANTS for n in SCALING_SIZES}
+    if not any(runs.values()):
+        return
+    print('\n#### Scaling to 2,000 networks (reduced recipe, 600 translator steps, 2,000 test images)\n')
+    print('| networks | ' + ' | '.join(label for _, label in SCALING_VARIANTS)
+          + ' | Random Init | Mean target | Weight selection | Retrained | Large |')
+    print('| --- ' * (len(SCALING_VARIANTS) + 6) + '|')
+    for n in SCALING_SIZES:
+        cells = [f"{s['rows']['KT (best)']['mean']:.2f}" if (s := runs[v, n]) else 'not run'
+                 for v, _ in SCALING_VARIANTS]
+        ref = next((s for v, _ in SCALING_VARIANTS if (s := runs[v, n]) and 'Mean target' in s['rows']), None)
+        refs = [f"{ref['rows'][r]['mean']:.2f}" if ref else 'n/a'
+                for r in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'Large (BasicBlock)')]
+        print(f'| {n} | ' + ' | '.join(cells + refs) + ' |')
+    print('\nKT minus Mean target, paired over the same 100 validation networks (mean ± standard error):\n')
+    print('| networks | ' + ' | '.join(label for _, label in SCALING_VARIANTS) + ' |')
+    print('| --- ' * (len(SCALING_VARIANTS) + 1) + '|')
+    for n in SCALING_SIZES:
+        cells = ['%+.2f ± %.2f' % paired_margin(runs[v, n], 'Mean target') if runs[v, n] else 'not run'
+                 for v, _ in SCALING_VARIANTS]
+        print(f'| {n} | ' + ' | '.join(cells) + ' |')
+    largest = max(n for (v, n), s in runs.items() if s)
+    print('\nSmallest number of training networks at which each variant beats a baseline by more than two '
+          'standard errors (paired, as above):\n')
+    print('| variant | beats Mean target at | beats Weight selection at |\n| --- | --- | --- |')
+    for v, label in SCALING_VARIANTS:
+        cells = []
+        for baseline in ('Mean target', 'Weight selection'):
+            beats = [n for n in SCALING_SIZES if runs[v, n] and beats_by_2se(runs[v, n], baseline)]
+            cells.append(str(beats[0]) if beats else f'not reached up to {largest}')
+        print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
 
 def main():
@@ -80,6 +137,7 @@ def main():
                 if r['mean']:
                     print(f"| {r['epoch']} | {float(r['loss']):.5f} | {float(r['mean']):.2f} | {float(r['min']):.2f} "
                           f"| {float(r['max']):.2f} |")
+    scaling()
 
 
 if __name__ == '__main__':

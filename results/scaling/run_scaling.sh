@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# KT against the number of training networks, 50 -> 2,000, on a 2-core CPU (RESULTS.md, "Scaling
+# to 2,000 networks"). The paper's recipe (10 + 10 epochs on 60,000 images per pair) costs about
+# 2 minutes per pair here, so this study uses a reduced recipe: 1 + 1 epochs on the first 6,400
+# training images (50 SGD steps per phase), everything else unchanged. 2,000 training pairs and 100
+# validation networks (with retrained small blocks) go to data/scaling/ (not committed: regenerate
+# with this script). Every translator run gets the same budget of 600 steps of batch 64 (epochs =
+# ceil(600 / ceil(N / 64))) and is scored once, at its last epoch, on the first 2,000 test images.
+#
+#   bash results/scaling/run_scaling.sh          # about 1.5 h on 2 cores; re-running skips what is done
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1
+OUT=results/scaling
+GEN="--device cpu --num_threads 1 --models_per_step 1 --num_epochs 1 --num_train_images 6400
+     --num_test_images 2000 --seed 0"
+TRAIN="--device cpu --train_path data/scaling/train --val_path data/scaling/val --val_data_length 100
+       --num_test_images 2000 --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256
+       --batch_size 64 --lr 1e-3"
+STEPS=600
+mkdir -p $OUT/logs $OUT/runs
+
+gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by itself)
+  local kind=$1 start=$2 num=$3; shift 3
+  python construct_$kind.py $GEN --data_root data/scaling/$kind --start_index $start --num_data $num "$@" \
+    >> $OUT/logs/gen_${kind}_$start.log 2>&1
+}
+
+run() {  # run VARIANT N FLAGS...: one translator run; its logs and summary copied to runs/VARIANT_N
+  local name=$1_$2 n=$2; shift 2
+  local dir=$OUT/runs/$name
+  [ -f "$dir/summary.json" ] && return
+  local epochs=$(( (STEPS + (n + 63) / 64 - 1) / ((n + 63) / 64) ))
+  mkdir -p "$dir"
+  echo "python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $*" \
+    | tr -s ' \n' ' ' > "$dir/command.txt"
+  python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs \
+    --ckpt_path /tmp/kt_scaling/ckpts/$name --log_path /tmp/kt_scaling/logs/$name "$@" > "$dir/stdout.log" 2>&1
+  cp "$(find /tmp/kt_scaling/logs/$name -name train.log)" "$(find /tmp/kt_scaling/logs/$name -name metrics.csv)" \
+    "$(find /tmp/kt_scaling/ckpts/$name -name summary.json)" "$dir/"
+}
+
+variants() {  # variants N QUEUE: this queue's share of the five variants at N networks
+  if [ "$2" = 1 ]; then
+    run mse "$1"; run hinv "$1" --hidden_invariant_loss; run functional "$1" --loss functional --functional_images 32
+  else
+    run perm "$1" --perm_aug; run functional_perm "$1" --loss functional --functional_images 32 --perm_aug
+  fi
+}
+
+echo "$(date -u +%T) generation of the validation networks and pairs 0..499"
+{ gen val 0 100 --train_simple; gen train 0 200; } &
+gen train 200 300 &
+wait
+echo "$(date -u +%T) translators at 50, 150, 500 networks"
+{ for n in 50 150 500; do variants $n 1; done; } &
+{ for n in 50 150 500; do variants $n 2; done; } &
+wait
+echo "$(date -u +%T) generation of pairs 500..1999"
+gen train 500 750 &
+gen train 1250 750 &
+wait
+echo "$(date -u +%T) translators at 2,000 networks"
+variants 2000 1 &
+variants 2000 2 &
+wait
+echo "$(date -u +%T) done"
