@@ -26,6 +26,7 @@ GROUPS = [
 
 
 SCALING_SIZES = [50, 150, 500, 2000]
+SCALING_ROWS = [(n, tag) for n in SCALING_SIZES for tag in ('', '_seed1')]  # (networks, run-name suffix)
 SCALING_VARIANTS = [('mse', 'faithful MSE'), ('perm', 'MSE + `--perm_aug`'),
                     ('hinv', 'MSE + `--hidden_invariant_loss`'), ('functional', '`--loss functional`'),
                     ('functional_perm', '`--loss functional --perm_aug`')]
@@ -71,39 +72,45 @@ def beats_by_2se(s, baseline):
     return mean > 2 * se
 
 
+def row_label(n, tag):
+    """'500', or '500 (seed 1)' for a second-seed run."""
+    return f"{n} (seed {tag.removeprefix('_seed')})" if tag else str(n)
+
+
 def scaling():
     """The 50 -> 2,000 networks study (results/scaling/run_scaling.sh): KT means beside the baselines."""
-    runs = {(v, n): load(os.path.join('..', 'scaling', 'runs', f'{v}_{n}'))
-            for v, _ in SCALING_VARIANTS for n in SCALING_SIZES}
+    runs = {(v, n, tag): load(os.path.join('..', 'scaling', 'runs', f'{v}_{n}{tag}'))
+            for v, _ in SCALING_VARIANTS for n, tag in SCALING_ROWS}
     if not any(runs.values()):
         return
     print('\n#### Scaling to 2,000 networks (reduced recipe, 600 translator steps, 2,000 test images)\n')
     print('| networks | ' + ' | '.join(label for _, label in SCALING_VARIANTS)
           + ' | Random Init | Mean target | Weight selection | Retrained | Large |')
     print('| --- ' * (len(SCALING_VARIANTS) + 6) + '|')
-    for n in SCALING_SIZES:
-        cells = [f"{s['rows']['KT (best)']['mean']:.2f}" if (s := runs[v, n]) else 'not run'
+    for n, tag in SCALING_ROWS:
+        cells = [f"{s['rows']['KT (best)']['mean']:.2f}" if (s := runs[v, n, tag]) else 'not run'
                  for v, _ in SCALING_VARIANTS]
-        ref = next((s for v, _ in SCALING_VARIANTS if (s := runs[v, n]) and 'Mean target' in s['rows']), None)
+        ref = next((s for v, _ in SCALING_VARIANTS if (s := runs[v, n, tag]) and 'Mean target' in s['rows']), None)
         refs = [f"{ref['rows'][r]['mean']:.2f}" if ref else 'n/a'
                 for r in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'Large (BasicBlock)')]
-        print(f'| {n} | ' + ' | '.join(cells + refs) + ' |')
+        print(f'| {row_label(n, tag)} | ' + ' | '.join(cells + refs) + ' |')
     print('\nKT minus Mean target, paired over the same 100 validation networks (mean ± standard error):\n')
     print('| networks | ' + ' | '.join(label for _, label in SCALING_VARIANTS) + ' |')
     print('| --- ' * (len(SCALING_VARIANTS) + 1) + '|')
-    for n in SCALING_SIZES:
-        cells = ['%+.2f ± %.2f' % paired_margin(runs[v, n], 'Mean target') if runs[v, n] else 'not run'
+    for n, tag in SCALING_ROWS:
+        cells = ['%+.2f ± %.2f' % paired_margin(runs[v, n, tag], 'Mean target') if runs[v, n, tag] else 'not run'
                  for v, _ in SCALING_VARIANTS]
-        print(f'| {n} | ' + ' | '.join(cells) + ' |')
-    largest = max(n for (v, n), s in runs.items() if s)
-    print('\nSmallest number of training networks at which each variant beats a baseline by more than two '
-          'standard errors (paired, as above):\n')
+        print(f'| {row_label(n, tag)} | ' + ' | '.join(cells) + ' |')
+    largest = max(n for (v, n, tag), s in runs.items() if s)
+    print('\nThe numbers of training networks at which each variant beats a baseline by more than two '
+          'standard errors (paired, as above) with every translator seed run there; the first is the smallest:\n')
     print('| variant | beats Mean target at | beats Weight selection at |\n| --- | --- | --- |')
     for v, label in SCALING_VARIANTS:
         cells = []
         for baseline in ('Mean target', 'Weight selection'):
-            beats = [n for n in SCALING_SIZES if runs[v, n] and beats_by_2se(runs[v, n], baseline)]
-            cells.append(str(beats[0]) if beats else f'not reached up to {largest}')
+            beats = [n for n in SCALING_SIZES if runs[v, n, '']
+                     and all(beats_by_2se(s, baseline) for tag in ('', '_seed1') if (s := runs[v, n, tag]))]
+            cells.append(', '.join(map(str, beats)) if beats else f'not reached up to {largest}')
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
 

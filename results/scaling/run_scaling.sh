@@ -6,6 +6,8 @@
 # validation networks (with retrained small blocks) go to data/scaling/ (not committed: regenerate
 # with this script). Every translator run gets the same budget of 600 steps of batch 64 (epochs =
 # ceil(600 / ceil(N / 64))) and is scored once, at its last epoch, on the first 2,000 test images.
+# A second translator seed (all variants at 500 networks, the functional ones at every size) shows
+# how much a result moves with the seed alone.
 #
 #   bash results/scaling/run_scaling.sh          # about 1.5 h on 2 cores; re-running skips what is done
 set -euo pipefail
@@ -18,6 +20,8 @@ TRAIN="--device cpu --train_path data/scaling/train --val_path data/scaling/val 
        --num_test_images 2000 --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256
        --batch_size 64 --lr 1e-3"
 STEPS=600
+TAG= SEED=  # run-name suffix and --seed flag of the second-seed runs
+FUNCTIONAL="--loss functional --functional_images 32"
 mkdir -p $OUT/logs $OUT/runs
 
 gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by itself)
@@ -26,15 +30,15 @@ gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by its
     >> $OUT/logs/gen_${kind}_$start.log 2>&1
 }
 
-run() {  # run VARIANT N FLAGS...: one translator run; its logs and summary copied to runs/VARIANT_N
-  local name=$1_$2 n=$2; shift 2
+run() {  # run VARIANT N FLAGS...: one translator run; its logs and summary copied to runs/VARIANT_N$TAG
+  local name=$1_$2$TAG n=$2; shift 2
   local dir=$OUT/runs/$name
   [ -f "$dir/summary.json" ] && return
   local epochs=$(( (STEPS + (n + 63) / 64 - 1) / ((n + 63) / 64) ))
   mkdir -p "$dir"
-  echo "python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $*" \
+  echo "python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $SEED $*" \
     | tr -s ' \n' ' ' > "$dir/command.txt"
-  python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs \
+  python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $SEED \
     --ckpt_path /tmp/kt_scaling/ckpts/$name --log_path /tmp/kt_scaling/logs/$name "$@" > "$dir/stdout.log" 2>&1
   cp "$(find /tmp/kt_scaling/logs/$name -name train.log)" "$(find /tmp/kt_scaling/logs/$name -name metrics.csv)" \
     "$(find /tmp/kt_scaling/ckpts/$name -name summary.json)" "$dir/"
@@ -42,9 +46,9 @@ run() {  # run VARIANT N FLAGS...: one translator run; its logs and summary copi
 
 variants() {  # variants N QUEUE: this queue's share of the five variants at N networks
   if [ "$2" = 1 ]; then
-    run mse "$1"; run hinv "$1" --hidden_invariant_loss; run functional "$1" --loss functional --functional_images 32
+    run mse "$1"; run hinv "$1" --hidden_invariant_loss; run functional "$1" $FUNCTIONAL
   else
-    run perm "$1" --perm_aug; run functional_perm "$1" --loss functional --functional_images 32 --perm_aug
+    run perm "$1" --perm_aug; run functional_perm "$1" $FUNCTIONAL --perm_aug
   fi
 }
 
@@ -63,5 +67,14 @@ wait
 echo "$(date -u +%T) translators at 2,000 networks"
 variants 2000 1 &
 variants 2000 2 &
+wait
+echo "$(date -u +%T) a second translator seed at 500 networks"
+TAG=_seed1 SEED="--seed 1"
+variants 500 1 &
+variants 500 2 &
+wait
+echo "$(date -u +%T) a second translator seed of the functional variants at 50, 150 and 2,000 networks"
+{ for n in 50 150 2000; do run functional $n $FUNCTIONAL; done; } &
+{ for n in 50 150 2000; do run functional_perm $n $FUNCTIONAL --perm_aug; done; } &
 wait
 echo "$(date -u +%T) done"
