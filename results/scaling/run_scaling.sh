@@ -9,7 +9,7 @@
 # A second translator seed (all variants at 500 networks, the functional ones at every size) shows
 # how much a result moves with the seed alone.
 #
-#   bash results/scaling/run_scaling.sh          # about 1.5 h on 2 cores; re-running skips what is done
+#   bash results/scaling/run_scaling.sh          # about 1 h 45 min on 2 cores; re-running skips what is done
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
