@@ -32,9 +32,9 @@ SCALING_VARIANTS = [('mse', 'faithful MSE'), ('perm', 'MSE + `--perm_aug`'),
                     ('functional_perm', '`--loss functional --perm_aug`')]
 
 
-def load(name):
-    """summary.json of one run (results/demo holds the main job's), or None if it has not run."""
-    path = os.path.join(HERE, 'demo' if name == 'demo' else os.path.join('runs', name), 'summary.json')
+def load(name, folder='runs'):
+    """summary.json of one run in results/<folder>/ (results/demo holds the main job's), or None if it has not run."""
+    path = os.path.join(HERE, 'demo' if name == 'demo' else os.path.join(folder, name), 'summary.json')
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -79,7 +79,7 @@ def row_label(n, tag):
 
 def scaling():
     """The 50 -> 2,000 networks study (results/scaling/run_scaling.sh): KT means beside the baselines."""
-    runs = {(v, n, tag): load(os.path.join('..', 'scaling', 'runs', f'{v}_{n}{tag}'))
+    runs = {(v, n, tag): load(f'{v}_{n}{tag}', os.path.join('scaling', 'runs'))
             for v, _ in SCALING_VARIANTS for n, tag in SCALING_ROWS}
     if not any(runs.values()):
         return
