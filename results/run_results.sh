@@ -10,16 +10,10 @@ export OMP_NUM_THREADS=1
 BASE="--device cpu --train_path data/demo/train --val_path data/demo/val --val_data_length 100
       --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256 --batch_size 64 --lr 1e-3"
 
-run() {  # run NAME FLAGS...: one train.py run, its logs and summary copied to results/runs/NAME
+source results/train_run.sh
+run() {  # run NAME FLAGS...: one train.py run into results/runs/NAME
   local name=$1; shift
-  local dir=results/runs/$name
-  [ -f "$dir/summary.json" ] && { echo "skip $name (done)"; return; }
-  mkdir -p "$dir"
-  echo "== $name: python train.py $BASE $*" | tee "$dir/command.txt"
-  python train.py $BASE --ckpt_path /tmp/kt_results/ckpts/$name --log_path /tmp/kt_results/logs/$name "$@" \
-    > "$dir/stdout.log" 2>&1
-  cp "$(find /tmp/kt_results/logs/$name -name train.log)" "$(find /tmp/kt_results/logs/$name -name metrics.csv)" \
-    "$(find /tmp/kt_results/ckpts/$name -name summary.json)" "$dir/"
+  train_run results/runs/$name $BASE "$@"
 }
 
 if [ "${1:-1}" = 1 ]; then

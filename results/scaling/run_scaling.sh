@@ -30,18 +30,11 @@ gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by its
     >> $OUT/logs/gen_${kind}_$start.log 2>&1
 }
 
-run() {  # run VARIANT N FLAGS...: one translator run; its logs and summary copied to runs/VARIANT_N$TAG
-  local name=$1_$2$TAG n=$2; shift 2
-  local dir=$OUT/runs/$name
-  [ -f "$dir/summary.json" ] && return
-  local epochs=$(( (STEPS + (n + 63) / 64 - 1) / ((n + 63) / 64) ))
-  mkdir -p "$dir"
-  echo "python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $SEED $*" \
-    | tr -s ' \n' ' ' > "$dir/command.txt"
-  python train.py $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $SEED \
-    --ckpt_path /tmp/kt_scaling/ckpts/$name --log_path /tmp/kt_scaling/logs/$name "$@" > "$dir/stdout.log" 2>&1
-  cp "$(find /tmp/kt_scaling/logs/$name -name train.log)" "$(find /tmp/kt_scaling/logs/$name -name metrics.csv)" \
-    "$(find /tmp/kt_scaling/ckpts/$name -name summary.json)" "$dir/"
+source results/train_run.sh
+run() {  # run VARIANT N FLAGS...: one translator run into runs/VARIANT_N$TAG, 600 steps at N networks
+  local n=$2 iters=$(( ($2 + 63) / 64 ))
+  local epochs=$(( (STEPS + iters - 1) / iters ))
+  train_run $OUT/runs/$1_$2$TAG $TRAIN --train_data_length $n --num_epochs $epochs --log_step $epochs $SEED "${@:3}"
 }
 
 variants() {  # variants N QUEUE: this queue's share of the five variants at N networks
