@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import loader
+import mnist
 import net
 import utils
 
@@ -231,8 +232,8 @@ def check_writable(root):
 
 def load_mnist_to(device, args):
     """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
-    train_x, train_y = loader.load_mnist(args.mnist_root, train=True)
-    test_x, test_y = loader.load_mnist(args.mnist_root, train=False)
+    train_x, train_y = mnist.load_mnist(args.mnist_root, train=True)
+    test_x, test_y = mnist.load_mnist(args.mnist_root, train=False)
     return (train_x[:args.num_train_images].to(device), train_y[:args.num_train_images].to(device),
             test_x[:args.num_test_images].to(device), test_y[:args.num_test_images].to(device))
 

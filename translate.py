@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-import loader
+import mnist
 import net
 import utils
 from mixer import MLPMixer, config_from_state_dict
@@ -108,7 +108,7 @@ def main(argv=None):
         return
     device = utils.get_device(args.gpu_id, args.device)
     begin, last = load_block(args.begin, 'begin', 'BeginBlock'), load_block(args.last, 'last', 'LastBlock')
-    images, labels = loader.load_mnist(args.mnist_root, train=False)
+    images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
     stacked = {name: {k: v[None].to(device) for k, v in sd.items()}
                for name, sd in (('begin', begin), ('basic', basic), ('simple', simple), ('last', last))}

@@ -61,14 +61,18 @@ def seed_for(seed, split, index):
     return int.from_bytes(digest[:8], 'little') >> 1
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+def atomic_write(path, data):
+    """Write `data` (bytes, str, or a function that writes to a binary file object) to path through a
+    temporary file in the same folder and os.replace: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.pt')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +80,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def acc_histogram(accs):

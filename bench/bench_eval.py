@@ -25,6 +25,7 @@ import torch.nn as nn
 import common
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
 import loader
+import mnist
 import net
 import train
 
@@ -102,7 +103,7 @@ def main(argv=None):
         # full float32 convolutions in both paths, so that their predictions can be compared
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision('highest')
-    images, labels = loader.load_mnist(args.mnist_root, train=False)
+    images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_images].to(device), labels[:args.num_images].to(device)
     seeds = range(10_000, 10_000 + args.num_nets)
     begin, simple, last = (net.fresh_states(b, seeds, device) for b in ('begin', 'simple', 'last'))

@@ -9,17 +9,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import loader  # noqa: E402
 
 src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'MNIST', 'raw')
 with tempfile.TemporaryDirectory() as tmp:
     raw = os.path.join(tmp, 'MNIST', 'raw')
     os.makedirs(raw)
-    for name in loader.MNIST_FILES:
+    for name in mnist.MNIST_FILES:
         shutil.copy(os.path.join(src, name + '.gz'), raw)
     for label in ('first load (gunzip, md5, cache written)', 'later load (cache, md5)'):
-        loader.load_mnist.cache_clear()
+        mnist.load_mnist.cache_clear()
         t0 = time.perf_counter()
-        loader.load_mnist(tmp, train=True)
-        loader.load_mnist(tmp, train=False)
+        mnist.load_mnist(tmp, train=True)
+        mnist.load_mnist(tmp, train=False)
         print(f'{label}: {time.perf_counter() - t0:.2f} s for both sets')

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import loader
+import mnist
 import net
 import utils
 
@@ -19,7 +19,7 @@ RAW = os.path.join(REPO, 'data', 'MNIST', 'raw')
 
 
 def test_mnist_train_set():
-    images, labels = loader.load_mnist(os.path.join(REPO, 'data'), train=True)
+    images, labels = mnist.load_mnist(os.path.join(REPO, 'data'), train=True)
     assert images.shape == (60000, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (60000,) and labels.dtype == torch.int64
     assert torch.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -27,7 +27,7 @@ def test_mnist_train_set():
 
 
 def test_mnist_test_set_and_pixels():
-    images, labels = loader.load_mnist(os.path.join(REPO, 'data'), train=False)
+    images, labels = mnist.load_mnist(os.path.join(REPO, 'data'), train=False)
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     x = net.to_float(images[:5])
     assert x.dtype == torch.float32 and float(x.max()) <= 1.0 and float(x.min()) >= 0.0
@@ -39,14 +39,14 @@ def mnist_copy(tmp_path):
     """A private copy of the gzipped MNIST files in torchvision's layout."""
     raw = tmp_path / 'MNIST' / 'raw'
     raw.mkdir(parents=True)
-    for name in loader.MNIST_FILES:
+    for name in mnist.MNIST_FILES:
         shutil.copy(os.path.join(RAW, name + '.gz'), raw / (name + '.gz'))
     return tmp_path, raw
 
 
 def _read_fresh(root, train=False):
-    loader.load_mnist.cache_clear()
-    return loader.load_mnist(str(root), train=train)
+    mnist.load_mnist.cache_clear()
+    return mnist.load_mnist(str(root), train=train)
 
 
 def test_mnist_reads_gz_then_uncompressed_cache(mnist_copy):
@@ -98,7 +98,7 @@ def test_mnist_corrupt_cache_is_refused_without_gz(mnist_copy):
     data = bytearray(plain.read_bytes())
     data[-1] ^= 1
     plain.write_bytes(bytes(data))
-    loader.load_mnist.cache_clear()
+    mnist.load_mnist.cache_clear()
     assert _read_fresh(root)[1].shape == (10000,)  # the .gz is still there: re-decompressed, cache repaired
     plain.write_bytes(bytes(data))
     (raw / 't10k-labels-idx1-ubyte.gz').unlink()
@@ -109,14 +109,14 @@ def test_mnist_corrupt_cache_is_refused_without_gz(mnist_copy):
 def test_mnist_wrong_magic_number():
     data = (1234).to_bytes(4, 'big') + bytes(100)
     with pytest.raises(utils.UserError, match='magic number'):
-        loader._parse_idx(data, 't10k-labels-idx1-ubyte')
+        mnist._parse_idx(data, 't10k-labels-idx1-ubyte')
     header = (2049).to_bytes(4, 'big') + (9999).to_bytes(4, 'big')
     with pytest.raises(utils.UserError, match='dimensions'):
-        loader._parse_idx(header + bytes(9999), 't10k-labels-idx1-ubyte')
+        mnist._parse_idx(header + bytes(9999), 't10k-labels-idx1-ubyte')
 
 
 def test_missing_mnist_is_a_clear_cli_error(tmp_path):
-    code = 'import loader, utils; utils.run_main(lambda: loader.load_mnist(%r))' % str(tmp_path)
+    code = 'import mnist, utils; utils.run_main(lambda: mnist.load_mnist(%r))' % str(tmp_path)
     r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert 'MNIST file missing' in r.stderr and 'Traceback' not in r.stderr

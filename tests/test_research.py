@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import construct_train
 import loader
+import mnist
 import net
 import train
 from conftest import ROOT
@@ -110,7 +111,7 @@ def test_functional_loss_equals_per_network_modules(train_networks):
     small = [(train_networks.simple[k][idx] + 0.05).requires_grad_() for k in ('conv1.weight', 'conv2.weight')]
     gen = torch.Generator().manual_seed(5)
     j = torch.randint(60000, (8,), generator=torch.Generator().manual_seed(5))
-    images, labels = loader.load_mnist(MNIST, train=True)
+    images, labels = mnist.load_mnist(MNIST, train=True)
     loss = train.training_loss(small, [], args, fl, idx, None, gen)
     want = module_reference(train_networks, idx, [s.detach() for s in small],
                             images[j].float().div(255).unsqueeze(1), labels[j], 0.5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import loader
+import mnist
 import net
 import train
 import translate
@@ -96,7 +97,7 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     model = MLPMixer(**ckpt['config'])
     model.load_state_dict(ckpt['model'])
     val = loader.ValDataset(pair_sets['val'], 3)
-    images, labels = loader.load_mnist('data', train=False)
+    images, labels = mnist.load_mnist('data', train=False)
     middle = train.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
     accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, 'simple')
     assert [round(a, 4) for a in accs.tolist()] == best['accs']
