@@ -34,17 +34,26 @@ def get_args(kind='train', argv=None):
     """Flags; names and defaults follow the original generation scripts."""
     p = argparse.ArgumentParser(description=f'Generate {kind} networks for Knowledge Translation.')
     p.add_argument('--batch_size', type=int, default=128, help='SGD batch size of both phases')
-    p.add_argument('--gpu_id', type=int, default=0, help='GPU to use (sets CUDA_VISIBLE_DEVICES)')
+    p.add_argument('--gpu_id', type=int, default=0, metavar='K',
+                   help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
+                        'original); when it is already set (SLURM, ...), the K-th GPU it makes visible (cuda:K)')
     p.add_argument('--num_epochs', type=int, default=10, help='epochs of each phase (large net, small block)')
     p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (momentum 0.9, no weight decay)')
     p.add_argument('--num_data', type=int, default=1, help='number of networks this process makes')
     p.add_argument('--start_index', type=int, default=0, help='index of its first network')
-    p.add_argument('--data_root', type=str, default=f'./data/{kind}', help='folder of the shards')
+    p.add_argument('--data_root', type=str, default=f'./data/{kind}', help='folder of the pairs (see --layout)')
+    p.add_argument('--layout', choices=('shards', 'original'), default='shards',
+                   help='shards: shard_<start>_<stop>.pt files; original: the per-file {i}.pth state dicts the '
+                        'original train.py reads (' + original_layout_help(kind) + ')')
     p.add_argument('--seed', type=int, default=0, help='dataset seed: network i depends only on (seed, i)')
     p.add_argument('--device', type=str, default='', help="'cpu', 'cuda', 'cuda:1', ...; default: CUDA if present")
     p.add_argument('--mnist_root', type=str, default='data', help='folder holding MNIST/raw/')
     p.add_argument('--models_per_step', type=int, default=0,
-                   help='networks trained side by side (one shard each group); 0 = chosen from the device')
+                   help='networks trained side by side (one shard each group); 0 = chosen from the device '
+                        '(its memory share, see --processes_per_gpu)')
+    p.add_argument('--processes_per_gpu', type=int, default=1, metavar='N',
+                   help='generation processes sharing this GPU (generate_sh.py passes it): --models_per_step 0 and '
+                        'the frozen-Begin cache are sized from this process\'s share, free memory at start / N - 1 GiB')
     p.add_argument('--num_threads', type=int, default=0, help='CPU threads of this process; 0 = torch default')
     p.add_argument('--compile', action='store_true', help='torch.compile the training step (GPU; slow to start)')
     p.add_argument('--num_train_images', type=int, default=60000,
@@ -58,7 +67,7 @@ def get_args(kind='train', argv=None):
         p.add_argument('--train_simple', action='store_true',
                        help='also retrain a SimpleBlock_NoBn in each network (the "Retrained" reference)')
     args = p.parse_args(argv)
-    for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images'):
+    for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images', 'processes_per_gpu'):
         if getattr(args, flag) <= 0:
             raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
     if args.start_index < 0:
@@ -143,10 +152,40 @@ def trainable(state):
 
 def begin_outputs_both_flips(images, begin):
     """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14)."""
-    out = torch.empty(begin['conv.weight'].shape[0], 2, len(images), 6, 14, 14, device=images.device)
+    out = torch.empty(begin['conv.weight'].shape[0], 2, len(images), *net.FEATURE, device=images.device)
     for flipped in (0, 1):
         net.begin_outputs(images.flip(-1) if flipped else images, begin, out=out[:, flipped])
     return out
+
+
+def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None):
+    """Train the stacked small blocks `simple` in place between the frozen, eval-mode Begin and Last of
+    their networks (the recipe's second phase); return their test accuracy (K,) before and after."""
+    train_x, train_y, test_x, test_y = mnist
+    k, device = begin['conv.weight'].shape[0], begin['conv.weight'].device
+    frozen = [t.clone() for t in (*begin.values(), *last.values())]
+    acc_init = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
+    if cache_begin is None:
+        cache_bytes = k * 2 * len(train_x) * net.FEATURE_NUMEL * 4
+        cache_begin = args.num_epochs > 1 and utils.fits_in_memory(cache_bytes, device, 0.5)
+    cache = begin_outputs_both_flips(train_x, begin) if cache_begin else None
+    knets = torch.arange(k, device=device)[:, None]
+
+    def small_logits(idx, flip):
+        if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
+            h = cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * net.PLANES, *net.FEATURE[1:])
+        else:
+            with torch.no_grad():
+                h = net.begin_forward(augment(train_x, idx, flip), begin)
+        return net.last_forward(net.simple_forward(h, simple), last)
+
+    train_phase(trainable(simple), small_logits, gens, train_x, train_y, args)
+    del cache
+    for t in simple.values():
+        t.requires_grad_(False)
+    if not all(torch.equal(a, b) for a, b in zip((*begin.values(), *last.values()), frozen)):
+        raise RuntimeError('the frozen Begin/Last changed during the small-block phase')
+    return acc_init, net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
 
 
 def make_pairs(indices, args, mnist, device, cache_begin=None):
@@ -174,29 +213,7 @@ def make_pairs(indices, args, mnist, device, cache_begin=None):
 
     # 2. the small block between the frozen (eval-mode) Begin and Last
     if args.train_small:
-        frozen = [t.clone() for t in (*begin.values(), *last.values())]
-        acc['acc_small_init'] = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
-        if cache_begin is None:
-            cache_bytes = k * 2 * len(train_x) * 6 * 14 * 14 * 4
-            cache_begin = args.num_epochs > 1 and utils.fits_in_memory(cache_bytes, device, 0.5)
-        cache = begin_outputs_both_flips(train_x, begin) if cache_begin else None
-        knets = torch.arange(k, device=device)[:, None]
-
-        def small_logits(idx, flip):
-            if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
-                h = cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * 6, 14, 14)
-            else:
-                with torch.no_grad():
-                    h = net.begin_forward(augment(train_x, idx, flip), begin)
-            return net.last_forward(net.simple_forward(h, simple), last)
-
-        train_phase(trainable(simple), small_logits, gens, train_x, train_y, args)
-        del cache
-        for t in simple.values():
-            t.requires_grad_(False)
-        if not all(torch.equal(a, b) for a, b in zip((*begin.values(), *last.values()), frozen)):
-            raise RuntimeError('the frozen Begin/Last changed during the small-block phase')
-        acc['acc_small'] = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
+        acc['acc_small_init'], acc['acc_small'] = small_phase(begin, last, simple, gens, args, mnist, cache_begin)
 
     shard = {'recipe': recipe_of(args), 'index': torch.tensor(list(indices), dtype=torch.long),
              'seed': torch.tensor(seeds, dtype=torch.long),
@@ -210,13 +227,93 @@ def make_pairs(indices, args, mnist, device, cache_begin=None):
 # ----------------------------------------------------------------------------------------
 # Driver: resumable, sharded, with a progress bar.
 
-def default_models_per_step(device):
-    """Networks per step: one on a CPU (grouped convolutions are slower there), up to 128 on a GPU
-    (measured on an H200: BENCHMARKS.md), fewer when device memory is short."""
+NET_BYTES = 600 * 2 ** 20  # GPU memory of one network of a step, mostly its frozen-Begin cache (538 MiB at 60,000 images)
+PROCESS_BYTES = 2 ** 30  # GPU memory of a process beyond its networks: CUDA context, MNIST, cuDNN workspaces
+MAX_MODELS_PER_STEP = 128  # the fastest on an H200 (BENCHMARKS.md)
+
+
+def memory_share(total, free, processes):
+    """Bytes one of `processes` processes sharing a GPU may fill: min(free, total) / processes - 1 GiB.
+
+    Processes starting together see the same free memory and so claim at most all of it together; one
+    starting later sees the others' memory gone; a share never exceeds total / processes."""
+    return max(0, min(free, total) // processes - PROCESS_BYTES)
+
+
+def models_per_step_for(share):
+    """Networks per step that fit in a share of GPU memory (600 MiB each), at least 1, at most 128."""
+    return int(max(1, min(MAX_MODELS_PER_STEP, share // NET_BYTES)))
+
+
+def gpu_share(device, processes):
+    """This process's memory_share of its GPU, from the memory free now; None off CUDA."""
     if device.type != 'cuda':
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(max(1, min(128, free // (600 * 2 ** 20))))
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return memory_share(total, free, processes)
+
+
+def default_models_per_step(device, share):
+    """Networks per step: one on a CPU (grouped convolutions are slower there), up to 128 on a GPU
+    (measured on an H200: BENCHMARKS.md), fewer when this process's memory share is short."""
+    return 1 if device.type != 'cuda' else models_per_step_for(share)
+
+
+def begin_cache_bytes(k, num_images):
+    """Memory of the small-block phase's frozen-Begin cache of k networks (float32, both flips)."""
+    return k * 2 * num_images * net.FEATURE_NUMEL * 4
+
+
+def use_begin_cache(args, k, share):
+    """On a GPU, cache Begin's outputs when they fit in half this process's share (the rule make_pairs applies
+    to the whole free memory, which processes starting together would all claim); None elsewhere."""
+    if share is None:
+        return None
+    return args.num_epochs > 1 and begin_cache_bytes(k, args.num_train_images) <= share // 2
+
+
+def original_layout_help(kind):
+    """The folders of --layout original, for --help."""
+    dirs = loader.ORIGINAL_DIRS[kind]
+    when = 'without --skip_simple' if kind == 'train' else 'with --train_simple'
+    return ', '.join(f'{d}/' for b, d in dirs.items() if b != 'simple') + f', and {dirs["simple"]}/ {when}'
+
+
+def original_dirs(args):
+    """Block -> folder that --layout original writes for this recipe (small blocks only when trained)."""
+    return {b: d for b, d in loader.ORIGINAL_DIRS[args.kind].items() if b != 'simple' or args.train_small}
+
+
+def check_layout(args):
+    """Refuse a data root holding the other layout, or original-layout folders this script did not make."""
+    root = args.data_root
+    folders = [d + '/' for d in loader.ORIGINAL_DIRS[args.kind].values() if os.path.isdir(os.path.join(root, d))]
+    if args.layout == 'original' and loader.list_shards(root):
+        raise utils.UserError(f'--data_root {root} holds shards (shard_*.pt): --layout original needs a folder of its '
+                              f'own, or pass --layout shards to resume them')
+    if args.layout == 'original' and folders and loader.read_recipe(root) is None:
+        # recipe.json is written before any pair: without it these files come from elsewhere
+        raise utils.UserError(f'--data_root {root} holds {", ".join(folders)} but no recipe.json (not made by '
+                              f'construct_train.py); choose another folder')
+    if args.layout == 'shards' and folders:
+        raise utils.UserError(f'--data_root {root} holds the original layout ({", ".join(folders)}): pass '
+                              f'--layout original to resume it, or choose another folder')
+
+
+def made_indices(args):
+    """Indices already complete in args.data_root, in its layout."""
+    if args.layout == 'original':
+        return loader.original_made(args.data_root, original_dirs(args))
+    loader.check_shard_ranges(loader.list_shards(args.data_root))
+    return loader.covered_indices(args.data_root)
+
+
+def save_pairs(args, shard):
+    """Write one step group's networks in args.layout, every file atomically."""
+    if args.layout == 'original':
+        loader.write_original(args.data_root, shard, original_dirs(args))
+    else:
+        loader.write_shard(args.data_root, shard)
 
 
 def check_writable(root):
@@ -246,22 +343,26 @@ def generate(args):
         torch.set_num_threads(args.num_threads)
     check_writable(args.data_root)
     utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
+    check_layout(args)
     loader.claim_root(args.data_root, recipe_of(args))
-    shards = loader.list_shards(args.data_root)
-    loader.check_shard_ranges(shards)
     stop = args.start_index + args.num_data
-    todo = loader.missing_ranges(loader.covered_indices(args.data_root), args.start_index, stop)
-    k = args.models_per_step or default_models_per_step(device)
+    todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
+    share = gpu_share(device, args.processes_per_gpu)
+    k = args.models_per_step or default_models_per_step(device, share)
+    cache_begin = use_begin_cache(args, k, share)
     groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
     total = sum(b - a for a, b in groups)
-    logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root}: {args.num_data - total} '
-                 f'already made, {total} to make; device {device}, {k} per step, recipe {recipe_of(args)}')
+    memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
+                                       f'free memory less 1 GiB), Begin cache {"on" if cache_begin else "off"}')
+    logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
+                 f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
+                 f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
     made, t0 = [], time.time()
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
         for a, b in groups:
-            shard = make_pairs(range(a, b), args, mnist, device)
-            loader.write_shard(args.data_root, shard)
+            shard = make_pairs(range(a, b), args, mnist, device, cache_begin)
+            save_pairs(args, shard)
             made.append(shard)
             bar.update(b - a)
             bar.set_postfix(large=f"{shard['acc_large'].mean():.1f}%",

@@ -71,6 +71,8 @@ def command(args, gpu, num, start):
     if args.num_gpus == 0:
         threads = max(1, args.num_cpus // args.num_processes_each_gpu)
         cmd += f' --device cpu --num_threads {threads}'
+    else:  # each process sizes its steps from its share of the GPU, not from all the memory it sees free
+        cmd += f' --processes_per_gpu {args.num_processes_each_gpu}'
     return cmd + (f' {args.extra}' if args.extra else '')
 
 

@@ -6,6 +6,7 @@ import re
 import torch
 from tqdm import tqdm
 
+import net
 from mnist import load_mnist  # noqa: F401  (re-exported for users of the old name loader.load_mnist)
 from utils import UserError, atomic_save, atomic_write, load_file
 
@@ -112,8 +113,8 @@ def load_shard(path):
     return shard
 
 
-def read_pairs(root, num, blocks=None):
-    """Indices [0, num) of the shards in root, merged into one dict of stacked tensors.
+def read_pairs(root, num, blocks=None, start=0):
+    """Indices [start, start + num) of the shards in root, merged into one dict of stacked tensors.
 
     blocks: the weight dicts to keep (e.g. ('basic', 'simple')); the others are dropped shard by shard,
     so a 300k-pair train set never holds its Begin and Last blocks in memory at once. None keeps all."""
@@ -121,13 +122,16 @@ def read_pairs(root, num, blocks=None):
     if not shards:
         raise UserError(f'{root}: no shard_*.pt files (generate them with construct_train.py / construct_val.py)')
     check_shard_ranges(shards)
+    end = start + num
     have = covered_indices(root)
-    if num > len(have) or not all(i in have for i in range(num)):
-        raise UserError(f'{root}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
-                        f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
+    if end > len(have) or not all(i in have for i in range(start, end)):
+        raise UserError(f'{root}: asked for {num} pairs ({start}..{end - 1}) but {len(have)} exist; '
+                        f'missing indices: {format_ranges(missing_ranges(have, start, end))}')
     parts, recipe = [], read_recipe(root)
-    for start, stop, path in shards:
-        if start >= num:
+    for a, b, path in shards:
+        if b <= start:
+            continue
+        if a >= end:
             break
         shard = load_shard(path)
         if recipe is not None and shard.get('recipe') != recipe:
@@ -135,7 +139,7 @@ def read_pairs(root, num, blocks=None):
         recipe = shard.get('recipe')
         if blocks is not None:
             shard = {k: v for k, v in shard.items() if not (isinstance(v, dict) and k != 'recipe') or k in blocks}
-        parts.append(_slice_shard(shard, 0, min(stop, num) - start))
+        parts.append(_slice_shard(shard, max(start, a) - a, min(b, end) - a))
     return _concat_shards(parts)
 
 
@@ -175,17 +179,21 @@ def _concat_shards(parts):
 #   * the original per-file layout, one plain state dict per file:
 #       train: inputs/{i}.pth (BasicBlock), labels/{i}.pth (SimpleBlock_NoBn),
 #              backup_begin/{i}.pth, backup_last/{i}.pth (BeginBlock, LastBlock; optional here)
-#       val:   begin/{i}.pth, complex/{i}.pth (BasicBlock), last/{i}.pth
+#       val:   begin/{i}.pth, complex/{i}.pth (BasicBlock), last/{i}.pth,
+#              simple/{i}.pth (ours, optional: retrained SimpleBlock_NoBn, the "Retrained" row)
+#     construct_train.py --layout original writes it (write_original, the inverse of read_original).
 
 BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
               'bn2.weight', 'bn2.bias', 'bn2.running_mean', 'bn2.running_var')  # the original item order
 SIMPLE_KEYS = ('conv1.weight', 'conv2.weight')
 ACC_KEYS = ('acc_large', 'acc_small_init', 'acc_small')
-WEIGHT_SHAPES = {  # block -> {key: shape of one network's tensor} that the translator depends on
-    'basic': {'conv1.weight': (6, 6, 3, 3), 'conv2.weight': (6, 6, 3, 3), **{k: (6,) for k in BASIC_KEYS[2:]}},
-    'simple': {'conv1.weight': (3, 6, 3, 3), 'conv2.weight': (6, 3, 3, 3)},
-}
+WEIGHT_SHAPES = {'basic': net.BASIC_SHAPES, 'simple': net.SIMPLE_SHAPES}  # what the translator depends on
 ORIGINAL_ITEM_RE = re.compile(r'^(\d+)\.pth$')
+ORIGINAL_DIRS = {  # block -> sub-folder of the original per-file layout, per split
+    'train': {'basic': 'inputs', 'simple': 'labels', 'begin': 'backup_begin', 'last': 'backup_last'},
+    # the original val layout has no retrained small blocks: simple/ is our name for them
+    'val': {'begin': 'begin', 'basic': 'complex', 'last': 'last', 'simple': 'simple'},
+}
 
 
 def _original_indices(folder):
@@ -193,8 +201,8 @@ def _original_indices(folder):
     return {int(m.group(1)) for m in map(ORIGINAL_ITEM_RE.match, os.listdir(folder)) if m}
 
 
-def read_original(base_path, num, dirs, required):
-    """Indices [0, num) of the original per-file layout as stacked dicts {block: {key: (num, ...)}}.
+def read_original(base_path, num, dirs, required, start=0):
+    """Indices [start, start + num) of the original per-file layout as stacked dicts {block: {key: (num, ...)}}.
 
     dirs maps block -> sub-folder; folders of blocks not in `required` may be absent."""
     present = {b: os.path.join(base_path, d) for b, d in dirs.items() if os.path.isdir(os.path.join(base_path, d))}
@@ -204,19 +212,19 @@ def read_original(base_path, num, dirs, required):
                             f'{", ".join(dirs[b] + "/" for b in required)})')
     for block, folder in present.items():
         have = _original_indices(folder)
-        if num > len(have) or not all(i in have for i in range(num)):
-            raise UserError(f'{folder}: asked for {num} pairs (0..{num - 1}) but {len(have)} exist; '
-                            f'missing indices: {format_ranges(missing_ranges(have, 0, num))}')
+        if start + num > len(have) or not all(i in have for i in range(start, start + num)):
+            raise UserError(f'{folder}: asked for {num} pairs ({start}..{start + num - 1}) but {len(have)} exist; '
+                            f'missing indices: {format_ranges(missing_ranges(have, start, start + num))}')
     out = {}
     for block, folder in present.items():
         sds = []
-        for i in tqdm(range(num), desc=f'reading {folder}', leave=False, disable=num < 2000):
+        for i in tqdm(range(start, start + num), desc=f'reading {folder}', leave=False, disable=num < 2000):
             path = os.path.join(folder, f'{i}.pth')
             sd = load_file(path, 'state dict')
             if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
                 raise UserError(f'{path}: not a plain state dict of tensors')
             if sds and set(sd) != set(sds[0]):
-                raise UserError(f'{path}: keys {sorted(sd)} differ from {folder}/0.pth {sorted(sds[0])}')
+                raise UserError(f'{path}: keys {sorted(sd)} differ from {folder}/{start}.pth {sorted(sds[0])}')
             sds.append(sd)
         try:
             out[block] = {k: torch.stack([sd[k] for sd in sds]) for k in sds[0]}
@@ -225,41 +233,62 @@ def read_original(base_path, num, dirs, required):
     return out
 
 
+def original_made(root, dirs):
+    """Indices complete in the original layout under root: those with a file {i}.pth in every folder of dirs."""
+    folders = [os.path.join(root, d) for d in dirs.values()]
+    return set.intersection(*(_original_indices(f) if os.path.isdir(f) else set() for f in folders))
+
+
+def write_original(root, shard, dirs):
+    """Write a shard's networks as plain state dicts root/<dirs[block]>/{i}.pth, each file atomically: the
+    inverse of read_original. Index i counts as made once all its files exist (original_made)."""
+    for j, i in enumerate(shard['index'].tolist()):
+        for block, d in dirs.items():
+            # unstack_state clones: a view would save the whole stacked storage into every file
+            atomic_save(net.unstack_state(shard[block], j), os.path.join(root, d, f'{i}.pth'))
+
+
+def as_float(stacked):
+    """A stacked block in float32 (whatever precision the files were saved in), contiguous; None stays None."""
+    if stacked is None:
+        return None
+    return {k: t.float().contiguous() if t.is_floating_point() else t.contiguous() for k, t in stacked.items()}
+
+
 class _PairData:
     """Shared loading, checks and device moves of TrainDataset and ValDataset."""
     original_dirs = {}
     original_required = ()
 
-    def __init__(self, base_path, num, blocks):
+    def __init__(self, base_path, num, blocks, start=0):
         if num < 1:
             raise UserError(f'{base_path}: asked for {num} pairs; ask for at least 1')
-        self.base_path, self.num = base_path, num
+        self.base_path, self.num, self.start = base_path, num, start
         if list_shards(base_path):
-            data, self.layout = read_pairs(base_path, num, blocks), 'shards'
+            data, self.layout = read_pairs(base_path, num, blocks, start), 'shards'
         elif os.path.isdir(base_path) and any(os.path.isdir(os.path.join(base_path, d))
                                               for d in self.original_dirs.values()):
             dirs = {b: d for b, d in self.original_dirs.items() if b in blocks}
-            data, self.layout = read_original(base_path, num, dirs, self.original_required), 'original'
+            data, self.layout = read_original(base_path, num, dirs, self.original_required, start), 'original'
         else:
             folders = ', '.join(d + '/' for d in self.original_dirs.values())
             raise UserError(f'{base_path}: no pairs there (neither shard_*.pt files nor the original folders '
                             f'{folders}); generate them with construct_train.py / construct_val.py or fix the path')
         self.recipe = data.get('recipe')
-        self.begin, self.basic, self.last, self.simple = (data.get(b) for b in ('begin', 'basic', 'last', 'simple'))
-        for key in ACC_KEYS:
-            setattr(self, key, data.get(key))
-        for block in ('basic', 'simple'):
-            self._check_shapes(block)
+        self._check_shapes(data, 'basic')
+        self._check_shapes(data, 'simple')
         # the translator runs in float32 whatever precision the files were saved in
-        for block in ('begin', 'basic', 'last', 'simple'):
-            d = getattr(self, block)
-            if d is not None:
-                setattr(self, block, {k: t.float().contiguous() if t.is_floating_point() else t.contiguous()
-                                      for k, t in d.items()})
+        self.begin = as_float(data.get('begin'))
+        self.basic = as_float(data.get('basic'))
+        self.last = as_float(data.get('last'))
+        self.simple = as_float(data.get('simple'))
+        self.acc_large = data.get('acc_large')
+        self.acc_small_init = data.get('acc_small_init')
+        self.acc_small = data.get('acc_small')
 
-    def _check_shapes(self, block):
+    def _check_shapes(self, data, block):
         """Refuse blocks of another architecture, naming the data folder."""
-        stacked = getattr(self, block)
+        stacked = data.get(block)
         if stacked is None:
             return
         for key, shape in WEIGHT_SHAPES[block].items():
@@ -275,18 +304,16 @@ class _PairData:
 
     def to(self, device):
         """Move every tensor to `device` (in place); returns self."""
-        for block in ('begin', 'basic', 'last', 'simple'):
-            d = getattr(self, block)
-            if d is not None:
-                setattr(self, block, {k: t.to(device) for k, t in d.items()})
-        for key in ACC_KEYS:
-            if getattr(self, key) is not None:
-                setattr(self, key, getattr(self, key).to(device))
+        self.begin, self.basic, self.last, self.simple = (
+            None if d is None else {k: t.to(device) for k, t in d.items()}
+            for d in (self.begin, self.basic, self.last, self.simple))
+        self.acc_large, self.acc_small_init, self.acc_small = (
+            None if a is None else a.to(device) for a in (self.acc_large, self.acc_small_init, self.acc_small))
         return self
 
     def require(self, block, why):
         """Raise a UserError if the set lacks `block` weights, saying why they are needed."""
-        if getattr(self, block) is None:
+        if {'begin': self.begin, 'basic': self.basic, 'last': self.last, 'simple': self.simple}[block] is None:
             what = {'simple': 'small blocks (SimpleBlock_NoBn)', 'begin': 'Begin blocks', 'last': 'Last blocks'}[block]
             raise UserError(f'{self.base_path}: holds no {what}, needed for {why} '
                             f'(made with --skip_simple, or the original layout without that folder); '
@@ -304,12 +331,13 @@ class TrainDataset(_PairData):
     Attributes (stacked tensors, leading axis = pair): basic and simple (dicts by state-dict key; simple is
     None without small blocks), begin and last (None unless with_networks=True and present: training
     never needs them and at 300k pairs Last alone is 7 GB), acc_large / acc_small_init / acc_small
-    ((num,) float64 in %, None in the original layout), recipe (dict or None), layout."""
-    original_dirs = {'basic': 'inputs', 'simple': 'labels', 'begin': 'backup_begin', 'last': 'backup_last'}
+    ((num,) float64 in %, None in the original layout), recipe (dict or None), layout. start: the index of
+    the first pair read (pairs start .. start + num - 1)."""
+    original_dirs = ORIGINAL_DIRS['train']
     original_required = ('basic',)
 
-    def __init__(self, base_path, num, with_networks=False):
-        super().__init__(base_path, num, ('basic', 'simple') + (('begin', 'last') if with_networks else ()))
+    def __init__(self, base_path, num, with_networks=False, start=0):
+        super().__init__(base_path, num, ('basic', 'simple') + (('begin', 'last') if with_networks else ()), start)
 
     def __getitem__(self, i):
         self.require('simple', 'MSE targets')
@@ -321,8 +349,8 @@ class ValDataset(_PairData):
     LastBlock state dicts, inputs its 10 BasicBlock tensors in BASIC_KEYS order.
 
     Attributes as TrainDataset, begin and last always loaded; simple holds retrained small blocks when
-    the shards have them (key 'simple'), else None."""
-    original_dirs = {'begin': 'begin', 'basic': 'complex', 'last': 'last'}
+    the set has them (key 'simple' of the shards, folder simple/ of the original layout), else None."""
+    original_dirs = ORIGINAL_DIRS['val']
     original_required = ('begin', 'basic', 'last')
 
     def __init__(self, base_path, num):

@@ -9,9 +9,11 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from net import BASIC_SHAPES, SIMPLE_SHAPES
+
 KERNEL = 9  # taps of a 3x3 kernel: a token's width before map1 and after map2
-IN_SHAPES = ((6, 6, 3, 3), (6, 6, 3, 3))  # BasicBlock conv1, conv2
-OUT_SHAPES = ((3, 6, 3, 3), (6, 3, 3, 3))  # SimpleBlock_NoBn conv1, conv2
+IN_SHAPES = (BASIC_SHAPES['conv1.weight'], BASIC_SHAPES['conv2.weight'])
+OUT_SHAPES = (SIMPLE_SHAPES['conv1.weight'], SIMPLE_SHAPES['conv2.weight'])
 NUM_TOKENS = sum(s[0] * s[1] for s in IN_SHAPES)  # 72: S_dim must equal this
 NUM_OUT_TOKENS = sum(s[0] * s[1] for s in OUT_SHAPES)  # 36
 
@@ -41,7 +43,7 @@ class MixingMLP(nn.Module):
 class MLPMixer(nn.Module):
     """[conv1 (B, 6, 6, 3, 3), conv2 (B, 6, 6, 3, 3)] -> (conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3))."""
 
-    def __init__(self, num_layers=8, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.):
+    def __init__(self, num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.):
         super().__init__()
         self.config = dict(num_layers=num_layers, S_dim=S_dim, C_dim=C_dim, hidden_S_dim=hidden_S_dim,
                            hidden_C_dim=hidden_C_dim, dropout=dropout)
@@ -73,7 +75,7 @@ class MLPMixer(nn.Module):
         return x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:].reshape(b, *OUT_SHAPES[1])
 
 
-def mixer_flops(num_layers=8, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.,
+def mixer_flops(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.,
                 batch=1, backward=False):
     """Matmul FLOPs of MLPMixer(same arguments) on `batch` blocks: 2*M*N*K per Linear (M rows, K in, N out),
     summed over every Linear (map1/map2, the mixing MLPs, the head); with backward=True the training

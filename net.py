@@ -12,6 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The block shapes every other file uses (the translator, the datasets, the caches).
+PLANES = 6  # residual channels: Begin's output and the BasicBlock's width
+HIDDEN = PLANES // 2  # SimpleBlock_NoBn's hidden channels
+FEATURE = (PLANES, 14, 14)  # Begin's output for one 28x28 image
+FEATURE_NUMEL = PLANES * 14 * 14
+BASIC_SHAPES = {'conv1.weight': (PLANES, PLANES, 3, 3), 'conv2.weight': (PLANES, PLANES, 3, 3),
+                **{f'bn{i}.{n}': (PLANES,) for i in (1, 2) for n in ('weight', 'bias', 'running_mean', 'running_var')}}
+SIMPLE_SHAPES = {'conv1.weight': (HIDDEN, PLANES, 3, 3), 'conv2.weight': (PLANES, HIDDEN, 3, 3)}
+
 
 def conv3x3(in_planes, out_planes, stride=1):
     """3x3 convolution with padding 1 and no bias."""
@@ -238,10 +247,10 @@ def begin_outputs(images, begin, chunk_images=1000, out=None):
     """Eval-mode Begin output of K networks on the same images (N, 28, 28): (K, N, 6, 14, 14)."""
     k = begin['conv.weight'].shape[0]
     if out is None:
-        out = torch.empty(k, len(images), 6, 14, 14, device=images.device)
+        out = torch.empty(k, len(images), *FEATURE, device=images.device)
     for i0 in range(0, len(images), chunk_images):
         x = to_float(images[i0:i0 + chunk_images]).unsqueeze(1)
-        out[:, i0:i0 + chunk_images] = begin_forward(x, begin).view(len(x), k, 6, 14, 14).transpose(0, 1)
+        out[:, i0:i0 + chunk_images] = begin_forward(x, begin).view(len(x), k, *FEATURE).transpose(0, 1)
     return out
 
 
@@ -304,3 +313,57 @@ def permute_pairs(c1, c2, s1, s2, p, q):
     s1 = s1.transpose(1, 2)[b2, p].transpose(1, 2)  # s1'[:, i] = s1[:, p[i]]
     s2 = s2[b2, p]  # s2'[o] = s2[p[o]]
     return c1, c2, s1, s2
+
+
+# SimpleBlock_NoBn has symmetries of its own: it computes the same function after multiplying hidden
+# filter conv1[h] by any c > 0 and dividing conv2[:, h] by c (ReLU is positively homogeneous), and
+# after any permutation of its 3 hidden channels. A weight-space target is one arbitrary member of
+# that orbit; canonical_simple picks a fixed one, best_order_cosine compares orbits.
+
+SMALL_HIDDEN_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))  # the 3! orders
+
+
+def rescale_simple(conv1, conv2):
+    """Stacked small blocks (B, 3, 6, 3, 3), (B, 6, 3, 3, 3) with every hidden filter conv1[:, h] of unit
+    L2 norm, its scale moved into conv2[:, :, h]: the same functions.
+
+    A zero filter makes its channel 0 on every input, so conv2[:, :, h] is set to 0 with it (the same
+    function again): no division by zero, and the form does not depend on what a dead channel once fed."""
+    norm = torch.linalg.vector_norm(conv1.flatten(2), dim=2)  # (B, 3)
+    conv1 = conv1 / torch.where(norm > 0, norm, torch.ones_like(norm))[:, :, None, None, None]
+    return conv1, conv2 * norm[:, None, :, None, None]
+
+
+def _lexsort_desc(feats):
+    """Per row, the order (B, n) that sorts the items of feats (B, n, f) by descending features, first column first."""
+    order = torch.arange(feats.shape[1], device=feats.device).expand(feats.shape[:2])
+    for j in reversed(range(feats.shape[2])):  # least significant column first; stable sorts keep earlier work
+        key = feats[:, :, j].gather(1, order)
+        order = order.gather(1, key.argsort(dim=1, descending=True, stable=True))
+    return order
+
+
+def canonical_simple(conv1, conv2):
+    """The canonical form of stacked small blocks conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3): same functions.
+
+    Rule: rescale_simple (unit-norm hidden filters), then the hidden channels in descending order of the
+    L2 norm of conv2[:, :, h] (how strongly the channel writes to the output); exact ties (e.g. dead
+    channels) are broken by the channels' weights, conv1[:, h] then conv2[:, :, h], compared
+    lexicographically, so the result depends only on the orbit, not on the order the block came in."""
+    conv1, conv2 = rescale_simple(conv1, conv2)
+    out_w = conv2.transpose(1, 2).flatten(2)  # (B, 3, 54): what each hidden channel writes
+    strength = torch.linalg.vector_norm(out_w, dim=2, keepdim=True)
+    order = _lexsort_desc(torch.cat([strength, conv1.flatten(2), out_w], dim=2))
+    b = torch.arange(len(conv1), device=conv1.device)[:, None]
+    return conv1[b, order], conv2.transpose(1, 2)[b, order].transpose(1, 2)
+
+
+def best_order_cosine(a, b):
+    """Cosine similarity (B,) of stacked small blocks a = (conv1, conv2) and b, both in canonical scale
+    (rescale_simple), under the best of the 3! orders of b's hidden channels."""
+    a1, a2 = rescale_simple(*a)
+    b1, b2 = rescale_simple(*b)
+    va = torch.cat([a1.flatten(1), a2.flatten(1)], dim=1)
+    cos = [F.cosine_similarity(va, torch.cat([b1[:, o].flatten(1), b2[:, :, o].flatten(1)], dim=1), dim=1)
+           for o in map(list, SMALL_HIDDEN_ORDERS)]
+    return torch.stack(cos).max(dim=0).values

@@ -39,13 +39,43 @@ def set_logger(log_path):
     return logger
 
 
+_own_pin = None  # the CUDA_VISIBLE_DEVICES value get_device set itself, if any
+
+
+def gpu_pin(gpu_id, environ):
+    """The CUDA_VISIBLE_DEVICES value to set for --gpu_id, or None to keep the one in `environ`."""
+    # As the original: with nothing set, the process sees only GPU gpu_id (as its cuda:0).
+    return None if 'CUDA_VISIBLE_DEVICES' in environ else str(gpu_id)
+
+
+def choose_gpu(gpu_id, environ, num_visible):
+    """The device for --gpu_id: `environ` is the environment before gpu_pin, num_visible the CUDA devices
+    the process sees after it (0 without CUDA)."""
+    if num_visible == 0:
+        return 'cpu'
+    if gpu_pin(gpu_id, environ) is not None:
+        return 'cuda:0'
+    # A scheduler (SLURM, ...) already chose the GPUs: --gpu_id indexes them, so that the processes of
+    # one run.sh spread over them instead of all landing on the first.
+    if not 0 <= gpu_id < num_visible:
+        raise UserError(f'--gpu_id {gpu_id}: CUDA_VISIBLE_DEVICES={environ["CUDA_VISIBLE_DEVICES"]} makes '
+                        f'{num_visible} GPU(s) visible, and --gpu_id k picks the k-th of them (0..{num_visible - 1})')
+    return f'cuda:{gpu_id}'
+
+
 def get_device(gpu_id=0, device=None):
-    """`device` if given, else CUDA (restricted to --gpu_id, as the original did) when present, else CPU."""
+    """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU."""
+    global _own_pin
     if device:
         return torch.device(device)
-    # Like the original, pin the process to one GPU; an explicit CUDA_VISIBLE_DEVICES wins.
-    os.environ.setdefault('CUDA_VISIBLE_DEVICES', str(gpu_id))
-    return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
+    environ = dict(os.environ)
+    if _own_pin is not None and environ.get('CUDA_VISIBLE_DEVICES') == _own_pin:
+        del environ['CUDA_VISIBLE_DEVICES']  # set by an earlier call of this process, not by a scheduler
+    pin = gpu_pin(gpu_id, environ)
+    if pin is not None:
+        os.environ['CUDA_VISIBLE_DEVICES'] = _own_pin = pin
+    num_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(choose_gpu(gpu_id, environ, num_visible))
 
 
 def fits_in_memory(nbytes, device, fraction=0.3):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import distributed
 import train
 import utils
 from conftest import ROOT, write_shards
@@ -108,7 +109,7 @@ def test_resume_under_torchrun(runs):
 
 @pytest.mark.parametrize('total, world', [(5, 2), (4, 2), (1, 2), (7, 3), (2, 4), (9, 1)])
 def test_rank_batch_covers_the_global_batch_once(total, world):
-    shares = [train.rank_batch(total, r, world) for r in range(world)]
+    shares = [distributed.rank_batch(total, r, world) for r in range(world)]
     real = [(s, w) for s, w in shares if w > 0]
     assert [i for s, _ in real for i in range(total)[s]] == list(range(total))  # contiguous, in order
     assert max(s.stop - s.start for s, _ in real) - min(s.stop - s.start for s, _ in real) <= 1
@@ -116,19 +117,20 @@ def test_rank_batch_covers_the_global_batch_once(total, world):
     vals = torch.arange(total, dtype=torch.float64) ** 2
     assert sum(w * vals[s].mean().item() for s, w in shares if w > 0) / world == pytest.approx(vals.mean().item())
     assert all(s == slice(0, 1) for s, w in shares if w == 0)  # a rank without a pair runs pair 0 at weight 0
-    got = train.take_share(slice(1, 3), [vals, vals], vals, None)
+    got = distributed.take_share(slice(1, 3), [vals, vals], vals, None)
     assert torch.equal(got[0][1], vals[1:3]) and torch.equal(got[1], vals[1:3]) and got[2] is None
 
 
 def test_single_process_needs_no_process_group(monkeypatch):
     monkeypatch.delenv('WORLD_SIZE', raising=False)
-    assert train.setup_distributed('cpu') == (0, 1, 0) and train.is_main() and train.world_info() == (0, 1)
+    ctx = distributed.setup('cpu')
+    assert (ctx.rank, ctx.world, ctx.local_rank, ctx.is_main) == (0, 1, 0, True)
     t = torch.tensor(3.0)
-    assert train.average_over_ranks(t) is t and t.item() == 3.0
+    assert ctx.mean(t) is t and t.item() == 3.0
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.delenv('RANK', raising=False)
     with pytest.raises(utils.UserError, match='launch with torchrun'):
-        train.setup_distributed('cpu')
+        distributed.setup('cpu')
 
 
 def test_amp_bf16_runs_on_cpu_close_to_float32(tmp_path):
@@ -152,9 +154,9 @@ def test_wrapped_translator_saves_the_plain_state_dict():
     minute on a CPU, too slow for this suite; the wrapping is lazy and checked here.)"""
     model = MLPMixer(num_layers=1, C_dim=16, hidden_S_dim=16, hidden_C_dim=16)
     args = train.get_args(['--compile', '--amp', 'bf16'])
-    wrapped = train.wrap_model(model, args, torch.device('cpu'))
-    assert wrapped is not model and train.unwrap(wrapped) is model
+    wrapped = distributed.Context().wrap(model, args.amp, args.compile)
+    assert wrapped is not model and distributed.unwrap(wrapped) is model
     assert any(k.startswith('_orig_mod.module.') for k in wrapped.state_dict())  # what must not be saved
-    assert list(train.unwrap(wrapped).state_dict()) == list(MLPMixer(**model.config).state_dict())
-    assert train.wrap_model(model, train.get_args([]), torch.device('cpu')) is model  # the default: untouched
+    assert list(distributed.unwrap(wrapped).state_dict()) == list(MLPMixer(**model.config).state_dict())
+    assert distributed.Context().wrap(model) is model  # the default: untouched
     assert 'compile' in train.RESUME_FREE_ARGS and 'amp' not in train.RESUME_FREE_ARGS

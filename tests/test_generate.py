@@ -209,13 +209,15 @@ def test_run_sh_content():
                                  '--start_index', '10', '--num_nodes', '2', '--node_rank', '1'])
     lines = generate_sh.run_sh(args).splitlines()
     procs = [line for line in lines if line.startswith('python')]
-    assert procs[0] == 'python construct_train.py --gpu_id 0 --num_data 5 --start_index 30 --data_root ./data/train &'
+    assert procs[0] == ('python construct_train.py --gpu_id 0 --num_data 5 --start_index 30 --data_root ./data/train '
+                        '--processes_per_gpu 2 &')  # each process sizes its steps from its share of the GPU
     assert [p.split('--gpu_id ')[1].split()[0] for p in procs] == ['0', '0', '1', '1']
     assert [int(p.split('--start_index ')[1].split()[0]) for p in procs] == [30, 35, 40, 45]
     assert lines[-1] == 'wait'
     cpu = generate_sh.run_sh(generate_sh.get_args(['--num_gpus', '0', '--num_processes_each_gpu', '2',
                                                    '--num_cpus', '4', '--val']))
     assert 'construct_val.py' in cpu and '--device cpu --num_threads 2' in cpu and './data/val' in cpu
+    assert '--processes_per_gpu' not in cpu
     slurm = generate_sh.slurm_sh(generate_sh.get_args(['--num_gpus', '8', '--num_processes_each_gpu', '5',
                                                        '--slurm', '--num_nodes', '2']))
     assert '#SBATCH --array=0-79' in slurm and 'SLURM_ARRAY_TASK_ID * 7500' in slurm

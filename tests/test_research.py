@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import construct_train
 import loader
+import losses
 import mnist
 import net
 import train
@@ -31,9 +32,9 @@ def test_perm_aug_is_permute_pairs_with_fresh_permutations():
     inputs, targets = random_pairs(5)
     gen = torch.Generator().manual_seed(3)
     state = gen.get_state()
-    got_in, got_t, p = train.perm_augment(inputs, targets, gen)
+    got_in, got_t, p = losses.perm_augment(inputs, targets, gen)
     gen.set_state(state)  # the same draws, by hand
-    want_p, want_q = train.random_perms(5, gen, 'cpu'), train.random_perms(5, gen, 'cpu')
+    want_p, want_q = losses.random_perms(5, gen, 'cpu'), losses.random_perms(5, gen, 'cpu')
     assert torch.equal(p, want_p) and all(sorted(r) == list(range(6)) for r in want_p.tolist() + want_q.tolist())
     assert len({tuple(r) for r in want_p.tolist()}) > 1  # per pair, not one permutation for the batch
     for got, want in zip(got_in + got_t, net.permute_pairs(*inputs, *targets, want_p, want_q)):
@@ -54,30 +55,30 @@ def test_perm_aug_is_permute_pairs_with_fresh_permutations():
     assert torch.equal(got_t[0].flatten(2).sort(2).values, targets[0].flatten(2).sort(2).values)
     # without targets (--loss functional on --skip_simple data) the inputs get the same transform
     gen.set_state(state)
-    no_t_in, no_t, p2 = train.perm_augment(inputs, [], gen)
+    no_t_in, no_t, p2 = losses.perm_augment(inputs, [], gen)
     assert no_t == [] and torch.equal(p2, p) and all(torch.equal(a, b) for a, b in zip(no_t_in, got_in))
     # fresh permutations every call; and unpermute_small undoes the small-block part
-    assert not torch.equal(train.perm_augment(inputs, targets, gen)[2], p)
-    back = train.unpermute_small(got_t, p)
+    assert not torch.equal(losses.perm_augment(inputs, targets, gen)[2], p)
+    back = losses.unpermute_small(got_t, p)
     assert torch.equal(back[0], targets[0]) and torch.equal(back[1], targets[1])
 
 
 def test_hidden_invariant_loss():
     out, tgt = random_pairs(6, seed=1)[1], random_pairs(6, seed=2)[1]
     near = [o + 0.01 * torch.randn_like(o) for o in out]  # already in the best order
-    torch.testing.assert_close(train.hidden_invariant_loss(out, near), train.mse_loss(out, near))
+    torch.testing.assert_close(losses.hidden_invariant_loss(out, near), losses.mse_loss(out, near))
     # permuting each target's hidden channels (conv1 out-channels with conv2 in-channels) changes nothing
-    orders = [list(train.HIDDEN_ORDERS[i % 6]) for i in range(1, 7)]  # a different order per pair
+    orders = [list(losses.HIDDEN_ORDERS[i % 6]) for i in range(1, 7)]  # a different order per pair
     shuffled = [torch.stack([near[0][i][r] for i, r in enumerate(orders)]),
                 torch.stack([near[1][i][:, r] for i, r in enumerate(orders)])]
-    assert train.hidden_invariant_loss(out, shuffled) == train.hidden_invariant_loss(out, near)
-    assert train.mse_loss(out, shuffled) > 100 * train.hidden_invariant_loss(out, shuffled)
+    assert losses.hidden_invariant_loss(out, shuffled) == losses.hidden_invariant_loss(out, near)
+    assert losses.mse_loss(out, shuffled) > 100 * losses.hidden_invariant_loss(out, shuffled)
     # never above the faithful loss; and it is the batch mean of per-pair minima over the 6 orders
-    h = train.hidden_invariant_loss(out, tgt)
-    assert h <= train.mse_loss(out, tgt)
-    per_pair = [min(train.mse_loss([out[0][i:i + 1], out[1][i:i + 1]],
+    h = losses.hidden_invariant_loss(out, tgt)
+    assert h <= losses.mse_loss(out, tgt)
+    per_pair = [min(losses.mse_loss([out[0][i:i + 1], out[1][i:i + 1]],
                                    [tgt[0][i:i + 1, r], tgt[1][i:i + 1, :, r]]).item()
-                    for r in map(list, train.HIDDEN_ORDERS)) for i in range(6)]
+                    for r in map(list, losses.HIDDEN_ORDERS)) for i in range(6)]
     assert h.item() == pytest.approx(sum(per_pair) / 6, rel=1e-6)
 
 
@@ -106,13 +107,14 @@ def test_functional_loss_equals_per_network_modules(train_networks):
     args = train.get_args(['--loss', 'functional', '--ce_weight', '0.5', '--functional_images', '8',
                            '--mnist_root', MNIST])
     convs = (train_networks.basic['conv1.weight'], train_networks.basic['conv2.weight'])
-    fl = train.FunctionalLoss(train_networks, convs, args, torch.device('cpu'))
+    objective = losses.Objective(args, train_networks, torch.device('cpu'))
+    fl = objective.functional
     idx = torch.tensor([7, 2, 10])
     small = [(train_networks.simple[k][idx] + 0.05).requires_grad_() for k in ('conv1.weight', 'conv2.weight')]
     gen = torch.Generator().manual_seed(5)
     j = torch.randint(60000, (8,), generator=torch.Generator().manual_seed(5))
     images, labels = mnist.load_mnist(MNIST, train=True)
-    loss = train.training_loss(small, [], args, fl, idx, None, gen)
+    loss = objective.loss(small, losses.Batch([], [], idx), gen)
     want = module_reference(train_networks, idx, [s.detach() for s in small],
                             images[j].float().div(255).unsqueeze(1), labels[j], 0.5)
     assert loss.item() == pytest.approx(want, rel=1e-5)
@@ -121,16 +123,17 @@ def test_functional_loss_equals_per_network_modules(train_networks):
     # with --perm_aug the translation of permuted inputs is scored in the networks' own channel order:
     # the permuted retrained blocks score what the blocks themselves score
     inputs, targets = [c[idx] for c in convs], [train_networks.simple[k][idx] for k in ('conv1.weight', 'conv2.weight')]
-    _, permuted, p = train.perm_augment(inputs, targets, torch.Generator().manual_seed(1))
+    _, permuted, p = losses.perm_augment(inputs, targets, torch.Generator().manual_seed(1))
     assert not torch.equal(permuted[0], targets[0])
-    a = train.training_loss(permuted, [], args, fl, idx, p, torch.Generator().manual_seed(2))
-    b = train.training_loss(targets, [], args, fl, idx, None, torch.Generator().manual_seed(2))
+    a = objective.loss(permuted, losses.Batch([], [], idx, p), torch.Generator().manual_seed(2))
+    b = objective.loss(targets, losses.Batch([], [], idx), torch.Generator().manual_seed(2))
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
     # mse+functional: weight MSE + functional_weight x the functional term
     args2 = train.get_args(['--loss', 'mse+functional', '--functional_weight', '3', '--ce_weight', '0.5',
                             '--functional_images', '8', '--mnist_root', MNIST])
     tgt = [t + 1 for t in targets]
-    c = train.training_loss(targets, tgt, args2, fl, idx, None, torch.Generator().manual_seed(2))
+    c = losses.Objective(args2, train_networks, torch.device('cpu')).loss(
+        targets, losses.Batch([], tgt, idx), torch.Generator().manual_seed(2))
     assert c.item() == pytest.approx(1.0 + 3 * b.item(), rel=1e-5)
 
 

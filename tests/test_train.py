@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import evaluate
 import loader
+import losses
 import mnist
 import net
 import train
@@ -98,7 +100,7 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     model.load_state_dict(ckpt['model'])
     val = loader.ValDataset(pair_sets['val'], 3)
     images, labels = mnist.load_mnist('data', train=False)
-    middle = train.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
+    middle = evaluate.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
     accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, 'simple')
     assert [round(a, 4) for a in accs.tolist()] == best['accs']
     # reference rows are what they claim to be
@@ -153,8 +155,9 @@ def lrs_of(pair_sets, out, *extra):
     ('cos', 0, [1e-3 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
     ('linear', 0, [1e-3 * (1 - e / 4) for e in range(4)]),
     ('constant', 0, [1e-3] * 4),
-    # warm-up of 2 epochs x 3 steps: the lr logged is that of each epoch's last step (3/6, 6/6), then cos over 2
-    ('cos', 2, [0.5e-3, 1e-3, 1e-3, 0.5e-3]),
+    # warm-up of 2 epochs x 3 steps: step j runs at lr x j / 6; the lr logged is that of each epoch's last
+    # step (2/6, 5/6), then epoch 2 runs at lr and cos over 2 epochs takes over
+    ('cos', 2, [1e-3 / 3, 1e-3 * 5 / 6, 1e-3, 0.5e-3]),
 ])
 def test_lr_schedules(pair_sets, tmp_path, scheduler, warmup, want):
     got = lrs_of(pair_sets, tmp_path, '--scheduler', scheduler, '--warmup', str(warmup))
@@ -163,7 +166,7 @@ def test_lr_schedules(pair_sets, tmp_path, scheduler, warmup, want):
 
 def test_cos_cycles_and_warmup_steps():
     args = train.get_args(['--num_epochs', '5', '--warmup', '1', '--num_cycles', '2', '--lr', '0.1'])
-    assert [train.warmup_lr(args, 0, it, 4) for it in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert [train.warmup_lr(args, j, 4) for j in range(6)] == pytest.approx([0, 0.025, 0.05, 0.075, 0.1, 0.1])
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = train.make_scheduler(opt, args)  # T_max = (5 - 1) // 2 = 2: down to 0 in 2 epochs, then back up
     lrs = []
@@ -191,13 +194,13 @@ def test_mask_and_noise_targets(target, hit_t, hit_s):
     gen = torch.Generator().manual_seed(0)
     t, s = [torch.ones(400, 6, 6, 3, 3)] * 2, [torch.ones(400, 3, 6, 3, 3)] * 2
     args = train.get_args(['--mask_target', target, '--prob', '0.3'])
-    ti, si = train.augment(t, s, args, gen)
+    ti, si = losses.augment(t, s, args, gen)
     for got, hit in ((ti, hit_t), (si, hit_s)):
         zeros = (got[0] == 0).double().mean().item()
         assert (abs(zeros - 0.3) < 0.01) if hit else zeros == 0
         assert set(got[1].unique().tolist()) <= {0.0, 1.0}
     args = train.get_args(['--noise_target', target, '--noise', '0.5'])
-    ti, si = train.augment(t, s, args, gen)
+    ti, si = losses.augment(t, s, args, gen)
     for got, hit in ((ti, hit_t), (si, hit_s)):
         std = (got[1] - 1).std().item()
         assert (abs(std - 0.5) < 0.01) if hit else std == 0
@@ -206,16 +209,16 @@ def test_mask_and_noise_targets(target, hit_t, hit_s):
 def test_augmentation_is_fresh_per_batch_and_free_when_off():
     gen = torch.Generator().manual_seed(0)
     x = [torch.ones(10, 6, 6, 3, 3)]
-    a, b = train.perturb(x, 0.5, 0.1, gen), train.perturb(x, 0.5, 0.1, gen)
+    a, b = losses.perturb(x, 0.5, 0.1, gen), losses.perturb(x, 0.5, 0.1, gen)
     assert not torch.equal(a[0], b[0])
     state = gen.get_state()
-    assert train.perturb(x, 0., 0., gen)[0] is x[0] and torch.equal(gen.get_state(), state)
+    assert losses.perturb(x, 0., 0., gen)[0] is x[0] and torch.equal(gen.get_state(), state)
 
 
 def test_loss_is_mean_of_the_two_mses():
     out, tgt = [torch.zeros(2, 3, 6, 3, 3), torch.zeros(2, 6, 3, 3, 3)], [torch.ones(2, 3, 6, 3, 3),
                                                                           2 * torch.ones(2, 6, 3, 3, 3)]
-    assert train.mse_loss(out, tgt).item() == pytest.approx((1 + 4) / 2)
+    assert losses.mse_loss(out, tgt).item() == pytest.approx((1 + 4) / 2)
 
 
 def test_original_readme_command_parses():

@@ -1,0 +1,132 @@
+"""Judging translators: translate blocks, score networks on MNIST, the reference rows, summaries and verdicts.
+
+A network is scored by its MNIST test accuracy (in %) with a middle block (its own BasicBlock, a
+translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
+"""
+import logging
+
+import torch
+
+import net
+import utils
+
+log = logging.getLogger(__name__)
+BASELINES = ('Random Init', 'Mean target', 'Weight selection')  # the training-free rows KT must beat
+
+
+@torch.no_grad()
+def translate(model, conv1, conv2, batch_size=4096):
+    """Eval-mode translation of stacked BasicBlock convs into a stacked SimpleBlock_NoBn state."""
+    was_training = model.training
+    model.eval()
+    outs = [model([conv1[i:i + batch_size], conv2[i:i + batch_size]]) for i in range(0, len(conv1), batch_size)]
+    model.train(was_training)
+    return {'conv1.weight': torch.cat([o[0] for o in outs]), 'conv2.weight': torch.cat([o[1] for o in outs])}
+
+
+def eval_chunks(device):
+    """(images, networks) per forward of net.stacked_accuracy: on a GPU 10 networks side by side in small
+    memory; on a CPU grouped convolutions are slower than separate ones, so one network at a time
+    (bench/bench_eval.py measures both; BENCHMARKS.md)."""
+    return (1000, 10) if device.type == 'cuda' else (500, 1)
+
+
+class Scorer:
+    """Scores middle blocks inside a fixed set of networks (begin, last: stacked states on the device).
+
+    Their Begin never changes, so its output on the test images is computed once when it fits in memory
+    (4.7 GB for 100 networks x 10,000 images), which makes every evaluation about 4x cheaper. Under torchrun
+    (ctx from distributed.setup) each rank scores its share of the networks."""
+
+    def __init__(self, images, labels, begin, last, ctx=None):
+        self.images, self.labels, self.begin, self.last, self.ctx = images, labels, begin, last, ctx
+        self.k = begin['conv.weight'].shape[0]
+        self.chunk_images, self.chunk_nets = eval_chunks(images.device)
+        nbytes = self.k * len(images) * net.FEATURE_NUMEL * 4
+        self.begin_out = net.begin_outputs(images, begin, self.chunk_images) \
+            if utils.fits_in_memory(nbytes, images.device) else None
+
+    def __call__(self, middle, kind='simple'):
+        """Test accuracies (%) (k,) on the CPU of every network with `middle` (stacked) in it."""
+        def score(part):
+            b, m, l = ({n: t[part] for n, t in d.items()} for d in (self.begin, middle, self.last))
+            cached = None if self.begin_out is None else self.begin_out[part]
+            return net.stacked_accuracy(self.images, self.labels, b, m, l, kind, self.chunk_images,
+                                        self.chunk_nets, cached)
+        accs = self.ctx.gather(self.k, score) if self.ctx is not None else score(slice(0, self.k))
+        return accs.cpu()
+
+
+def reference_rows(score, networks, targets, seed):
+    """The rows every run is judged against, for the networks of `score` (networks: their stacked
+    blocks; targets: the training set's small-block convs [conv1, conv2], or [] without them):
+    Large (their own BasicBlock), Random Init (fresh small blocks, seeded), Mean target (the mean small
+    block of the training set), Weight selection (the BasicBlock's first hidden channels), Retrained
+    (a small block trained in place, when the val set has one)."""
+    k = networks.basic['conv1.weight'].shape[0]
+    c1, c2 = networks.basic['conv1.weight'], networks.basic['conv2.weight']
+    seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
+    rows = {'Large (BasicBlock)': score(networks.basic, 'basic'),
+            'Random Init': score(net.fresh_states('simple', seeds, c1.device))}
+    if targets:
+        rows['Mean target'] = score(mean_block(targets, k))
+    else:
+        log.info('note: no "Mean target" row: the training set has no small blocks')
+    rows['Weight selection'] = score({'conv1.weight': c1[:, :net.HIDDEN], 'conv2.weight': c2[:, :, :net.HIDDEN]})
+    if networks.simple is not None:
+        rows['Retrained'] = score(networks.simple)
+    return rows
+
+
+def mean_block(targets, k):
+    """The mean of stacked small-block convs [conv1, conv2], repeated for k networks."""
+    return {key: y.mean(0, keepdim=True).expand(k, *y.shape[1:]) for key, y in zip(('conv1.weight', 'conv2.weight'),
+                                                                                    targets)}
+
+
+def acc_row(accs):
+    """A summary row: mean/min/max, the 20-bin histogram and the per-network accuracies (in %)."""
+    accs = torch.as_tensor(accs, dtype=torch.float64).cpu()
+    return {'mean': accs.mean().item(), 'min': accs.min().item(), 'max': accs.max().item(),
+            'histogram': utils.acc_histogram(accs), 'accs': [round(a, 4) for a in accs.tolist()]}
+
+
+def log_row(name, accs):
+    """Log one accuracy row and its distribution."""
+    log.info(f'{name:>17}: {utils.acc_summary(accs)}  (n={len(accs)})')
+    log.info(f'{"":>17}  counts per 5% bin: {utils.acc_histogram(accs)}')
+
+
+def original_line(prefix, accs):
+    """The original train.py's accuracy line: '<prefix>, Mean Accuracy ..%, Min Accuracy ..%, Max Accuracy ..%'."""
+    accs = torch.as_tensor(accs, dtype=torch.float64)
+    return (f'{prefix}, Mean Accuracy {accs.mean():.2f}%, Min Accuracy {accs.min():.2f}%, '
+            f'Max Accuracy {accs.max():.2f}%')
+
+
+def paired_margin(accs, baseline_accs):
+    """Mean and standard error of accs - baseline_accs, paired over the same networks."""
+    d = torch.as_tensor(accs, dtype=torch.float64) - torch.as_tensor(baseline_accs, dtype=torch.float64)
+    se = d.std() / len(d) ** 0.5 if len(d) > 1 else torch.tensor(float('inf'))
+    return d.mean().item(), se.item()
+
+
+def beats(accs, baseline_accs):
+    """The one definition of "KT beats baseline X": its mean margin, paired over the same validation
+    networks, exceeds two standard errors."""
+    mean, se = paired_margin(accs, baseline_accs)
+    return mean > 2 * se
+
+
+def verdict(rows, kt='KT (best)'):
+    """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)?"""
+    parts = []
+    for name in BASELINES:
+        if name in rows:
+            mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
+            word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
+            parts.append(f'{word} {name} ({mean:+.2f} ± {se:.2f} points)')
+    if 'Retrained' in rows:
+        parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
+    return ('KT (best epoch) ' + ', '.join(parts) + '. (Beat: the margin, paired over the same validation '
+            'networks, is above two standard errors.)')

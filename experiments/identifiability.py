@@ -1,0 +1,317 @@
+"""Identifiability of the small-block targets: how much does the recipe itself decide them?
+
+A translator trained on weights can at best learn what the recipe determines. For K validation networks
+of a data root (construct_val.py --train_simple) this retrains each network's SimpleBlock_NoBn from R
+fresh inits (fresh init and fresh data order, as another run of the recipe would draw, with the
+repository's own recipe code: construct_train.small_phase) and compares blocks as orbits of the small
+block's symmetries: cosine in canonical scale (unit-norm hidden filters) under the best of the 3! hidden
+orders (net.best_order_cosine). Reported, mean ± standard error over pairs:
+  * inits:        retrainings of the same network from different inits;
+  * target:       each retraining against the stored target (the shard's 'simple' block);
+  * across:       retrainings of different networks; stored targets of different networks;
+  * drift:        each retrained block against its own init;
+  * chance:       independent fresh inits against each other (what best-of-6 cosine gives for nothing);
+  * the test accuracy of the retrained blocks (sanity), of the stored targets and of the inits;
+  * per --translators checkpoint: its outputs against the stored targets, the retrainings and each other
+    (outputs of different networks that agree: a collapse to the mean), the ratio of output norm to
+    target norm (raw weights) and the outputs' test accuracy.
+
+    python experiments/identifiability.py --data_root data/demo/val --num_networks 6 --num_inits 2
+
+Writes <out>.json, <out>.md (the table) and <out>.log; --out defaults to
+results/identifiability/<data root's last two folders>_<epochs>ep.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import construct_train  # noqa: E402
+import loader  # noqa: E402
+import net  # noqa: E402
+import translate  # noqa: E402
+import utils  # noqa: E402
+from utils import UserError  # noqa: E402
+
+SPLIT = 'identifiability'  # seeds of the retrainings: utils.seed_for(seed, 'identifiability/init<r>', index)
+COSINE_ROWS = (  # (key, what it compares), in the table's order
+    ('inits', 'retrained, same network, different inits'),
+    ('target', 'retrained vs the stored target'),
+    ('across_retrained', 'retrained, different networks'),
+    ('across_targets', 'stored targets, different networks'),
+    ('drift', 'retrained vs its own init'),
+    ('chance', 'fresh inits vs each other (chance level)'),
+)
+TRANSLATOR_ROWS = (
+    ('target', 'output vs the stored target'),
+    ('retrained', 'output vs the retrainings of its network'),
+    ('across', 'outputs of different networks'),
+)
+
+
+def get_args(argv=None):
+    """Flags; the recipe defaults to the data root's recipe.json (what made the stored targets)."""
+    p = argparse.ArgumentParser(description='Retrain the small blocks of validation networks from fresh inits and '
+                                            'measure how much the recipe determines them.')
+    p.add_argument('--data_root', default='data/demo/val', help='validation shards made with --train_simple')
+    p.add_argument('--num_networks', '-K', type=int, default=6, help='the first K networks of the data root')
+    p.add_argument('--num_inits', '-R', type=int, default=2, help='retrainings per network, from fresh inits')
+    p.add_argument('--num_epochs', type=int, default=None, help="small-block epochs (default: the recipe's)")
+    p.add_argument('--num_train_images', type=int, default=None, help="first N training images (default: the recipe's)")
+    p.add_argument('--num_test_images', type=int, default=None, help="first N test images (default: the recipe's)")
+    p.add_argument('--seed', type=int, default=0, help='seed of the retrainings (split "identifiability")')
+    p.add_argument('--translators', nargs='+', default=[], metavar='CKPT',
+                   help="train.py checkpoints (or the original's state dicts) whose outputs to compare too")
+    p.add_argument('--out', default=None, help='output path prefix: <out>.json, <out>.md, <out>.log')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', ...")
+    p.add_argument('--models_per_step', type=int, default=0,
+                   help='retrainings side by side (0: 1 on a CPU, all on a GPU)')
+    p.add_argument('--num_threads', type=int, default=0, help='CPU threads; 0 = torch default')
+    p.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
+    args = p.parse_args(argv)
+    if args.num_networks < 2 or args.num_inits < 2:
+        raise UserError(f'--num_networks and --num_inits must be >= 2 (got {args.num_networks}, {args.num_inits}): '
+                        f'agreement needs pairs of networks and pairs of inits')
+    for flag in ('num_epochs', 'num_train_images', 'num_test_images'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
+    if args.models_per_step < 0 or args.num_threads < 0:
+        raise UserError('--models_per_step and --num_threads must be >= 0')
+    return args
+
+
+def recipe_for(args, stored):
+    """The small-block recipe of the retrainings: the stored one, with the flags' overrides."""
+    if stored is None:
+        raise UserError(f'{args.data_root}: no recipe.json; these shards were not made by construct_val.py')
+    if stored.get('momentum') != construct_train.MOMENTUM:
+        raise UserError(f'{args.data_root}: made with momentum {stored.get("momentum")}, but construct_train.py '
+                        f'trains with {construct_train.MOMENTUM}: its recipe cannot be replayed here')
+    recipe = {k: stored[k] for k in ('num_epochs', 'lr', 'batch_size', 'num_train_images', 'num_test_images')}
+    recipe.update({k: getattr(args, k) for k in ('num_epochs', 'num_train_images', 'num_test_images')
+                   if getattr(args, k) is not None})
+    if recipe['num_train_images'] > 60000 or recipe['num_test_images'] > 10000:
+        raise UserError('MNIST has 60000 training and 10000 test images')
+    return recipe
+
+
+def recipe_args(recipe, mnist_root):
+    """The namespace construct_train's recipe functions read."""
+    return types.SimpleNamespace(**recipe, compile=False, mnist_root=mnist_root)
+
+
+def default_out(data_root, num_epochs):
+    """results/identifiability/<parent>_<folder>_<epochs>ep, e.g. demo_val_10ep."""
+    parts = os.path.normpath(os.path.abspath(data_root)).split(os.sep)[-2:]
+    return os.path.join('results', 'identifiability', f'{"_".join(parts)}_{num_epochs}ep')
+
+
+# ----------------------------------------------------------------------------------------
+# Retraining, with the recipe's own code.
+
+def take(stacked, idx):
+    """Rows idx of a stacked state, as a new dict on the same device."""
+    return {k: t[idx] for k, t in stacked.items()}
+
+
+def retrain(data, nets, init, gens, rargs, mnist):
+    """Train the stacked small blocks `init` (one per entry of nets) between the frozen Begin and Last of
+    data's networks `nets`; return (trained state, test accuracy at init, after)."""
+    device = mnist[0].device
+    idx = torch.tensor(nets)
+    begin, last = ({k: t.to(device) for k, t in take(d, idx).items()} for d in (data.begin, data.last))
+    simple = {k: t.clone().to(device) for k, t in init.items()}
+    acc_init, acc = construct_train.small_phase(begin, last, simple, gens, rargs, mnist)
+    return {k: t.cpu() for k, t in simple.items()}, acc_init.cpu(), acc.cpu()
+
+
+def retrain_all(data, args, rargs, mnist, device):
+    """Retrain R small blocks per network; blocks in order (network, init): row i * R + r."""
+    k, r = args.num_networks, args.num_inits
+    jobs = [(i, j) for i in range(k) for j in range(r)]
+    seeds = [utils.seed_for(args.seed, f'{SPLIT}/init{j}', i) for i, j in jobs]
+    # one at a time on a CPU (grouped convolutions are slower there, BENCHMARKS.md); all at once on a GPU
+    step = args.models_per_step or (1 if device.type == 'cpu' else len(jobs))
+    inits, trained, acc_init, acc = [], [], [], []
+    with tqdm(total=len(jobs), unit='block', desc='retraining', dynamic_ncols=True) as bar:
+        for a in range(0, len(jobs), step):
+            init = net.fresh_states('simple', seeds[a:a + step])
+            gens = [construct_train.data_generator(s) for s in seeds[a:a + step]]
+            t0 = time.time()
+            out, a0, a1 = retrain(data, [i for i, _ in jobs[a:a + step]], init, gens, rargs, mnist)
+            inits.append(init)
+            trained.append(out)
+            acc_init.append(a0)
+            acc.append(a1)
+            bar.update(len(gens))
+            bar.set_postfix(acc=f'{torch.cat(acc).mean():.1f}%')
+            logging.info(f'retrained {jobs[a:a + step]} in {time.time() - t0:.1f} s: test accuracy '
+                         f'{", ".join(f"{x:.2f}%" for x in a1.tolist())} (at init {", ".join(f"{x:.2f}%" for x in a0.tolist())})')
+    return {'init': cat_states(inits), 'trained': cat_states(trained), 'acc_init': torch.cat(acc_init),
+            'acc': torch.cat(acc), 'seeds': seeds}
+
+
+def cat_states(states):
+    """Stacked states concatenated along their leading axis."""
+    return {n: torch.cat([s[n] for s in states]) for n in states[0]}
+
+
+# ----------------------------------------------------------------------------------------
+# Comparisons: cosine in canonical scale under the best hidden order.
+
+def convs(state):
+    """(conv1, conv2) of a stacked small-block state."""
+    return state['conv1.weight'], state['conv2.weight']
+
+
+def pair_cosines(a, b, pairs):
+    """net.best_order_cosine of a[i] and b[j] for each (i, j) in pairs; a, b stacked small-block states."""
+    i, j = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
+    return net.best_order_cosine(tuple(t[i] for t in convs(a)), tuple(t[j] for t in convs(b)))
+
+
+def summary(values):
+    """mean, standard error of the mean, n, min, max and the values of a 1-d tensor."""
+    v = values.double()
+    se = (v.std() / len(v) ** 0.5).item() if len(v) > 1 else float('nan')
+    return {'mean': v.mean().item(), 'se': se, 'n': len(v), 'min': v.min().item(), 'max': v.max().item(),
+            'values': [round(x, 6) for x in v.tolist()]}
+
+
+def retraining_pairs(k, r):
+    """Index pairs of the (network, init) rows i * r + s: same network, different networks."""
+    rows = [(i, s) for i in range(k) for s in range(r)]
+    same = [(a, b) for a in range(len(rows)) for b in range(a + 1, len(rows)) if rows[a][0] == rows[b][0]]
+    other = [(a, b) for a in range(len(rows)) for b in range(a + 1, len(rows)) if rows[a][0] != rows[b][0]]
+    return same, other
+
+
+def cosine_metrics(targets, ret, k, r):
+    """The cosine rows of COSINE_ROWS for stored targets (K) and retrainings (K * R rows, with their inits)."""
+    same, other = retraining_pairs(k, r)
+    own = [(x, x) for x in range(k * r)]
+    everyone = [(a, b) for a in range(k * r) for b in range(a + 1, k * r)]
+    return {
+        'inits': summary(pair_cosines(ret['trained'], ret['trained'], same)),
+        'target': summary(pair_cosines(ret['trained'], targets, [(x, x // r) for x in range(k * r)])),
+        'across_retrained': summary(pair_cosines(ret['trained'], ret['trained'], other)),
+        'across_targets': summary(pair_cosines(targets, targets, [(i, j) for i in range(k) for j in range(i + 1, k)])),
+        'drift': summary(pair_cosines(ret['trained'], ret['init'], own)),
+        'chance': summary(pair_cosines(ret['init'], ret['init'], everyone)),
+    }
+
+
+def block_norms(state):
+    """L2 norm (N,) of each block's raw weights, conv1 and conv2 together."""
+    c1, c2 = convs(state)
+    return torch.cat([c1.flatten(1), c2.flatten(1)], 1).norm(dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Translators.
+
+def load_translators(paths):
+    """(path, translator in eval mode) for each checkpoint, through translate.py's loader."""
+    out = []
+    for path in paths:
+        flags = types.SimpleNamespace(ckpt=path, **{flag: None for flag in translate.SIZE_FLAGS})
+        out.append((path, translate.load_translator(flags)))
+    return out
+
+
+@torch.no_grad()
+def translator_metrics(model, data, targets, ret, k, r, mnist):
+    """A translator's outputs on the K networks against the stored targets, the retrainings and each other."""
+    c1, c2 = model([data.basic['conv1.weight'][:k], data.basic['conv2.weight'][:k]])
+    out = {'conv1.weight': c1.float(), 'conv2.weight': c2.float()}
+    rows = {
+        'target': summary(pair_cosines(out, targets, [(i, i) for i in range(k)])),
+        'retrained': summary(pair_cosines(out, ret['trained'], [(x // r, x) for x in range(k * r)])),
+        'across': summary(pair_cosines(out, out, [(i, j) for i in range(k) for j in range(i + 1, k)])),
+        'norm_ratio': summary(block_norms(out) / block_norms(targets)),
+    }
+    rows['acc'] = summary(accuracy(data, out, k, mnist))
+    return rows
+
+
+def accuracy(data, simple, k, mnist):
+    """Test accuracy (K,) of the first K networks with `simple` as their middle block."""
+    device = mnist[2].device
+    on = lambda d: {n: t[:k].to(device) for n, t in d.items()}  # noqa: E731
+    return net.stacked_accuracy(mnist[2], mnist[3], on(data.begin), on(simple), on(data.last), 'simple').cpu()
+
+
+# ----------------------------------------------------------------------------------------
+# Report.
+
+def fmt(row):
+    """'+0.123 ± 0.004 | n | min | max' cells of a summary."""
+    return f'{row["mean"]:+.3f} ± {row["se"]:.3f} | {row["n"]} | {row["min"]:+.3f} | {row["max"]:+.3f}'
+
+
+def markdown(report):
+    """The report as a short markdown table (cosines) plus the accuracies."""
+    rc = report['recipe']
+    lines = [f'Identifiability of `{report["data_root"]}`: K = {report["num_networks"]} networks, '
+             f'R = {report["num_inits"]} inits each, small block retrained {rc["num_epochs"]} epoch(s) on '
+             f'{rc["num_train_images"]} images (lr {rc["lr"]}, batch {rc["batch_size"]}); cosine in canonical scale '
+             f'under the best of the 3! hidden orders, mean ± standard error over pairs.', '',
+             '| compared | cosine | pairs | min | max |', '| --- | --- | --- | --- | --- |']
+    lines += [f'| {what} | {fmt(report["cosine"][key])} |' for key, what in COSINE_ROWS]
+    for name, tr in report['translators'].items():
+        lines += [f'| {name}: {what} | {fmt(tr[key])} |' for key, what in TRANSLATOR_ROWS]
+        lines.append(f'| {name}: output norm / target norm | {fmt(tr["norm_ratio"])} |')
+    lines += ['', f'Test accuracy on {rc["num_test_images"]} images (%):', '',
+              '| blocks | mean | min | max |', '| --- | --- | --- | --- |']
+    accs = [('stored targets', report['acc']['target']), ('retrained', report['acc']['retrained']),
+            ('fresh inits', report['acc']['init'])]
+    accs += [(f'{name} outputs', tr['acc']) for name, tr in report['translators'].items()]
+    lines += [f'| {what} | {a["mean"]:.2f} | {a["min"]:.2f} | {a["max"]:.2f} |' for what, a in accs]
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    """Retrain, compare, write <out>.json and <out>.md."""
+    args = get_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    data = loader.ValDataset(args.data_root, args.num_networks)
+    data.require('simple', 'the stored targets (make the data root with construct_val.py --train_simple)')
+    recipe = recipe_for(args, data.recipe)
+    out = args.out or default_out(args.data_root, recipe['num_epochs'])
+    translators = load_translators(args.translators)  # before the long part: a bad path fails at once
+    utils.set_logger(out + '.log')
+    logging.info(f'identifiability of {args.data_root}: K {args.num_networks}, R {args.num_inits}, recipe {recipe}, '
+                 f'device {device}, seed {args.seed}')
+    rargs = recipe_args(recipe, args.mnist_root)
+    mnist = construct_train.load_mnist_to(device, rargs)
+    t0 = time.time()
+    ret = retrain_all(data, args, rargs, mnist, device)
+    k, r = args.num_networks, args.num_inits
+    targets = take(data.simple, slice(0, k))
+    report = {'data_root': args.data_root, 'num_networks': k, 'num_inits': r, 'recipe': recipe,
+              'stored_recipe': data.recipe, 'seed': args.seed, 'seed_split': f'{SPLIT}/init<r>',
+              'retrain_seconds': round(time.time() - t0, 1), 'device': str(device),
+              'cosine': cosine_metrics(targets, ret, k, r),
+              'acc': {'target': summary(accuracy(data, targets, k, mnist)), 'retrained': summary(ret['acc']),
+                      'init': summary(ret['acc_init'])},
+              'translators': {path: translator_metrics(model, data, targets, ret, k, r, mnist)
+                              for path, model in translators}}
+    utils.atomic_write(out + '.json', json.dumps(report, indent=1) + '\n')
+    table = markdown(report)
+    utils.atomic_write(out + '.md', table)
+    logging.info('\n' + table)
+    logging.info(f'wrote {out}.json and {out}.md ({report["retrain_seconds"]} s of retraining)')
+    return report
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

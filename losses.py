@@ -1,0 +1,179 @@
+"""What the translator is trained on: the batch (augmented inputs and targets) and the loss of one step.
+
+The faithful objective is the original's: --prob / --noise perturb the inputs and/or targets, and the loss
+is the mean of the two conv weights' MSE against the small block the pair's network was trained with.
+Research options (off by default) change it: --perm_aug (exact channel-permutation augmentation),
+--canonical_targets (symmetry-free targets), --hidden_invariant_loss (MSE under the best hidden order) and
+--loss functional / mse+functional (match the BasicBlock's output instead of, or beside, its weights).
+"""
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import mnist
+import net
+from distributed import take_share
+from utils import UserError
+
+HIDDEN_ORDERS = tuple(itertools.permutations(range(net.HIDDEN)))  # the 3! orders of the small block's hidden channels
+
+
+def perturb(tensors, prob, noise, gen):
+    """Zero each element with probability prob, then add N(0, noise^2); fresh draws from gen."""
+    out = []
+    for t in tensors:
+        if prob > 0:
+            t = t * (torch.rand(t.shape, generator=gen, device=t.device) >= prob)
+        if noise > 0:
+            t = t + noise * torch.randn(t.shape, generator=gen, device=t.device)
+        out.append(t)
+    return out
+
+
+def augment(inputs, targets, args, gen):
+    """Apply --prob to the --mask_target tensors and --noise to the --noise_target ones."""
+    on_t = {'t': True, 's': False, 'both': True}
+    on_s = {'t': False, 's': True, 'both': True}
+    inputs = perturb(inputs, args.prob * on_t[args.mask_target], args.noise * on_t[args.noise_target], gen)
+    targets = perturb(targets, args.prob * on_s[args.mask_target], args.noise * on_s[args.noise_target], gen)
+    return inputs, targets
+
+
+def mse_loss(outputs, targets):
+    """Mean over the two conv tensors of their MSE (the original's loss)."""
+    return (F.mse_loss(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])) / 2
+
+
+def random_perms(n, gen, device):
+    """n independent uniformly random permutations of the residual channels, one per row, drawn from gen."""
+    return torch.rand(n, net.PLANES, generator=gen, device=device).argsort(1)
+
+
+def perm_augment(inputs, targets, gen):
+    """--perm_aug: per pair, fresh P (residual channels) and Q (BasicBlock hidden channels) applied with
+    net.permute_pairs to the inputs and, if any, the targets. Returns (inputs, targets, p)."""
+    c1, c2 = inputs
+    p, q = random_perms(len(c1), gen, c1.device), random_perms(len(c1), gen, c1.device)
+    # without targets (--loss functional on --skip_simple data) empty stand-ins keep one code path
+    s1, s2 = targets if targets else (c1.new_empty(len(c1), 0, *net.SIMPLE_SHAPES['conv1.weight'][1:]),
+                                      c1.new_empty(len(c1), net.PLANES, 0, 3, 3))
+    c1, c2, s1, s2 = net.permute_pairs(c1, c2, s1, s2, p, q)
+    return [c1, c2], ([s1, s2] if targets else targets), p
+
+
+def unpermute_small(outputs, p):
+    """Small blocks written for P-permuted inputs, back in their networks' own channel order (the inverse
+    of net.permute_pairs on s1, s2)."""
+    inv = p.argsort(1)
+    b = torch.arange(len(p), device=p.device)[:, None]
+    return [outputs[0].transpose(1, 2)[b, inv].transpose(1, 2), outputs[1][b, inv]]
+
+
+def hidden_invariant_loss(outputs, targets):
+    """Batch mean of each pair's faithful loss (mse(conv1) + mse(conv2)) / 2 against the best of the 6
+    orders r of the target's hidden channels (t1[:, r] with t2[:, :, r])."""
+    o1, o2 = outputs
+    t1, t2 = targets
+    per_order = [((o1 - t1[:, r]).square().flatten(1).mean(1) + (o2 - t2[:, :, r]).square().flatten(1).mean(1)) / 2
+                 for r in map(list, HIDDEN_ORDERS)]
+    return torch.stack(per_order, 1).amin(1).mean()
+
+
+class FunctionalLoss:
+    """The functional term: on a fresh batch of MNIST training images, each network's translated
+    SimpleBlock_NoBn should give what its BasicBlock gives (MSE of the outputs, eval-mode BN), both after
+    the network's frozen Begin; plus ce_weight x the cross-entropy of Begin -> translated -> Last.
+
+    Vectorised over the networks of a step with the stacked forms of net.py. Memory and time grow as
+    (networks per step = --batch_size) x (--functional_images): each activation is B x 6 x 14 x 14 per image."""
+
+    def __init__(self, train_set, basic_convs, args, device):
+        self.ce_weight, self.num_images = args.ce_weight, args.functional_images
+        self.begin = {k: t.to(device) for k, t in train_set.begin.items()}
+        # the conv weights are already on the device as the translator's inputs: share them
+        self.basic = {k: t.to(device) for k, t in train_set.basic.items() if k not in ('conv1.weight', 'conv2.weight')}
+        self.basic['conv1.weight'], self.basic['conv2.weight'] = basic_convs
+        self.last = {k: t.to(device) for k, t in train_set.last.items()} if self.ce_weight > 0 else None
+        images, labels = mnist.load_mnist(args.mnist_root, train=True)
+        self.images, self.labels = images.to(device), labels.to(device)
+
+    def __call__(self, outputs, idx, gen):
+        """(functional MSE + ce_weight x CE) of the translated blocks `outputs` of training networks idx."""
+        j = torch.randint(len(self.images), (self.num_images,), generator=gen, device=self.images.device)
+        x = net.to_float(self.images[j]).unsqueeze(1)  # (N, 1, 28, 28), shared by every network
+        with torch.no_grad():
+            h = net.begin_forward(x, {k: t[idx] for k, t in self.begin.items()})  # (N, K*6, 14, 14)
+            want = net.basic_forward(h, {k: t[idx] for k, t in self.basic.items()})
+        got = net.simple_forward(h, {'conv1.weight': outputs[0], 'conv2.weight': outputs[1]})
+        loss = F.mse_loss(got, want)
+        if self.ce_weight > 0:
+            logits = net.last_forward(got, {k: t[idx] for k, t in self.last.items()})  # (K, N, 10)
+            loss = loss + self.ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           self.labels[j].repeat(len(idx)))
+        return loss
+
+
+@dataclass
+class Batch:
+    """One step's pairs: translator inputs, weight targets ([] without small blocks), the pairs' indices
+    into the training set, and the --perm_aug residual permutations (None without)."""
+    inputs: list
+    targets: list
+    idx: torch.Tensor
+    perm: torch.Tensor = None
+
+    def take(self, part):
+        """This rank's share of the batch (all of it outside torchrun)."""
+        inputs, targets, idx, perm = take_share(part, self.inputs, self.targets, self.idx, self.perm)
+        return Batch(inputs, targets, idx, perm)
+
+
+class Objective:
+    """The flags' training objective over a training set held on the device: batch() and loss()."""
+
+    def __init__(self, args, train_set, device):
+        self.args = args
+        self.inputs = [train_set.basic[k].to(device) for k in ('conv1.weight', 'conv2.weight')]
+        self.targets = [train_set.simple[k].to(device) for k in ('conv1.weight', 'conv2.weight')] \
+            if train_set.simple is not None else []
+        self.raw_targets = self.targets  # for the Mean target row
+        if args.canonical_targets:
+            self.targets = list(net.canonical_simple(*self.targets))
+        self.functional = FunctionalLoss(train_set, self.inputs, args, device) if args.loss != 'mse' else None
+
+    def batch(self, idx, gen):
+        """The pairs idx with the flags' augmentation, fresh draws from gen."""
+        inputs, targets = [x[idx] for x in self.inputs], [y[idx] for y in self.targets]
+        perm = None
+        if self.args.perm_aug:
+            inputs, targets, perm = perm_augment(inputs, targets, gen)
+        inputs, targets = augment(inputs, targets, self.args, gen)
+        return Batch(inputs, targets, idx, perm)
+
+    def loss(self, outputs, batch, gen):
+        """The step's loss: the weight MSE (faithful, or --hidden_invariant_loss) and/or the functional term;
+        --perm_aug outputs go back to the networks' own channel order for the functional term."""
+        args = self.args
+        loss = 0.
+        if args.loss != 'functional':
+            loss = (hidden_invariant_loss if args.hidden_invariant_loss else mse_loss)(outputs, batch.targets)
+        if args.loss != 'mse':
+            term = self.functional(outputs if batch.perm is None else unpermute_small(outputs, batch.perm),
+                                   batch.idx, gen)
+            loss = loss + (args.functional_weight if args.loss == 'mse+functional' else 1.0) * term
+        return loss
+
+
+def check_data(args, train_set):
+    """Refuse a training set that lacks the blocks the objective needs, naming the folder and the flag."""
+    if args.loss != 'functional':
+        train_set.require('simple', f'the MSE targets of training (--loss {args.loss}; --loss functional '
+                                    f'trains without them)')
+    if args.loss != 'mse':
+        for block, folder, needed in (('begin', 'backup_begin', True), ('last', 'backup_last', args.ce_weight > 0)):
+            if needed and getattr(train_set, block) is None:
+                why = f'--loss {args.loss}' + ' with --ce_weight > 0' * (block == 'last')
+                raise UserError(f'{args.train_path}: holds no {block.capitalize()} blocks (in the original layout: '
+                                f'{folder}/), needed for {why}')
