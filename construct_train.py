@@ -227,7 +227,7 @@ def make_pairs(indices, args, mnist, device, cache_begin=None):
 # ----------------------------------------------------------------------------------------
 # Driver: resumable, sharded, with a progress bar.
 
-NET_BYTES = 600 * 2 ** 20  # GPU memory of one network of a step, mostly its frozen-Begin cache (538 MiB at 60,000 images)
+NET_BYTES = 600 * 2 ** 20  # GPU memory of one network of a step, mostly its Begin cache (538 MiB at 60,000 images)
 PROCESS_BYTES = 2 ** 30  # GPU memory of a process beyond its networks: CUDA context, MNIST, cuDNN workspaces
 MAX_MODELS_PER_STEP = 128  # the fastest on an H200 (BENCHMARKS.md)
 

@@ -3,17 +3,18 @@
     python report.py ckpts/nobn/<run>/summary.json [more summary.json ...] [--out table.md] [--hist]
 
 One table per run: Large / Random Init / Mean target / Weight selection / KT / Retrained, with mean, min and
-max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline.
+max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline (evaluate.beats:
+its margin, paired over the same val networks, is above two standard errors).
 """
 import argparse
 import json
 import os
 
 import utils
+from evaluate import BASELINES, verdict  # noqa: F401  (BASELINES: for the tables of experiments/)
 
 ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'KT (best)', 'KT (last)',
          'Retrained']
-BASELINES = ['Random Init', 'Mean target', 'Weight selection']
 
 
 def load_summary(path):
@@ -23,18 +24,6 @@ def load_summary(path):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise utils.UserError(f'{path}: not a readable summary.json ({e}); train.py writes it at the end of a run')
-
-
-def verdict(rows, kt='KT (best)'):
-    """One honest sentence: did KT's mean accuracy beat each baseline present?"""
-    parts = []
-    for name in BASELINES:
-        if name in rows:
-            diff = rows[kt]['mean'] - rows[name]['mean']
-            parts.append(f"{'beat' if diff > 0 else 'did NOT beat'} {name} ({diff:+.2f} points)")
-    if 'Retrained' in rows:
-        parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
-    return 'KT (best epoch) ' + ', '.join(parts) + '.'
 
 
 def table(summary, hist=False):

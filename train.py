@@ -357,9 +357,9 @@ def load_data(args, device):
 
 
 def write_metrics(path, rows):
-    """Rewrite metrics.csv atomically with all rows so far."""
+    """Rewrite metrics.csv atomically with all rows so far (plus a 'holdout' column with --holdout_networks)."""
     text = io.StringIO()
-    w = csv.DictWriter(text, METRICS)
+    w = csv.DictWriter(text, METRICS + tuple(k for k in rows[0] if k not in METRICS) if rows else METRICS)
     w.writeheader()
     w.writerows(rows)
     utils.atomic_write(path, text.getvalue())
@@ -525,7 +525,8 @@ def main(argv=None):
             set_lr(optimizer, warmup_lr(args, (epoch + 1) * iters, iters))
         else:
             step_scheduler(scheduler, epoch_loss)
-        row = {'epoch': epoch, 'loss': epoch_loss / iters, 'lr': lr, 'mean': '', 'min': '', 'max': ''}
+        row = {'epoch': epoch, 'loss': epoch_loss / iters, 'lr': lr, 'mean': '', 'min': '', 'max': '',
+               **({'holdout': ''} if holdout else {})}
         log.info(f'Epoch {epoch}, Loss: {row["loss"]:.6f}')
         message = f'epoch {epoch}/{args.num_epochs}: loss {row["loss"]:.6g}  lr {lr:.3g}'
         if (epoch % args.log_step == 0 and epoch != 0) or epoch == args.num_epochs - 1:
@@ -537,6 +538,7 @@ def main(argv=None):
             if holdout:
                 pick = score_holdout(evaluate.translate(model, *(holdout.basic[f'conv{i}.weight'] for i in (1, 2)),
                                                         bs)).mean().item()
+                row['holdout'] = pick
                 message += f'  held-out mean {pick:.2f}'
             if pick > best['mean']:
                 best = {'mean': pick, 'epoch': epoch, 'accs': last_accs,

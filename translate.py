@@ -8,17 +8,21 @@ defaulting to train.py's). With --begin and --last it also prints the MNIST test
 before (BasicBlock) and after (translated SimpleBlock_NoBn) compression.
 """
 import argparse
+import inspect
 
 import torch
 
+import evaluate
 import mnist
 import net
 import utils
 from mixer import MLPMixer, config_from_state_dict
 from utils import UserError
 
-SIZE_FLAGS = {'num_layers': ('num_layers', 24), 's_dim': ('S_dim', 72), 'c_dim': ('C_dim', 128),
-              'hidden_s_dim': ('hidden_S_dim', 256), 'hidden_c_dim': ('hidden_C_dim', 512)}  # flag -> (kwarg, default)
+# flag -> (MLPMixer keyword, its default: the same as train.py's flag)
+SIZE_FLAGS = {flag: (kw, inspect.signature(MLPMixer).parameters[kw].default) for flag, kw in
+              (('num_layers', 'num_layers'), ('s_dim', 'S_dim'), ('c_dim', 'C_dim'),
+               ('hidden_s_dim', 'hidden_S_dim'), ('hidden_c_dim', 'hidden_C_dim'))}
 
 
 def get_args(argv=None):
@@ -97,9 +101,8 @@ def main(argv=None):
     args = get_args(argv)
     model = load_translator(args)
     basic = load_block(args.complex, 'basic', 'BasicBlock')
-    with torch.no_grad():
-        conv1, conv2 = model([basic['conv1.weight'][None], basic['conv2.weight'][None]])
-    simple = {'conv1.weight': conv1[0].contiguous(), 'conv2.weight': conv2[0].contiguous()}
+    translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])
+    simple = {k: t[0].contiguous() for k, t in translated.items()}
     net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
     utils.atomic_save(simple, args.out)
     print(f'wrote {args.out}: SimpleBlock_NoBn, conv1 {tuple(simple["conv1.weight"].shape)}, '
@@ -112,8 +115,8 @@ def main(argv=None):
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
     stacked = {name: {k: v[None].to(device) for k, v in sd.items()}
                for name, sd in (('begin', begin), ('basic', basic), ('simple', simple), ('last', last))}
-    accs = {kind: net.stacked_accuracy(images, labels, stacked['begin'], stacked[kind], stacked['last'], kind,
-                                       chunk_images=1000)[0].item() for kind in ('basic', 'simple')}
+    score = evaluate.Scorer(images, labels, stacked['begin'], stacked['last'])
+    accs = {kind: score(stacked[kind], kind)[0].item() for kind in ('basic', 'simple')}
     print(f'test accuracy on {len(images)} MNIST test images: large (BasicBlock) {accs["basic"]:.2f}%, '
           f'compressed (translated SimpleBlock_NoBn) {accs["simple"]:.2f}%')
 

@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 import common
+import evaluate
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
 import loader
 import mnist
 import net
-import train
 
 
 def get_args(argv=None):
@@ -118,16 +118,16 @@ def main(argv=None):
     default_name = '(b) net.stacked_accuracy, defaults'
     rows[default_name] = ({'path': 'b', 'chunk_images': 'default', 'chunk_nets': 'default'},
                           lambda: net.stacked_accuracy(images, labels, begin, simple, last, 'simple'))
-    # (c) what train.py does: Begin's output on the test images computed once per run, then every
-    # evaluation scores only middle + Last (train.py's eval_chunks)
-    chunks = train.eval_chunks(device)
+    # (c) what train.py does (evaluate.Scorer): Begin's output on the test images computed once per run,
+    # then every evaluation scores only middle + Last
     t0 = time.perf_counter()
-    begin_out = net.begin_outputs(images, begin, chunks[0])
+    score = evaluate.Scorer(images, labels, begin, last)
     sync(device)
     build_s = time.perf_counter() - t0
-    rows[f'(c) train.py: cached Begin outputs, chunks {chunks}'] = (
-        {'path': 'c', 'chunk_images': chunks[0], 'chunk_nets': chunks[1], 'begin_cache_build_s': build_s},
-        lambda: net.stacked_accuracy(images, labels, begin, simple, last, 'simple', *chunks, begin_out=begin_out))
+    chunks = (score.chunk_images, score.chunk_nets)
+    rows[f'(c) train.py: evaluate.Scorer, cached Begin outputs, chunks {chunks}'] = (
+        {'path': 'c', 'chunk_images': chunks[0], 'chunk_nets': chunks[1], 'begin_cache_build_s': build_s,
+         'begin_cached': score.begin_out is not None}, lambda: score(simple))
     notes = [f'(c) builds its Begin-output cache once per run in {build_s:.2f} s (not in its row)']
     if not args.no_sweep:
         for ci in args.chunk_images:

@@ -1,8 +1,9 @@
 """Translator training step: samples/s and achieved FLOP/s of the MLP-Mixer, as a fraction of the device's
 dense-matmul FLOP/s measured in the same run.
 
-A step is: forward of a batch of BasicBlock conv weights, MSE loss (mean of the two outputs' MSE against
-SimpleBlock_NoBn targets), backward, Adam step. FLOPs are counted analytically (mixer.mixer_flops: every
+A step is exactly the body of train.py's loop: losses.Objective.batch (the index lookup of a batch of pairs)
+and train.train_step (forward of the translator as distributed.Context.wrap wraps it for --amp / --compile,
+the faithful MSE loss, backward, optimizer step) on random pairs held on the device. FLOPs are counted analytically (mixer.mixer_flops: every
 Linear, forward + backward = 3x forward). Rows (variants) are timed interleaved, repeat by repeat, so that
 their ratios hold even on a noisy shared machine; each row reports the median of the repeats.
 
@@ -21,15 +22,21 @@ import os
 import signal
 import time
 
+from types import SimpleNamespace
+
 import torch
-import torch.nn.functional as F
 
 import common  # noqa: F401  (puts the repository on sys.path)
+import distributed
+import losses
+import net
+import train
 from common import (default_device, machine, matmul_flops_per_s, median, print_table, set_threads, sync,
                     timed, write_json)
 from mixer import MLPMixer, mixer_flops
 
-README_CONFIG = dict(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512)
+# the original README's translator command: --num_layers 24 --c_dim 128 ... --dropout 0.1 --batch_size 4096
+README_CONFIG = dict(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.1)
 README_PAIRS, README_EPOCHS, README_BATCH = 300_000, 1000, 4096
 ORIGINAL_CLAIM = 'roughly a day on one A800 (original README)'
 
@@ -57,7 +64,7 @@ def get_args(argv=None):
     p.add_argument('--matmul_n', type=int, default=None, help='size of the square reference matmul '
                                                              '(default CUDA 4096, CPU 2048, quick CPU 1024)')
     for k, v in README_CONFIG.items():
-        p.add_argument(f'--{k}', type=int, default=None, help=f'translator config (README: {v})')
+        p.add_argument(f'--{k}', type=type(v), default=None, help=f'translator config (README: {v})')
     p.add_argument('--out', default=os.path.join(common.REPO, 'bench', 'results', 'translator_step.json'))
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == 'cuda'
@@ -123,27 +130,28 @@ class Variant:
 
     def setup(self):
         torch.manual_seed(0)
+        args = train.get_args(['--amp', 'bf16' if self.precision == 'bf16' else 'none']
+                              + ['--compile'] * self.compile)
         self.model = MLPMixer(**self.config).to(self.device)
-        opt_kw = {'default': {}, 'foreach': {'foreach': True}, 'fused': {'fused': True}}[self.optimizer]
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, **opt_kw)
-        self.fn = torch.compile(self.model) if self.compile else self.model
+        if self.optimizer == 'default':
+            self.opt = train.make_optimizer(self.model, args)  # what train.py uses: Adam with torch's defaults
+        else:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, **{self.optimizer: True})
+        self.fn = distributed.Context(device=self.device).wrap(self.model, args.amp, args.compile)
         b, d = self.batch, self.device
-        self.x = [torch.randn(b, 6, 6, 3, 3, device=d), torch.randn(b, 6, 6, 3, 3, device=d)]
-        self.y = [torch.randn(b, 3, 6, 3, 3, device=d), torch.randn(b, 6, 3, 3, 3, device=d)]
+        pairs = SimpleNamespace(basic={k: torch.randn(b, *net.BASIC_SHAPES[k]) for k in ('conv1.weight', 'conv2.weight')},
+                                simple={k: torch.randn(b, *net.SIMPLE_SHAPES[k]) for k in ('conv1.weight', 'conv2.weight')})
+        self.objective = losses.Objective(args, pairs, d)
+        self.idx = torch.randperm(b, device=d)
+        self.gen = torch.Generator(device=d).manual_seed(0)
 
     def release(self):
-        for name in ('model', 'opt', 'fn', 'x', 'y'):
+        for name in ('model', 'opt', 'fn', 'objective', 'idx'):
             self.__dict__.pop(name, None)
 
     def step(self):
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == 'bf16' \
-            else contextlib.nullcontext()
-        with amp:
-            o1, o2 = self.fn(self.x)
-        loss = 0.5 * (F.mse_loss(o1.float(), self.y[0]) + F.mse_loss(o2.float(), self.y[1]))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        batch = self.objective.batch(self.idx, self.gen)
+        train.train_step(self.fn, self.opt, self.objective, batch, self.gen)
 
     def run(self, n):
         torch.set_float32_matmul_precision('high' if self.precision == 'tf32' else 'highest')

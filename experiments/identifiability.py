@@ -299,6 +299,7 @@ def main(argv=None):
     targets = take(data.simple, slice(0, k))
     report = {'data_root': args.data_root, 'num_networks': k, 'num_inits': r, 'recipe': recipe,
               'stored_recipe': data.recipe, 'seed': args.seed, 'seed_split': f'{SPLIT}/init<r>',
+              'retrain_seeds': ret['seeds'],
               'retrain_seconds': round(time.time() - t0, 1), 'device': str(device),
               'cosine': cosine_metrics(targets, ret, k, r),
               'acc': {'target': summary(accuracy(data, targets, k, mnist)), 'retrained': summary(ret['acc']),

@@ -200,3 +200,27 @@ def test_functional_loss_trains_on_skip_simple_data(skip_simple_set, pair_sets, 
         expect_user_error(capsys, train.main, base + ['--loss', loss],
                           f'holds no small blocks (SimpleBlock_NoBn), needed for the MSE targets of training '
                           f'(--loss {loss}; --loss functional trains without them) (made with --skip_simple')
+
+
+def test_canonical_targets_and_holdout_selection(pair_sets, tmp_path):
+    """--canonical_targets trains on net.canonical_simple of the targets (with its own mean-target row);
+    --holdout_networks picks the best epoch on held-out training networks, never on the val networks."""
+    argv = train_argv(pair_sets, tmp_path, '--canonical_targets', '--train_data_length', '9',
+                      '--holdout_networks', '3', '--log_step', '1')
+    train.main(argv)
+    ckpt_dir, log_dir = run_dirs(argv)
+    assert ckpt_dir.endswith('_n9_seed0_hold3_canon')
+    summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
+    assert summary['selection'] == 'holdout 3' and summary['train_pairs'] == 9
+    assert {'Mean target', 'Mean canonical target'} <= set(summary['rows'])
+    rows = [r for r in read_metrics(log_dir) if r['mean']]
+    best = max(rows, key=lambda r: float(r['holdout']))  # the first best held-out mean wins
+    assert summary['best_epoch'] == int(best['epoch'])
+    assert summary['best_step'] == (int(best['epoch']) + 1) * summary['steps_per_epoch']
+    assert summary['rows']['KT (best)']['mean'] == pytest.approx(float(best['mean']))
+    # the objective's targets are the canonical forms of pairs 0..8 (not the held-out 9..11)
+    data = loader.TrainDataset(pair_sets['train'], 9)
+    objective = losses.Objective(train.get_args(argv), data, torch.device('cpu'))
+    want = net.canonical_simple(data.simple['conv1.weight'], data.simple['conv2.weight'])
+    assert all(torch.equal(a, b) for a, b in zip(objective.targets, want))
+    assert not torch.equal(objective.targets[0], data.simple['conv1.weight'])

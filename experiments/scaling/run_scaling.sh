@@ -9,7 +9,7 @@
 # A second translator seed (all variants at 500 networks, the functional ones at every size) shows
 # how much a result moves with the seed alone.
 #
-#   bash results/scaling/run_scaling.sh          # about 1 h 45 min on 2 cores; re-running skips what is done
+#   bash experiments/scaling/run_scaling.sh          # about 1 h 45 min on 2 cores; re-running skips what is done
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
@@ -30,7 +30,7 @@ gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by its
     >> $OUT/logs/gen_${kind}_$start.log 2>&1
 }
 
-source results/train_run.sh
+source experiments/train_run.sh
 run() {  # run VARIANT N FLAGS...: one translator run into runs/VARIANT_N$TAG, 600 steps at N networks
   local n=$2 iters=$(( ($2 + 63) / 64 ))
   local epochs=$(( (STEPS + iters - 1) / iters ))

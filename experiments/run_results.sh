@@ -3,14 +3,14 @@
 # 100 validation networks with retrained small blocks). Each run is one train.py command; its
 # train.log, metrics.csv and summary.json land in results/runs/<name>/.
 #
-#   bash results/run_results.sh QUEUE     # QUEUE = 1 or 2: two queues run side by side on 2 cores
+#   bash experiments/run_results.sh QUEUE     # QUEUE = 1 or 2: two queues run side by side on 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 BASE="--device cpu --train_path data/demo/train --val_path data/demo/val --val_data_length 100
       --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256 --batch_size 64 --lr 1e-3"
 
-source results/train_run.sh
+source experiments/train_run.sh
 run() {  # run NAME FLAGS...: one train.py run into results/runs/NAME
   local name=$1; shift
   train_run results/runs/$name $BASE "$@"

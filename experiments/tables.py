@@ -1,7 +1,7 @@
 """Markdown tables for RESULTS.md from the runs in results/runs/ and results/scaling/runs/ (each holds
 train.py's summary.json).
 
-    python results/tables.py > results/tables.md
+    python experiments/tables.py > results/tables.md
 """
 import csv
 import json
@@ -9,9 +9,10 @@ import os
 import re
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-import report  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, 'results')
+sys.path.insert(0, REPO)
+from evaluate import BASELINES, beats, paired_margin  # noqa: E402
 
 GROUPS = [
     ('KT against the number of training pairs (300 translator epochs)',
@@ -34,7 +35,7 @@ SCALING_VARIANTS = [('mse', 'faithful MSE'), ('perm', 'MSE + `--perm_aug`'),
 
 def load(name, folder='runs'):
     """summary.json of one run in results/<folder>/ (results/demo holds the main job's), or None if it has not run."""
-    path = os.path.join(HERE, 'demo' if name == 'demo' else os.path.join(folder, name), 'summary.json')
+    path = os.path.join(RESULTS, 'demo' if name == 'demo' else os.path.join(folder, name), 'summary.json')
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -53,23 +54,19 @@ def row(name, s):
     """One markdown row: recipe, KT best mean/min/max, margins over the baselines."""
     r = s['rows']
     kt = r['KT (best)']
-    margins = ' | '.join(f"{kt['mean'] - r[b]['mean']:+.2f}" if b in r else 'n/a' for b in report.BASELINES)
+    margins = ' | '.join(f"{kt['mean'] - r[b]['mean']:+.2f}" if b in r else 'n/a' for b in BASELINES)
     return (f"| {name} | {s['train_pairs']} | {s['num_epochs']} | {options(s)} | {kt['mean']:.2f} | "
             f"{kt['min']:.2f} | {kt['max']:.2f} | {margins} |")
 
 
-def paired_margin(s, baseline):
-    """KT minus a baseline over the same val networks: (mean difference, its standard error)."""
-    diffs = [a - b for a, b in zip(s['rows']['KT (best)']['accs'], s['rows'][baseline]['accs'])]
-    mean = sum(diffs) / len(diffs)
-    std = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
-    return mean, std / len(diffs) ** 0.5
+def margin(s, baseline):
+    """KT minus a baseline, paired over the same val networks: (mean difference, its standard error)."""
+    return paired_margin(s['rows']['KT (best)']['accs'], s['rows'][baseline]['accs'])
 
 
-def beats_by_2se(s, baseline):
-    """Whether KT's paired margin over the baseline exceeds two standard errors."""
-    mean, se = paired_margin(s, baseline)
-    return mean > 2 * se
+def beats_baseline(s, baseline):
+    """evaluate.beats: KT's paired margin over the baseline exceeds two standard errors."""
+    return beats(s['rows']['KT (best)']['accs'], s['rows'][baseline]['accs'])
 
 
 def row_label(n, tag):
@@ -78,7 +75,7 @@ def row_label(n, tag):
 
 
 def scaling():
-    """The 50 -> 2,000 networks study (results/scaling/run_scaling.sh): KT means beside the baselines."""
+    """The 50 -> 2,000 networks study (experiments/scaling/run_scaling.sh): KT means beside the baselines."""
     runs = {(v, n, tag): load(f'{v}_{n}{tag}', os.path.join('scaling', 'runs'))
             for v, _ in SCALING_VARIANTS for n, tag in SCALING_ROWS}
     if not any(runs.values()):
@@ -98,7 +95,7 @@ def scaling():
     print('| networks | ' + ' | '.join(label for _, label in SCALING_VARIANTS) + ' |')
     print('| --- ' * (len(SCALING_VARIANTS) + 1) + '|')
     for n, tag in SCALING_ROWS:
-        cells = ['%+.2f ± %.2f' % paired_margin(runs[v, n, tag], 'Mean target') if runs[v, n, tag] else 'not run'
+        cells = ['%+.2f ± %.2f' % margin(runs[v, n, tag], 'Mean target') if runs[v, n, tag] else 'not run'
                  for v, _ in SCALING_VARIANTS]
         print(f'| {row_label(n, tag)} | ' + ' | '.join(cells) + ' |')
     largest = max(n for (v, n, tag), s in runs.items() if s)
@@ -109,7 +106,7 @@ def scaling():
         cells = []
         for baseline in ('Mean target', 'Weight selection'):
             beats = [n for n in SCALING_SIZES if runs[v, n, '']
-                     and all(beats_by_2se(s, baseline) for tag in ('', '_seed1') if (s := runs[v, n, tag]))]
+                     and all(beats_baseline(s, baseline) for tag in ('', '_seed1') if (s := runs[v, n, tag]))]
             cells.append(', '.join(map(str, beats)) if beats else f'not reached up to {largest}')
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
@@ -117,7 +114,7 @@ def scaling():
 def main():
     first = next((s for name in ('demo', 'epochs_100', 'mse_64') if (s := load(name))), None)
     if first is None:
-        sys.exit('no runs yet: bash results/run_results.sh 1 (and 2)')
+        sys.exit('no runs yet: bash experiments/run_results.sh 1 (and 2)')
     print('Reference rows (the same 100 validation networks in every run):\n')
     print('| row | mean | min | max |\n| --- | --- | --- | --- |')
     for name in ('Large (BasicBlock)', 'Random Init', 'Weight selection', 'Retrained'):
@@ -134,7 +131,7 @@ def main():
         means = [f"{name}: {s['rows']['Mean target']['mean']:.2f}" for name in names
                  if (s := load(name)) and 'Mean target' in s['rows']]
         print(f"\nMean target (depends on the pairs used): {', '.join(means) or 'n/a'}")
-    metrics = [os.path.join(root, 'metrics.csv') for root, _, files in os.walk(os.path.join(HERE, 'demo', 'logs'))
+    metrics = [os.path.join(root, 'metrics.csv') for root, _, files in os.walk(os.path.join(RESULTS, 'demo', 'logs'))
                if 'metrics.csv' in files]
     if metrics:
         print('\n#### Inside the main job (256 pairs, cosine schedule over 300 epochs): evaluations\n')

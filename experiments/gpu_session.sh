@@ -4,8 +4,8 @@
 # and a README-configuration translator trained on it. Everything lands in $OUT (logs, JSON,
 # and the shards packed as data_part_* for use on other machines).
 #
-#   OUT=/tmp/out bash bench/gpu_session.sh
-# Sizes can be shrunk for a dry run on CPU: DEVICE=cpu QUICK=1 OUT=/tmp/out bash bench/gpu_session.sh
+#   OUT=/tmp/out bash experiments/gpu_session.sh
+# Sizes can be shrunk for a dry run on CPU: DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}

@@ -1,6 +1,6 @@
 """The generators' own test accuracies of the embedded data (data/demo), as quoted in RESULTS.md.
 
-    python results/dataset_accuracies.py > results/dataset_accuracies.txt
+    python experiments/dataset_accuracies.py > results/dataset_accuracies.txt
 """
 import os
 import sys
