@@ -7,8 +7,9 @@ For each pair index i, with every random choice derived only from (--seed, i):
      with the same optimiser and data pipeline;
   3. record the test accuracy of the large network, of the small one at init and after training.
 Many pairs train side by side in one process (--models_per_step) with grouped convolutions;
-MNIST stays on the device. Pairs are written as shards (see loader.py); re-running the same
-command resumes and skips finished indices.
+MNIST stays on the device. Pairs are written as shards, or with --layout original as the per-file
+state dicts the original train.py reads (see loader.py); re-running the same command resumes and
+skips finished indices.
 
     python construct_train.py --num_data 100 --start_index 0 --data_root ./data/train
 """
@@ -166,8 +167,7 @@ def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None):
     frozen = [t.clone() for t in (*begin.values(), *last.values())]
     acc_init = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
     if cache_begin is None:
-        cache_bytes = k * 2 * len(train_x) * net.FEATURE_NUMEL * 4
-        cache_begin = args.num_epochs > 1 and utils.fits_in_memory(cache_bytes, device, 0.5)
+        cache_begin = args.num_epochs > 1 and utils.fits_in_memory(begin_cache_bytes(k, len(train_x)), device, 0.5)
     cache = begin_outputs_both_flips(train_x, begin) if cache_begin else None
     knets = torch.arange(k, device=device)[:, None]
 

@@ -127,9 +127,10 @@ def make_parser():
                         'allowed too, but only CPUs with bf16 units gain), loss in float32; evaluation stays '
                         'float32')
     s = p.add_argument_group('system', 'where and how the run executes; these may change on --resume')
-    s.add_argument('--gpu_id', type=int, default=0,
-                   help='GPU to use when CUDA is present: the k-th of CUDA_VISIBLE_DEVICES when that is set '
-                        '(SLURM sets it); else, as the original, sets CUDA_VISIBLE_DEVICES=k. Ignored under torchrun')
+    s.add_argument('--gpu_id', type=int, default=0, metavar='K',
+                   help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
+                        'original); when it is already set (SLURM, ...), the K-th GPU it makes visible (cuda:K). '
+                        'Ignored under torchrun (each process takes cuda:LOCAL_RANK)')
     s.add_argument('--device', default=None, help='e.g. cpu, cuda, cuda:1; None: CUDA if present, else CPU')
     s.add_argument('--train_path', default='./data/train', help='training pairs (shards or the original layout)')
     s.add_argument('--val_path', default='./data/val', help='validation networks (shards or the original layout)')
@@ -409,6 +410,29 @@ def load_resume_state(args, path):
     return state
 
 
+def open_run(args, ctx, ckpt_dir, log_dir):
+    """Make the run directories, start train.log, and write the flags (args.json, flagfile.txt)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    utils.set_logger(os.path.join(log_dir, 'train.log'))
+    log.info(f'flags: {json.dumps(vars(args), sort_keys=True)}')
+    log.info(f'run directory: {ckpt_dir} (logs: {log_dir}); device {ctx.device}')
+    if ctx.world > 1:
+        log.info(f'torchrun: {ctx.world} processes ({torch.distributed.get_backend()}); each takes its share of '
+                 f'every global batch of {args.batch_size} pairs and of the val networks')
+    utils.atomic_write(os.path.join(log_dir, 'args.json'), json.dumps(vars(args), indent=1, sort_keys=True))
+    utils.atomic_write(os.path.join(log_dir, 'flagfile.txt'), flagfile_text(args))
+
+
+def log_scalars(writer, row, lr, epoch):
+    """The original's TensorBoard scalars: Loss, Lr (after the epoch's scheduler step), Mean_Accuracy."""
+    if writer is None:
+        return
+    writer.add_scalar('Loss', row['loss'], epoch)
+    writer.add_scalar('Lr', lr, epoch)
+    if row['mean'] != '':
+        writer.add_scalar('Mean_Accuracy', row['mean'], epoch)
+
+
 def log_original(prefix, accs):
     """The original train.py's accuracy line and its 'Accuracy Distribution' line."""
     log.info(evaluate.original_line(prefix, accs))
@@ -444,15 +468,7 @@ def main(argv=None):
     last_path = os.path.join(ckpt_dir, 'last.pth')
     state = load_resume_state(args, last_path)
     if ctx.is_main:  # under torchrun only rank 0 logs and writes files
-        os.makedirs(ckpt_dir, exist_ok=True)
-        utils.set_logger(os.path.join(log_dir, 'train.log'))
-        log.info(f'flags: {json.dumps(vars(args), sort_keys=True)}')
-        log.info(f'run directory: {ckpt_dir} (logs: {log_dir}); device {device}')
-        if ctx.world > 1:
-            log.info(f'torchrun: {ctx.world} processes ({torch.distributed.get_backend()}); each takes its share of '
-                     f'every global batch of {args.batch_size} pairs and of the val networks')
-        utils.atomic_write(os.path.join(log_dir, 'args.json'), json.dumps(vars(args), indent=1, sort_keys=True))
-        utils.atomic_write(os.path.join(log_dir, 'flagfile.txt'), flagfile_text(args))
+        open_run(args, ctx, ckpt_dir, log_dir)
     if args.resume and state is None:
         log.info(f'--resume: no {last_path} yet, starting afresh')
     elif not args.resume and os.path.exists(last_path):
@@ -548,11 +564,7 @@ def main(argv=None):
             message += f'\n  counts per 5% bin: {utils.acc_histogram(last_accs)}'
         log.info(message + f'  [{time.time() - t0:.1f} s]')
         metrics.append(row)
-        if writer is not None:
-            writer.add_scalar('Loss', row['loss'], epoch)
-            writer.add_scalar('Lr', optimizer.param_groups[0]['lr'], epoch)
-            if row['mean'] != '':
-                writer.add_scalar('Mean_Accuracy', row['mean'], epoch)
+        log_scalars(writer, row, optimizer.param_groups[0]['lr'], epoch)
         rng = dict(rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
         if ctx.is_main:
             write_metrics(metrics_path, metrics)

@@ -1,83 +1,115 @@
 #!/usr/bin/env bash
-# One prepared GPU session: benchmarks 1, 3 and 4 on the GPU, then a full-recipe dataset
-# (val networks with retrained small blocks, then as many training pairs as fit in GEN_SECONDS)
-# and a README-configuration translator trained on it. Everything lands in $OUT (logs, JSON,
-# and the shards packed as data_part_* for use on other machines).
+# The one prepared GPU session (about 10 minutes on one H200): every GPU measurement and study of the
+# repository in one command, each phase under its own time limit, everything logged under $OUT.
+#
+#   1. benchmarks: generation speed at several K, the translator step of the original README's command
+#      (fp32, TF32, bf16, torch.compile; peak memory), evaluation of 100 networks on 10,000 test images;
+#   2. a paper-recipe dataset: 100 validation networks with retrained small blocks, then as many training
+#      pairs as GEN_SECONDS allow;
+#   3. every GPU path of train.py once: torchrun with NCCL + --amp bf16 + --compile + --tf32, killed
+#      mid-run and resumed with --resume; its evaluations score the 100 networks on 10,000 test images;
+#   4. the science study on the pairs made: every objective with the best epoch picked on held-out
+#      training networks, and the identifiability of the paper's recipe (retrainings from fresh inits).
 #
 #   OUT=/tmp/out bash experiments/gpu_session.sh
-# Sizes can be shrunk for a dry run on CPU: DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
+# Dry run on a CPU at tiny sizes (the same commands, minutes): DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
+# At most 8 files come back from a device run: everything is packed into $OUT/session.tar.gz beside session.log.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-GEN_SECONDS=${GEN_SECONDS:-110}
-TRAIN_SECONDS=${TRAIN_SECONDS:-70}
-NUM_VAL=${NUM_VAL:-100}
 WORK=${WORK:-/tmp/kt_gpu}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK/logs"
 LOG="$OUT/session.log"
 say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, its output in $WORK/logs/NAME.log
+  local name=$1 limit=$2; shift 2
+  say "$name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1  # TERM first: torchrun passes it on to its workers
+  local rc=$?
+  tr '\r' '\n' < "$WORK/logs/$name.log" | tail -n 4 | tee -a "$LOG"
+  say "$name: exit $rc"
+}
+killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group once it has written a last.pth
+  local name=$1 t=0; shift
+  say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
+  setsid "$@" > "$WORK/logs/$name.log" 2>&1 &
+  local pid=$!
+  until [ -n "$(find "$WORK/ckpts" -name last.pth 2>/dev/null)" ] || [ $t -ge 200 ] || ! kill -0 $pid 2>/dev/null; do
+    sleep 1; t=$((t + 1))
+  done
+  sleep 2
+  kill -9 -- -$pid 2>/dev/null
+  pkill -9 -f -- "--ckpt_path $WORK/ckpts"  # torchrun's workers run in sessions of their own
+  wait $pid
+  say "$name: exit $? after ${t}s"
+}
+
+if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
+  GEN="--num_epochs 1 --num_train_images 1280 --num_test_images 500"; NUM_VAL=8; GEN_SECONDS=60; HOLD=4
+  BENCH_GEN="--num_images 1280 --k 2"; BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1"
+  BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
+  TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
+  PATHS="--num_epochs 4 --log_step 1 --batch_size 8"; STUDY="--num_epochs 4 --log_step 2 --batch_size 8"
+  IDENT="--num_networks 2 --num_inits 2 --num_epochs 1"
+else
+  GEN=""; NUM_VAL=100; GEN_SECONDS=${GEN_SECONDS:-100}; HOLD=64
+  BENCH_GEN="--num_images 12800 --k 128 256 512"
+  BENCH_STEP="--batches 1024 4096 --main_batch 4096 --compile on --compile_timeout 90 --repeats 3"
+  BENCH_EVAL="--no_sweep --repeats 2"
+  TRANSLATOR="--num_layers 24 --c_dim 128 --hidden_s_dim 256 --hidden_c_dim 512 --dropout 0.1"
+  PATHS="--num_epochs 6 --log_step 2 --batch_size 4096"; STUDY="--num_epochs 60 --log_step 5 --batch_size 1024"
+  IDENT="--num_networks 24 --num_inits 3"
+fi
 
 say "machine"
 { nvidia-smi -L 2>/dev/null; python -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } 2>&1 | tee -a "$LOG"
 
-if [ "$QUICK" = 1 ]; then
-  GEN_FLAGS="--num_epochs 1 --num_train_images 1280 --num_test_images 500"
-  BENCH_GEN="--num_images 1280 --k 2"; BENCH_Q="--quick"; TRAIN_FLAGS="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_epochs 2 --log_step 1 --batch_size 8 --num_test_images 500"
-else
-  GEN_FLAGS=""
-  BENCH_GEN="--num_images 12800 --k 64 256 512"; BENCH_Q="--quick"; TRAIN_FLAGS="--num_layers 24 --num_epochs 500 --log_step 50 --batch_size 256"
-fi
+# 1. benchmarks
+step bench_generate 120 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+K=$(python -c "import json; r=json.load(open('$WORK/generate.json'))['rows']; print(max((v for k, v in r.items() if 'compiled' not in k), key=lambda v: v['pairs_per_hour'])['k'])" 2>/dev/null || echo 0)
+say "fastest K: $K"
+step bench_translator_step 240 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
+step bench_eval 60 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 
-say "benchmark 1: generation"
-timeout 100 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$OUT/generate_gpu.json" 2>&1 | tee -a "$LOG" | tail -12
-K=$(python -c "import json,sys; r=json.load(open('$OUT/generate_gpu.json'))['rows']; print(max((v for k, v in r.items() if 'compiled' not in k), key=lambda v: v['pairs_per_hour'])['k'])" 2>/dev/null || echo 0)
-say "best K: $K"
+# 2. a paper-recipe dataset
+step construct_val 90 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --models_per_step "$K" \
+  --data_root "$WORK/val" $GEN
+step construct_train "$GEN_SECONDS" python construct_train.py --device "$DEVICE" --num_data 1000000 --models_per_step "$K" \
+  --data_root "$WORK/train" $GEN
+MADE=$(python -c "import loader; print(len(loader.covered_indices('$WORK/train')))")
+NUM_TRAIN=$(( MADE - HOLD ))
+say "training pairs made: $MADE ($NUM_TRAIN for training, $HOLD held out for picking epochs)"
+DATA="--device $DEVICE --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN"
 
-say "benchmark 3: translator step"
-timeout 90 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_Q --compile_timeout 40 --out "$OUT/translator_step_gpu.json" 2>&1 | tee -a "$LOG" | tail -15
+# 3. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed
+TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.py $DATA $TRANSLATOR $PATHS
+  --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
+killed train_paths_killed $TORCHRUN
+step train_paths_resumed 200 $TORCHRUN --resume
+grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in" "$WORK"/train_logs/*/*/*/train.log | tee -a "$LOG"
 
-say "benchmark 4: evaluation"
-timeout 30 python bench/bench_eval.py --device "$DEVICE" --out "$OUT/eval_gpu.json" 2>&1 | tee -a "$LOG" | tail -8
+# 4. the science study: every objective on the pairs made, best epoch picked on held-out training networks
+study() {  # study NAME FLAGS...
+  local name=$1; shift
+  step "study_$name" 60 python train.py $DATA --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256 \
+    --num_test_images 10000 $STUDY --holdout_networks "$HOLD" --ckpt_path "$WORK/study/$name" --log_path "$WORK/study/$name" "$@"
+  cp "$(find "$WORK/study/$name" -name summary.json | head -1)" "$WORK/study_$name.json" 2>/dev/null
+}
+[ "$QUICK" = 1 ] && STUDY="$STUDY --num_test_images 500"
+study mse
+study canon --canonical_targets
+study hinv --hidden_invariant_loss
+study perm --perm_aug
+study functional_perm --loss functional --functional_images 32 --perm_aug
+step identifiability 120 python experiments/identifiability.py --device "$DEVICE" --data_root "$WORK/val" $IDENT \
+  --translators $(find "$WORK/study" -name "[0-9]*.pth") --out "$WORK/identifiability"
+python report.py "$WORK"/study_*.json > "$WORK/study_tables.md" 2>&1
 
-say "val networks (with retrained small blocks)"
-timeout 80 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --models_per_step "$K" \
-  --data_root "$WORK/val" $GEN_FLAGS 2>&1 | tail -3 | tee -a "$LOG"
-
-say "training pairs for ${GEN_SECONDS}s (a killed run leaves only complete shards)"
-timeout "$GEN_SECONDS" python construct_train.py --device "$DEVICE" --num_data 100000 --models_per_step "$K" \
-  --data_root "$WORK/train" $GEN_FLAGS 2>&1 | tail -2 | tee -a "$LOG"
-NUM_TRAIN=$(python -c "import loader; print(len(loader.covered_indices('$WORK/train')))")
-say "training pairs made: $NUM_TRAIN"
-
-say "translator, README configuration, on the pairs made"
-timeout "$TRAIN_SECONDS" python train.py --device "$DEVICE" --train_path "$WORK/train" --val_path "$WORK/val" \
-  --train_data_length "$NUM_TRAIN" --val_data_length "$NUM_VAL" --ckpt_path "$WORK/ckpts" --log_path "$WORK/logs" \
-  $TRAIN_FLAGS 2>&1 | tail -25 | tee -a "$LOG"
-
+pkill -f -- "$WORK" 2>/dev/null  # nothing of this session may outlive it on the GPU
 say "packing"
-tar czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d train/logs val/logs 2>/dev/null) 2>/dev/null
-# shards in index order up to 56 MB, split in parts of 15 MB (what comes back is limited)
-python - "$WORK" <<'EOF' > "$WORK/pack.txt"
-import os, sys, loader
-work, total, keep = sys.argv[1], 0, []
-for folder, _, files in os.walk(os.path.join(work, 'ckpts')):  # the best translator first
-    for name in files:
-        if name.endswith('.pth') and name != 'last.pth':
-            keep.append(os.path.relpath(os.path.join(folder, name), work))
-            total += os.path.getsize(os.path.join(folder, name))
-for sub in ('val', 'train'):
-    root = os.path.join(work, sub)
-    for name in ('recipe.json',):
-        keep.append(os.path.join(sub, name))
-    for start, stop, path in loader.list_shards(root):
-        total += os.path.getsize(path)
-        if total > 56 * 2 ** 20:
-            break
-        keep.append(os.path.relpath(path, work))
-print('\n'.join(keep))
-EOF
-tar cf - -C "$WORK" -T "$WORK/pack.txt" | split -b 15m - "$OUT/data_part_"
+tar czf "$OUT/session.tar.gz" -C "$WORK" logs train_logs study_tables.md $(cd "$WORK" && ls *.json identifiability.* 2>/dev/null) \
+  $(cd "$WORK" && find study -name train.log -o -name metrics.csv) val/logs train/logs 2>/dev/null
 ls -la "$OUT" | tee -a "$LOG"
 say "done"
