@@ -101,10 +101,7 @@ def main():
     """Write the script."""
     args = get_args()
     text = slurm_sh(args) if args.slurm else run_sh(args)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    utils.atomic_write(args.out, text)
     print(f'wrote {args.out}' + ('' if args.slurm else f': {len(process_slices(args))} processes'))
 
 

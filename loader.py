@@ -124,7 +124,7 @@ def read_pairs(root, num, blocks=None, start=0):
     check_shard_ranges(shards)
     end = start + num
     have = covered_indices(root)
-    if end > len(have) or not all(i in have for i in range(start, end)):
+    if not all(i in have for i in range(start, end)):
         raise UserError(f'{root}: asked for {num} pairs ({start}..{end - 1}) but {len(have)} exist; '
                         f'missing indices: {format_ranges(missing_ranges(have, start, end))}')
     parts, recipe = [], read_recipe(root)
@@ -212,7 +212,7 @@ def read_original(base_path, num, dirs, required, start=0):
                             f'{", ".join(dirs[b] + "/" for b in required)})')
     for block, folder in present.items():
         have = _original_indices(folder)
-        if start + num > len(have) or not all(i in have for i in range(start, start + num)):
+        if not all(i in have for i in range(start, start + num)):
             raise UserError(f'{folder}: asked for {num} pairs ({start}..{start + num - 1}) but {len(have)} exist; '
                             f'missing indices: {format_ranges(missing_ranges(have, start, start + num))}')
     out = {}

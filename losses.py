@@ -6,7 +6,6 @@ Research options (off by default) change it: --perm_aug (exact channel-permutati
 --canonical_targets (symmetry-free targets), --hidden_invariant_loss (MSE under the best hidden order) and
 --loss functional / mse+functional (match the BasicBlock's output instead of, or beside, its weights).
 """
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +14,8 @@ import torch.nn.functional as F
 import mnist
 import net
 from distributed import take_share
+from net import HIDDEN_ORDERS
 from utils import UserError
-
-HIDDEN_ORDERS = tuple(itertools.permutations(range(net.HIDDEN)))  # the 3! orders of the small block's hidden channels
 
 
 def perturb(tensors, prob, noise, gen):

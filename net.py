@@ -8,6 +8,8 @@ Two halves:
     carrying a leading K axis. Generation trains K networks at once with them, train.py
     scores all val networks at once, and the functional loss runs translated blocks.
 """
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ FEATURE_NUMEL = PLANES * 14 * 14
 BASIC_SHAPES = {'conv1.weight': (PLANES, PLANES, 3, 3), 'conv2.weight': (PLANES, PLANES, 3, 3),
                 **{f'bn{i}.{n}': (PLANES,) for i in (1, 2) for n in ('weight', 'bias', 'running_mean', 'running_var')}}
 SIMPLE_SHAPES = {'conv1.weight': (HIDDEN, PLANES, 3, 3), 'conv2.weight': (PLANES, HIDDEN, 3, 3)}
+HIDDEN_ORDERS = tuple(itertools.permutations(range(HIDDEN)))  # the 3! orders of the small block's hidden channels
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -320,9 +323,6 @@ def permute_pairs(c1, c2, s1, s2, p, q):
 # after any permutation of its 3 hidden channels. A weight-space target is one arbitrary member of
 # that orbit; canonical_simple picks a fixed one, best_order_cosine compares orbits.
 
-SMALL_HIDDEN_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))  # the 3! orders
-
-
 def rescale_simple(conv1, conv2):
     """Stacked small blocks (B, 3, 6, 3, 3), (B, 6, 3, 3, 3) with every hidden filter conv1[:, h] of unit
     L2 norm, its scale moved into conv2[:, :, h]: the same functions.
@@ -369,5 +369,5 @@ def best_order_cosine(a, b):
     b1, b2 = rescale_simple(*b)
     va = torch.cat([a1.flatten(1), a2.flatten(1)], dim=1)
     cos = [F.cosine_similarity(va, torch.cat([b1[:, o].flatten(1), b2[:, :, o].flatten(1)], dim=1), dim=1)
-           for o in map(list, SMALL_HIDDEN_ORDERS)]
+           for o in map(list, HIDDEN_ORDERS)]
     return torch.stack(cos).max(dim=0).values

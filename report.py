@@ -8,7 +8,6 @@ its margin, paired over the same val networks, is above two standard errors).
 """
 import argparse
 import json
-import os
 
 import utils
 from evaluate import BASELINES, verdict  # noqa: F401  (BASELINES: for the tables of experiments/)
@@ -42,24 +41,48 @@ def table(summary, hist=False):
     return '\n'.join(lines)
 
 
+def side_by_side(summaries, labels):
+    """One table of runs on the same validation networks: the reference rows once, then each run's KT rows,
+    and each run's verdict."""
+    first = summaries[0]['rows']
+    for s, label in zip(summaries[1:], labels[1:]):
+        same = [n for n in first if not n.startswith('KT') and n in s['rows'] and n != 'Mean target']
+        if any(s['rows'][n]['accs'] != first[n]['accs'] for n in same):
+            raise utils.UserError(f'{label}: scored on other validation networks or test images than {labels[0]}; '
+                                  f'--side_by_side needs runs on the same ones')
+    lines = ['| row | mean | min | max |', '| --- | --- | --- | --- |']
+    refs = [n for n in ORDER if n in first and not n.startswith('KT')]
+    for name, r in [(n, first[n]) for n in refs] + [(f'{kt}, {label}', s['rows'][kt]) for s, label in
+                                                     zip(summaries, labels) for kt in ('KT (best)', 'KT (last)')]:
+        lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
+    lines.append('')
+    lines += [f'{label}: ' + verdict(s['rows']) for s, label in zip(summaries, labels)]
+    return '\n'.join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description='Results table of train.py runs.')
     p.add_argument('summaries', nargs='+', help='summary.json files written by train.py')
     p.add_argument('--out', default='', help='also write the tables to this markdown file')
     p.add_argument('--hist', action='store_true', help='add the 20-bin histograms of Random Init and KT')
+    p.add_argument('--side_by_side', nargs='+', metavar='LABEL', default=None,
+                   help='one table for runs on the same validation networks, a label per summary')
     args = p.parse_args()
+    summaries = [load_summary(path) for path in args.summaries]
     text = []
-    for path in args.summaries:
-        s = load_summary(path)
-        text += [f"### {s['run']}",
-                 f"{s['train_pairs']} training pairs, {s['num_val']} val networks, {s['num_test_images']} test "
-                 f"images; translator {s['config']}; best epoch {s['best_epoch']} of {s['num_epochs']}", '',
-                 table(s, args.hist), '']
+    if args.side_by_side is not None:
+        if len(args.side_by_side) != len(summaries):
+            raise utils.UserError(f'--side_by_side: {len(args.side_by_side)} labels for {len(summaries)} summaries')
+        text = [side_by_side(summaries, args.side_by_side), '']
+    else:
+        for s in summaries:
+            text += [f"### {s['run']}",
+                     f"{s['train_pairs']} training pairs, {s['num_val']} val networks, {s['num_test_images']} test "
+                     f"images; translator {s['config']}; best epoch {s['best_epoch']} of {s['num_epochs']}", '',
+                     table(s, args.hist), '']
     print('\n'.join(text))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            f.write('\n'.join(text))
+        utils.atomic_write(args.out, '\n'.join(text))
 
 
 if __name__ == '__main__':

@@ -55,7 +55,7 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   IDENT="--num_networks 2 --num_inits 2 --num_epochs 1"
 else
   GEN=""; NUM_VAL=100; GEN_SECONDS=${GEN_SECONDS:-100}; HOLD=64
-  BENCH_GEN="--num_images 12800 --k 128 256 512"
+  BENCH_GEN="--num_images 12800 --k 128 256 512 --compile"
   BENCH_STEP="--batches 1024 4096 --main_batch 4096 --compile on --compile_timeout 90 --repeats 3"
   BENCH_EVAL="--no_sweep --repeats 2"
   TRANSLATOR="--num_layers 24 --c_dim 128 --hidden_s_dim 256 --hidden_c_dim 512 --dropout 0.1"

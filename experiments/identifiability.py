@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import construct_train  # noqa: E402
+import evaluate  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
 import translate  # noqa: E402
@@ -229,8 +230,7 @@ def load_translators(paths):
 @torch.no_grad()
 def translator_metrics(model, data, targets, ret, k, r, mnist):
     """A translator's outputs on the K networks against the stored targets, the retrainings and each other."""
-    c1, c2 = model([data.basic['conv1.weight'][:k], data.basic['conv2.weight'][:k]])
-    out = {'conv1.weight': c1.float(), 'conv2.weight': c2.float()}
+    out = evaluate.translate(model, data.basic['conv1.weight'][:k], data.basic['conv2.weight'][:k])
     rows = {
         'target': summary(pair_cosines(out, targets, [(i, i) for i in range(k)])),
         'retrained': summary(pair_cosines(out, ret['trained'], [(x // r, x) for x in range(k * r)])),

@@ -117,3 +117,19 @@ def test_train_set_without_small_blocks(tmp_path):
     assert ds.simple is None and ds.basic['conv1.weight'].shape[0] == 4
     with pytest.raises(UserError, match='no small blocks .* MSE targets .*--skip_simple'):
         ds[0]
+
+
+def test_reading_from_a_start_index(tmp_path):
+    """Held-out networks (train.py --holdout_networks) are read as pairs start .. start + num - 1, in both layouts."""
+    pairs = write_shards(tmp_path / 'shards', 10, shard_size=4, seed=5)
+    ds = loader.TrainDataset(str(tmp_path / 'shards'), 5, with_networks=True, start=3)  # across two shard boundaries
+    assert len(ds) == 5 and ds.start == 3
+    for block in ('basic', 'simple', 'begin', 'last'):
+        for key, t in getattr(ds, block).items():
+            assert torch.equal(t, pairs[block][key][3:8]), (block, key)
+    torch.testing.assert_close(ds.acc_small, pairs['acc_small'][3:8])
+    original = write_original(tmp_path / 'original', 6, 'train', seed=3)
+    ds = loader.TrainDataset(str(tmp_path / 'original'), 2, start=4)
+    assert torch.equal(ds.basic['conv2.weight'], original['basic']['conv2.weight'][4:6])
+    with pytest.raises(UserError, match=r'asked for 3 pairs \(8\.\.10\) but 10 exist; missing indices: 10'):
+        loader.TrainDataset(str(tmp_path / 'shards'), 3, start=8)

@@ -262,3 +262,15 @@ def test_channel_permutations_keep_both_networks_functions():
     for got, want in zip((c1, c2, s1, s2), (permuted[1]['conv1.weight'], permuted[1]['conv2.weight'],
                                             permuted[3]['conv1.weight'], permuted[3]['conv2.weight'])):
         assert torch.equal(got[0], want)
+
+
+def test_atomic_write_text_bytes_and_permissions(tmp_path):
+    utils.atomic_write(str(tmp_path / 'a.txt'), 'text\n')
+    utils.atomic_write(str(tmp_path / 'b.bin'), b'\x00\x01')
+    assert (tmp_path / 'a.txt').read_text() == 'text\n' and (tmp_path / 'b.bin').read_bytes() == b'\x00\x01'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / 'a.txt').stat().st_mode & 0o777 == 0o666 & ~umask  # readable like open()'s, not 0600
+    with pytest.raises(ZeroDivisionError):
+        utils.atomic_write(str(tmp_path / 'a.txt'), lambda f: 1 / 0)
+    assert sorted(os.listdir(tmp_path)) == ['a.txt', 'b.bin'] and (tmp_path / 'a.txt').read_text() == 'text\n'
