@@ -111,5 +111,8 @@ pkill -f -- "$WORK" 2>/dev/null  # nothing of this session may outlive it on the
 say "packing"
 tar czf "$OUT/session.tar.gz" -C "$WORK" logs train_logs study_tables.md $(cd "$WORK" && ls *.json identifiability.* 2>/dev/null) \
   $(cd "$WORK" && find study -name train.log -o -name metrics.csv) val/logs train/logs 2>/dev/null
+# the pairs themselves, when they fit what comes back (16 MiB a file): shards hold ~29 KB a pair
+tar czf "$WORK/pairs.tar.gz" --exclude logs -C "$WORK" train val 2>/dev/null
+if [ "$(stat -c %s "$WORK/pairs.tar.gz")" -lt 16000000 ]; then mv "$WORK/pairs.tar.gz" "$OUT/"; else say "pairs not kept: over 16 MB"; fi
 ls -la "$OUT" | tee -a "$LOG"
 say "done"
