@@ -18,7 +18,8 @@ orders (net.best_order_cosine). Reported, mean ± standard error over pairs:
 
     python experiments/identifiability.py --data_root data/demo/val --num_networks 6 --num_inits 2
 
-Writes <out>.json, <out>.md (the table) and <out>.log; --out defaults to
+Writes <out>.json, <out>.md (the table), <out>.log and <out>.blocks.pt (the retrained blocks, from which a
+killed run resumes); --out defaults to
 results/identifiability/<data root's last two folders>_<epochs>ep.
 """
 import argparse
@@ -133,30 +134,38 @@ def retrain(data, nets, init, gens, rargs, mnist):
     return {k: t.cpu() for k, t in simple.items()}, acc_init.cpu(), acc.cpu()
 
 
-def retrain_all(data, args, rargs, mnist, device):
-    """Retrain R small blocks per network; blocks in order (network, init): row i * R + r."""
+def retrain_all(data, args, rargs, mnist, device, cache_path):
+    """Retrain R small blocks per network; blocks in order (network, init): row i * R + r. Every finished
+    group is kept in cache_path, so a killed run resumes (blocks made with another recipe or seed are redone)."""
     k, r = args.num_networks, args.num_inits
     jobs = [(i, j) for i in range(k) for j in range(r)]
     seeds = [utils.seed_for(args.seed, f'{SPLIT}/init{j}', i) for i, j in jobs]
+    recipe = {key: getattr(rargs, key) for key in ('num_epochs', 'lr', 'batch_size', 'num_train_images')}
+    cache = utils.load_file(cache_path, 'retrained blocks') if os.path.exists(cache_path) else {}
+    done = cache.get('blocks', {}) if cache.get('recipe') == recipe and cache.get('data_root') == args.data_root else {}
     # one at a time on a CPU (grouped convolutions are slower there, BENCHMARKS.md); all at once on a GPU
     step = args.models_per_step or (1 if device.type == 'cpu' else len(jobs))
-    inits, trained, acc_init, acc = [], [], [], []
     with tqdm(total=len(jobs), unit='block', desc='retraining', dynamic_ncols=True) as bar:
         for a in range(0, len(jobs), step):
-            init = net.fresh_states('simple', seeds[a:a + step])
-            gens = [construct_train.data_generator(s) for s in seeds[a:a + step]]
+            group = [x for x in range(a, min(a + step, len(jobs))) if done.get(seeds[x], {}).get('job') != jobs[x]]
+            bar.update(min(a + step, len(jobs)) - a - len(group))
+            if not group:
+                continue
+            init = net.fresh_states('simple', [seeds[x] for x in group])
+            gens = [construct_train.data_generator(seeds[x]) for x in group]
             t0 = time.time()
-            out, a0, a1 = retrain(data, [i for i, _ in jobs[a:a + step]], init, gens, rargs, mnist)
-            inits.append(init)
-            trained.append(out)
-            acc_init.append(a0)
-            acc.append(a1)
-            bar.update(len(gens))
-            bar.set_postfix(acc=f'{torch.cat(acc).mean():.1f}%')
-            logging.info(f'retrained {jobs[a:a + step]} in {time.time() - t0:.1f} s: test accuracy '
+            out, a0, a1 = retrain(data, [jobs[x][0] for x in group], init, gens, rargs, mnist)
+            for n, x in enumerate(group):
+                done[seeds[x]] = {'job': jobs[x], 'init': take(init, [n]), 'trained': take(out, [n]),
+                                  'acc_init': a0[n:n + 1], 'acc': a1[n:n + 1]}
+            utils.atomic_save({'recipe': recipe, 'data_root': args.data_root, 'blocks': done}, cache_path)
+            bar.update(len(group))
+            logging.info(f'retrained {[jobs[x] for x in group]} in {time.time() - t0:.1f} s: test accuracy '
                          f'{", ".join(f"{x:.2f}%" for x in a1.tolist())} (at init {", ".join(f"{x:.2f}%" for x in a0.tolist())})')
-    return {'init': cat_states(inits), 'trained': cat_states(trained), 'acc_init': torch.cat(acc_init),
-            'acc': torch.cat(acc), 'seeds': seeds}
+    blocks = [done[sd] for sd in seeds]
+    return {'init': cat_states([b['init'] for b in blocks]), 'trained': cat_states([b['trained'] for b in blocks]),
+            'acc_init': torch.cat([b['acc_init'] for b in blocks]), 'acc': torch.cat([b['acc'] for b in blocks]),
+            'seeds': seeds}
 
 
 def cat_states(states):
@@ -294,7 +303,7 @@ def main(argv=None):
     rargs = recipe_args(recipe, args.mnist_root)
     mnist = construct_train.load_mnist_to(device, rargs)
     t0 = time.time()
-    ret = retrain_all(data, args, rargs, mnist, device)
+    ret = retrain_all(data, args, rargs, mnist, device, out + '.blocks.pt')
     k, r = args.num_networks, args.num_inits
     targets = take(data.simple, slice(0, k))
     report = {'data_root': args.data_root, 'num_networks': k, 'num_inits': r, 'recipe': recipe,

@@ -58,6 +58,14 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
         table = f.read()
     assert '| retrained vs the stored target |' in table and f'| {ckpt}: outputs of different networks |' in table
     assert os.path.getsize(out + '.log') > 0
+    # a second run (as after a kill) reuses the retrained blocks instead of training them again
+    blocks = torch.load(out + '.blocks.pt', weights_only=True)['blocks']
+    assert sorted(b['job'] for b in blocks.values()) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    stamp = os.path.getmtime(out + '.blocks.pt')
+    identifiability.main(['--data_root', val_root, '-K', '2', '-R', '2', '--out', out])
+    with open(out + '.json') as f:
+        again = json.load(f)
+    assert os.path.getmtime(out + '.blocks.pt') == stamp and again['cosine'] == report['cosine']
 
 
 def test_retraining_is_the_recipe(val_root, one_thread):
