@@ -506,7 +506,8 @@ def main(argv=None):
     gen.manual_seed(args.seed)
     n, bs = len(train_set), args.batch_size
     iters = math.ceil(n / bs)
-    stopped, start_epoch, best, metrics, last_accs = False, 0, {'mean': -1.0, 'epoch': -1, 'model': None, 'accs': None}, [], None
+    stopped, start_epoch, metrics, last_accs = False, 0, [], None
+    best = {'mean': -1.0, 'epoch': -1, 'model': None, 'accs': None}  # picked on --holdout_networks, else on val
     if state is not None:
         if state['config'] != config:
             raise UserError(f'{last_path}: translator {state["config"]} differs from the flags ({config})')

@@ -3,9 +3,10 @@ dense-matmul FLOP/s measured in the same run.
 
 A step is exactly the body of train.py's loop: losses.Objective.batch (the index lookup of a batch of pairs)
 and train.train_step (forward of the translator as distributed.Context.wrap wraps it for --amp / --compile,
-the faithful MSE loss, backward, optimizer step) on random pairs held on the device. FLOPs are counted analytically (mixer.mixer_flops: every
-Linear, forward + backward = 3x forward). Rows (variants) are timed interleaved, repeat by repeat, so that
-their ratios hold even on a noisy shared machine; each row reports the median of the repeats.
+the faithful MSE loss, backward, optimizer step) on random pairs held on the device. FLOPs are counted
+analytically (mixer.mixer_flops: every Linear, forward + backward = 3x forward). Rows (variants) are timed
+interleaved, repeat by repeat, so that their ratios hold even on a noisy shared machine; each row reports the
+median of the repeats.
 
 Variants: batch sizes with plain Adam (the original's optimizer, default settings); at the main batch
 Adam(foreach=True), Adam(fused=True); with --compile torch.compile(model); on CUDA also TF32 matmuls,
@@ -139,8 +140,9 @@ class Variant:
             self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, **{self.optimizer: True})
         self.fn = distributed.Context(device=self.device).wrap(self.model, args.amp, args.compile)
         b, d = self.batch, self.device
-        pairs = SimpleNamespace(basic={k: torch.randn(b, *net.BASIC_SHAPES[k]) for k in ('conv1.weight', 'conv2.weight')},
-                                simple={k: torch.randn(b, *net.SIMPLE_SHAPES[k]) for k in ('conv1.weight', 'conv2.weight')})
+        convs = ('conv1.weight', 'conv2.weight')
+        pairs = SimpleNamespace(basic={k: torch.randn(b, *net.BASIC_SHAPES[k]) for k in convs},
+                                simple={k: torch.randn(b, *net.SIMPLE_SHAPES[k]) for k in convs})
         self.objective = losses.Objective(args, pairs, d)
         self.idx = torch.randperm(b, device=d)
         self.gen = torch.Generator(device=d).manual_seed(0)

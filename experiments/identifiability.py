@@ -160,8 +160,9 @@ def retrain_all(data, args, rargs, mnist, device, cache_path):
                                   'acc_init': a0[n:n + 1], 'acc': a1[n:n + 1]}
             utils.atomic_save({'recipe': recipe, 'data_root': args.data_root, 'blocks': done}, cache_path)
             bar.update(len(group))
+            pct = lambda accs: ', '.join(f'{x:.2f}%' for x in accs.tolist())  # noqa: E731
             logging.info(f'retrained {[jobs[x] for x in group]} in {time.time() - t0:.1f} s: test accuracy '
-                         f'{", ".join(f"{x:.2f}%" for x in a1.tolist())} (at init {", ".join(f"{x:.2f}%" for x in a0.tolist())})')
+                         f'{pct(a1)} (at init {pct(a0)})')
     blocks = [done[sd] for sd in seeds]
     return {'init': cat_states([b['init'] for b in blocks]), 'trained': cat_states([b['trained'] for b in blocks]),
             'acc_init': torch.cat([b['acc_init'] for b in blocks]), 'acc': torch.cat([b['acc'] for b in blocks]),

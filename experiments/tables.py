@@ -111,6 +111,46 @@ def scaling():
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
 
+PAPER_VARIANTS = [('mse', 'faithful MSE'), ('canon', 'MSE, `--canonical_targets`'),
+                  ('hinv', 'MSE, `--hidden_invariant_loss`'), ('perm', 'MSE, `--perm_aug`'),
+                  ('perm_canon', 'MSE, `--perm_aug --canonical_targets`'),
+                  ('functional_perm', '`--loss functional --perm_aug`')]
+
+
+def paper_recipe():
+    """Weight-space objectives on the paper's recipe (experiments/paper_recipe.sh), picked on held-out networks."""
+    runs = {(v, n): load(f'{v}_{n}', os.path.join('paper_recipe', 'runs'))
+            for v, _ in PAPER_VARIANTS for n in (64, 224)}
+    if not any(runs.values()):
+        return
+    print('\n#### Weight targets on the paper\'s recipe (data/demo; best epoch picked on 32 held-out training '
+          'networks)\n')
+    print('KT (best) mean; its margin over Mean target and over Weight selection, paired over the 100 validation '
+          'networks (mean ± standard error; **bold**: more than two standard errors); the step it was picked at.\n')
+    print('| objective | networks | KT (best) | KT (last) | vs Mean target | vs Weight selection | picked at step |')
+    print('| --- ' * 7 + '|')
+    for v, label in PAPER_VARIANTS:
+        for n in (64, 224):
+            s = runs[v, n]
+            if s is None:
+                print(f'| {label} | {n} | not run | | | | |')
+                continue
+            cells = []
+            for baseline in ('Mean target', 'Weight selection'):
+                cell = '%+.2f ± %.2f' % margin(s, baseline)
+                cells.append(f'**{cell}**' if beats_baseline(s, baseline) else cell)
+            print(f"| {label} | {n} | {s['rows']['KT (best)']['mean']:.2f} | {s['rows']['KT (last)']['mean']:.2f} | "
+                  f"{' | '.join(cells)} | {s['best_step']} of {s['steps_per_epoch'] * s['num_epochs']} |")
+    ref = next(s for s in runs.values() if s)
+    means = {n: runs['mse', n]['rows']['Mean target']['mean'] for n in (64, 224) if runs['mse', n]}
+    canon = {n: runs['canon', n]['rows']['Mean canonical target']['mean'] for n in (64, 224) if runs['canon', n]}
+    r = ref['rows']
+    print(f"\nReference rows: Random Init {r['Random Init']['mean']:.2f}, Weight selection "
+          f"{r['Weight selection']['mean']:.2f}, Retrained {r['Retrained']['mean']:.2f}; Mean target "
+          + ', '.join(f'{m:.2f} ({n} networks)' for n, m in means.items()) + '; mean canonical target '
+          + ', '.join(f'{m:.2f} ({n} networks)' for n, m in canon.items()) + '.')
+
+
 def main():
     first = next((s for name in ('demo', 'epochs_100', 'mse_64') if (s := load(name))), None)
     if first is None:
@@ -142,6 +182,7 @@ def main():
                     print(f"| {r['epoch']} | {float(r['loss']):.5f} | {float(r['mean']):.2f} | {float(r['min']):.2f} "
                           f"| {float(r['max']):.2f} |")
     scaling()
+    paper_recipe()
 
 
 if __name__ == '__main__':
