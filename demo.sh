@@ -14,7 +14,6 @@
 # by side, one per core.
 set -euo pipefail
 cd "$(dirname "$0")"
-export OMP_NUM_THREADS=1
 OUT=results/demo
 TRAIN=data/demo/train
 VAL=data/demo/val
@@ -39,9 +38,9 @@ echo "   (the paper's: 300,000), side by side; each scores $NUM_VAL validation n
 echo "   faithful: the paper's objective (weight MSE), 300 epochs -> $OUT/faithful.log"
 echo "   functional + perm: --loss functional --perm_aug (RESULTS.md), 100 epochs -> $OUT/functional_perm.log"
 mkdir -p $OUT
-python train.py $FLAGS --num_epochs 300 --log_step 100 > $OUT/faithful.log 2>&1 &
+OMP_NUM_THREADS=1 python train.py $FLAGS --num_epochs 300 --log_step 100 > $OUT/faithful.log 2>&1 &
 FAITHFUL=$!
-python train.py $FLAGS --num_epochs 100 --log_step 50 --loss functional --functional_images 32 --perm_aug \
+OMP_NUM_THREADS=1 python train.py $FLAGS --num_epochs 100 --log_step 50 --loss functional --functional_images 32 --perm_aug \
   > $OUT/functional_perm.log 2>&1 &
 wait $FAITHFUL || { tail -5 $OUT/faithful.log; exit 1; }
 wait $! || { tail -5 $OUT/functional_perm.log; exit 1; }

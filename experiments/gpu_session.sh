@@ -36,14 +36,13 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
   say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
   setsid "$@" > "$WORK/logs/$name.log" 2>&1 &
   local pid=$!
-  until [ -n "$(find "$WORK/ckpts" -name last.pth 2>/dev/null)" ] || [ $t -ge 200 ] || ! kill -0 $pid 2>/dev/null; do
-    sleep 1; t=$((t + 1))
+  until [ -n "$(find "$WORK/ckpts" -name last.pth 2>/dev/null)" ] || [ $t -ge 1000 ] || ! kill -0 $pid 2>/dev/null; do
+    sleep 0.2; t=$((t + 1))
   done
-  sleep 2
   kill -9 -- -$pid 2>/dev/null
   pkill -9 -f -- "--ckpt_path $WORK/ckpts"  # torchrun's workers run in sessions of their own
   wait $pid
-  say "$name: exit $? after ${t}s"
+  say "$name: exit $? after $((t / 5))s"
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
@@ -51,7 +50,7 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   BENCH_GEN="--num_images 1280 --k 2"; BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1"
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
-  PATHS="--num_epochs 4 --log_step 1 --batch_size 8"; STUDY="--num_epochs 4 --log_step 2 --batch_size 8"
+  PATHS="--num_epochs 40 --log_step 10 --batch_size 8"; STUDY="--num_epochs 4 --log_step 2 --batch_size 8"
   IDENT="--num_networks 2 --num_inits 2 --num_epochs 1"
 else
   GEN=""; NUM_VAL=100; GEN_SECONDS=${GEN_SECONDS:-100}; HOLD=64
@@ -59,7 +58,7 @@ else
   BENCH_STEP="--batches 1024 4096 --main_batch 4096 --compile on --compile_timeout 90 --repeats 3"
   BENCH_EVAL="--no_sweep --repeats 2"
   TRANSLATOR="--num_layers 24 --c_dim 128 --hidden_s_dim 256 --hidden_c_dim 512 --dropout 0.1"
-  PATHS="--num_epochs 6 --log_step 2 --batch_size 4096"; STUDY="--num_epochs 60 --log_step 5 --batch_size 1024"
+  PATHS="--num_epochs 40 --log_step 10 --batch_size 4096"; STUDY="--num_epochs 60 --log_step 5 --batch_size 1024"
   IDENT="--num_networks 24 --num_inits 3"
 fi
 
