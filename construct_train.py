@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import loader
-import mnist
+from mnist import load_mnist
 import net
 import utils
 
@@ -329,8 +329,8 @@ def check_writable(root):
 
 def load_mnist_to(device, args):
     """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
-    train_x, train_y = mnist.load_mnist(args.mnist_root, train=True)
-    test_x, test_y = mnist.load_mnist(args.mnist_root, train=False)
+    train_x, train_y = load_mnist(args.mnist_root, train=True)
+    test_x, test_y = load_mnist(args.mnist_root, train=False)
     return (train_x[:args.num_train_images].to(device), train_y[:args.num_train_images].to(device),
             test_x[:args.num_test_images].to(device), test_y[:args.num_test_images].to(device))
 

@@ -366,12 +366,6 @@ def write_metrics(path, rows):
     utils.atomic_write(path, text.getvalue())
 
 
-def read_metrics(path):
-    """The rows of a metrics.csv."""
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def tensorboard_writer(log_dir):
     """A SummaryWriter if tensorboard is installed, else None (it is never a dependency)."""
     try:

@@ -238,7 +238,7 @@ def load_translators(paths):
 
 
 @torch.no_grad()
-def translator_metrics(model, data, targets, ret, k, r, mnist):
+def translator_metrics(model, data, targets, ret, k, r, score):
     """A translator's outputs on the K networks against the stored targets, the retrainings and each other."""
     out = evaluate.translate(model, data.basic['conv1.weight'][:k], data.basic['conv2.weight'][:k])
     rows = {
@@ -247,15 +247,13 @@ def translator_metrics(model, data, targets, ret, k, r, mnist):
         'across': summary(pair_cosines(out, out, [(i, j) for i in range(k) for j in range(i + 1, k)])),
         'norm_ratio': summary(block_norms(out) / block_norms(targets)),
     }
-    rows['acc'] = summary(accuracy(data, out, k, mnist))
+    rows['acc'] = summary(score(on_device(out, score.images.device)))
     return rows
 
 
-def accuracy(data, simple, k, mnist):
-    """Test accuracy (K,) of the first K networks with `simple` as their middle block."""
-    device = mnist[2].device
-    on = lambda d: {n: t[:k].to(device) for n, t in d.items()}  # noqa: E731
-    return net.stacked_accuracy(mnist[2], mnist[3], on(data.begin), on(simple), on(data.last), 'simple').cpu()
+def on_device(stacked, device):
+    """A stacked state moved to `device`."""
+    return {n: t.to(device) for n, t in stacked.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -307,14 +305,15 @@ def main(argv=None):
     ret = retrain_all(data, args, rargs, mnist, device, out + '.blocks.pt')
     k, r = args.num_networks, args.num_inits
     targets = take(data.simple, slice(0, k))
+    score = evaluate.Scorer(mnist[2], mnist[3], on_device(data.begin, device), on_device(data.last, device))
     report = {'data_root': args.data_root, 'num_networks': k, 'num_inits': r, 'recipe': recipe,
               'stored_recipe': data.recipe, 'seed': args.seed, 'seed_split': f'{SPLIT}/init<r>',
               'retrain_seeds': ret['seeds'],
               'retrain_seconds': round(time.time() - t0, 1), 'device': str(device),
               'cosine': cosine_metrics(targets, ret, k, r),
-              'acc': {'target': summary(accuracy(data, targets, k, mnist)), 'retrained': summary(ret['acc']),
+              'acc': {'target': summary(score(on_device(targets, device))), 'retrained': summary(ret['acc']),
                       'init': summary(ret['acc_init'])},
-              'translators': {path: translator_metrics(model, data, targets, ret, k, r, mnist)
+              'translators': {path: translator_metrics(model, data, targets, ret, k, r, score)
                               for path, model in translators}}
     utils.atomic_write(out + '.json', json.dumps(report, indent=1) + '\n')
     table = markdown(report)
