@@ -56,7 +56,18 @@ def get_args(kind='train', argv=None):
                    help='generation processes sharing this GPU (generate_sh.py passes it): --models_per_step 0 and '
                         'the frozen-Begin cache are sized from this process\'s share, free memory at start / N - 1 GiB')
     p.add_argument('--num_threads', type=int, default=0, help='CPU threads of this process; 0 = torch default')
-    p.add_argument('--compile', action='store_true', help='torch.compile the training step (GPU; slow to start)')
+    p.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE',
+                   choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
+                   help='torch.compile the whole SGD step (forward, backward, update); MODE reduce-overhead adds '
+                        'CUDA graphs (GPU; the first steps compile: a minute)')
+    p.add_argument('--channels_last', action='store_true',
+                   help='channels-last activations (NHWC: other cuDNN kernels for the grouped convolutions)')
+    p.add_argument('--amp', default='none', choices=('none', 'bf16'),
+                   help='bf16 autocast of the forward (weights, updates and BN statistics stay fp32); not the '
+                        'recipe: recorded in recipe.json, so such networks never mix with fp32 ones')
+    p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
+                   help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "
+                        '60,000 images) instead of recomputing them each step; auto: when it fits')
     p.add_argument('--num_train_images', type=int, default=60000,
                    help='use the first N training images (quick runs and tests; the recipe uses 60000)')
     p.add_argument('--num_test_images', type=int, default=10000,
@@ -88,11 +99,15 @@ def recipe_of(args):
     """Everything that decides a dataset's contents; a data root holds one recipe only."""
     return {'kind': args.kind, 'seed': args.seed, 'num_epochs': args.num_epochs, 'lr': args.lr,
             'batch_size': args.batch_size, 'momentum': MOMENTUM, 'train_small': args.train_small,
-            'num_train_images': args.num_train_images, 'num_test_images': args.num_test_images}
+            'num_train_images': args.num_train_images, 'num_test_images': args.num_test_images,
+            **({'amp': args.amp} if args.amp != 'none' else {})}  # fp32 recipes keep the original keys
 
 
 # ----------------------------------------------------------------------------------------
 # The recipe, for K networks at once.
+
+PAIR_BLOCKS = ('begin', 'basic', 'last', 'simple')  # init_pair's order
+
 
 def init_pair(seed):
     """Default-initialised state dicts (begin, basic, last, simple) of one pair, from its seed."""
@@ -124,26 +139,98 @@ def augment(images, idx, flip):
     return net.to_float(x).transpose(0, 1)
 
 
-def train_phase(params, logits_fn, gens, images, labels, args):
-    """One phase of SGD over K networks: `logits_fn(idx, flip)` gives logits (K, B, 10)."""
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=0.0, foreach=True)
+def sgd_update(params, grads, bufs, lr):
+    """torch.optim.SGD's update (momentum 0.9, no dampening, Nesterov or weight decay) on buffers that start at
+    zero: 0.9 * 0 + grad is exactly the copy of grad that SGD's first step makes."""
+    with torch.no_grad():
+        torch._foreach_mul_(bufs, MOMENTUM)
+        torch._foreach_add_(bufs, grads)
+        torch._foreach_add_(params, bufs, alpha=-lr)
+
+
+def make_step(params, logits_fn, labels, args):
+    """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
+    trainable tensors are `params`, logits_fn(idx, flip) their logits (K, B, 10); reset() zeroes the momentum
+    for new networks in the same tensors. With --compile the forward + backward and the update are compiled."""
+    bufs = [torch.zeros_like(p) for p in params]
+    bf16 = args.amp == 'bf16'
 
     def loss_fn(idx, flip):
+        with torch.autocast(params[0].device.type, torch.bfloat16, enabled=bf16):
+            logits = logits_fn(idx, flip)
         # sum of the K networks' mean losses: each network gets exactly its own gradient
-        logits = logits_fn(idx, flip)
-        return F.cross_entropy(logits.reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
+        return F.cross_entropy(logits.float().reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
                                reduction='sum') / idx.shape[1]
 
+    update = sgd_update
     if args.compile:
-        loss_fn = torch.compile(loss_fn)
-    n = len(images)
+        mark_static(bufs)
+        loss_fn, update = (torch.compile(f, mode=args.compile) for f in (loss_fn, sgd_update))
+
+    def step(idx, flip):
+        loss_fn(idx, flip).backward()
+        update(params, [p.grad for p in params], bufs, args.lr)
+        for p in params:
+            p.grad = None
+
+    def reset():
+        for b in bufs:
+            b.zero_()
+    return step, reset
+
+
+def mark_static(tensors):
+    """Tell torch.compile these tensors keep their address for the whole run (CUDA graphs read them in place
+    instead of copying them in at every replay)."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
+
+
+class Workspace:
+    """The device tensors of K networks trained side by side, kept for a whole run: their stacked states
+    (block -> stacked state), the frozen-Begin cache and each phase's step built on them. Every step group
+    loads its networks into the same tensors, so a compiled step (and its CUDA graphs) is built only once."""
+
+    def __init__(self, states, args, mnist):
+        self.states, self.args, self.mnist = states, args, mnist
+        self.k = states['last']['fc.weight'].shape[0]
+        self.cache, self.steps = None, {}
+        if args.compile:
+            mark_static([t for s in states.values() for t in s.values()] + list(mnist))
+
+    def load(self, states):
+        """Copy the stacked states of new networks into the workspace's tensors."""
+        with torch.no_grad():
+            for block, state in states.items():
+                for name, t in state.items():
+                    self.states[block][name].copy_(t)
+
+    def begin_cache(self, images, begin):
+        """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14), in the same tensor
+        for every group."""
+        if self.cache is None:
+            self.cache = torch.empty(self.k, 2, len(images), *net.FEATURE, device=images.device)
+            if self.args.compile:
+                mark_static([self.cache])
+        for flipped in (0, 1):
+            net.begin_outputs(images.flip(-1) if flipped else images, begin, out=self.cache[:, flipped])
+        return self.cache
+
+    def step(self, phase, params, logits_fn):
+        """The phase's step, built (and compiled) at its first use, its momentum zeroed."""
+        if phase not in self.steps:
+            self.steps[phase] = make_step(params, logits_fn, self.mnist[1], self.args)
+        step, reset = self.steps[phase]
+        reset()
+        return step
+
+
+def train_phase(step, gens, n, device, args):
+    """--num_epochs epochs of SGD steps over n images, every network in its own order with its own flips."""
     for _ in range(args.num_epochs):
-        perm, flip = draw_epoch(gens, n, images.device)
+        perm, flip = draw_epoch(gens, n, device)
         for b0 in range(0, n, args.batch_size):  # the last partial batch is kept
-            loss = loss_fn(perm[:, b0:b0 + args.batch_size], flip[:, b0:b0 + args.batch_size])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(perm[:, b0:b0 + args.batch_size], flip[:, b0:b0 + args.batch_size])
 
 
 def trainable(state):
@@ -151,76 +238,92 @@ def trainable(state):
     return [t.requires_grad_() for name, t in state.items() if 'running' not in name and 'num_batches' not in name]
 
 
-def begin_outputs_both_flips(images, begin):
-    """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14)."""
-    out = torch.empty(begin['conv.weight'].shape[0], 2, len(images), *net.FEATURE, device=images.device)
-    for flipped in (0, 1):
-        net.begin_outputs(images.flip(-1) if flipped else images, begin, out=out[:, flipped])
-    return out
+def freeze(*states):
+    """Stop tracking gradients of the stacked states' tensors."""
+    for state in states:
+        for t in state.values():
+            t.requires_grad_(False)
 
 
-def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None):
+def channels_last(x, args):
+    """x in channels-last memory format with --channels_last (the same values)."""
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None, ws=None):
     """Train the stacked small blocks `simple` in place between the frozen, eval-mode Begin and Last of
-    their networks (the recipe's second phase); return their test accuracy (K,) before and after."""
+    their networks (the recipe's second phase); return their test accuracy (K,) before and after.
+    ws: the Workspace holding these states (make_pairs); by default one made for this call."""
     train_x, train_y, test_x, test_y = mnist
     k, device = begin['conv.weight'].shape[0], begin['conv.weight'].device
+    ws = ws or Workspace({'begin': begin, 'last': last, 'simple': simple}, args, mnist)
     frozen = [t.clone() for t in (*begin.values(), *last.values())]
     acc_init = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
     if cache_begin is None:
         cache_begin = args.num_epochs > 1 and utils.fits_in_memory(begin_cache_bytes(k, len(train_x)), device, 0.5)
-    cache = begin_outputs_both_flips(train_x, begin) if cache_begin else None
+    cache = ws.begin_cache(train_x, begin) if cache_begin else None
     knets = torch.arange(k, device=device)[:, None]
 
     def small_logits(idx, flip):
         if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
             h = cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * net.PLANES, *net.FEATURE[1:])
+            h = channels_last(h, args)
         else:
             with torch.no_grad():
-                h = net.begin_forward(augment(train_x, idx, flip), begin)
+                h = net.begin_forward(channels_last(augment(train_x, idx, flip), args), begin)
         return net.last_forward(net.simple_forward(h, simple), last)
 
-    train_phase(trainable(simple), small_logits, gens, train_x, train_y, args)
-    del cache
-    for t in simple.values():
-        t.requires_grad_(False)
+    step = ws.step(('small', cache is not None), trainable(simple), small_logits)
+    train_phase(step, gens, len(train_x), device, args)
+    freeze(simple)
     if not all(torch.equal(a, b) for a, b in zip((*begin.values(), *last.values()), frozen)):
         raise RuntimeError('the frozen Begin/Last changed during the small-block phase')
     return acc_init, net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
 
 
-def make_pairs(indices, args, mnist, device, cache_begin=None):
-    """Train the networks `indices` side by side; return their shard (CPU tensors)."""
+def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
+    """Train the networks `indices` side by side; return their shard (CPU tensors).
+
+    workspaces: a dict (K -> Workspace) kept across calls, so that groups of the same size reuse one
+    workspace and its (compiled) steps."""
     train_x, train_y, test_x, test_y = mnist
     k = len(indices)
     seeds = [utils.seed_for(args.seed, args.kind, i) for i in indices]
     sds = [init_pair(s) for s in seeds]
-    begin, basic, last, simple = ({n: t.to(device) for n, t in net.stack_states([sd[j] for sd in sds]).items()}
-                                  for j in range(4))
+    states = {block: net.stack_states([sd[j] for sd in sds]) for j, block in enumerate(PAIR_BLOCKS)}
+    ws = (workspaces or {}).get(k)
+    if ws is None or ws.mnist is not mnist:
+        ws = Workspace({b: {n: t.to(device) for n, t in s.items()} for b, s in states.items()}, args, mnist)
+        if workspaces is not None:
+            workspaces[k] = ws
+    else:
+        ws.load(states)
+    begin, basic, last, simple = (ws.states[b] for b in PAIR_BLOCKS)
     gens = [data_generator(s) for s in seeds]
 
     # 1. the large network, all of it trained
     def large_logits(idx, flip):
-        h = net.begin_forward(augment(train_x, idx, flip), begin, training=True)
+        h = net.begin_forward(channels_last(augment(train_x, idx, flip), args), begin, training=True)
         return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
 
-    train_phase(trainable(begin) + trainable(basic) + trainable(last), large_logits, gens, train_x, train_y, args)
-    for state in (begin, basic, last):
-        for t in state.values():
-            t.requires_grad_(False)
+    step = ws.step('large', trainable(begin) + trainable(basic) + trainable(last), large_logits)
+    train_phase(step, gens, len(train_x), device, args)
+    freeze(begin, basic, last)
     acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
     nan = torch.full((k,), float('nan'), dtype=torch.float64)
     acc['acc_small_init'], acc['acc_small'] = nan, nan.clone()
 
     # 2. the small block between the frozen (eval-mode) Begin and Last
     if args.train_small:
-        acc['acc_small_init'], acc['acc_small'] = small_phase(begin, last, simple, gens, args, mnist, cache_begin)
+        acc['acc_small_init'], acc['acc_small'] = small_phase(begin, last, simple, gens, args, mnist, cache_begin, ws)
 
     shard = {'recipe': recipe_of(args), 'index': torch.tensor(list(indices), dtype=torch.long),
              'seed': torch.tensor(seeds, dtype=torch.long),
              'begin': begin, 'basic': basic, 'last': last, **acc}
     if args.train_small:
         shard['simple'] = simple
-    return {key: ({n: t.detach().cpu() for n, t in v.items()} if isinstance(v, dict) and key != 'recipe'
+    # copies: the workspace's tensors are overwritten by the next group
+    return {key: ({n: t.detach().to('cpu', copy=True) for n, t in v.items()} if isinstance(v, dict) and key != 'recipe'
                   else v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in shard.items()}
 
 
@@ -349,19 +452,21 @@ def generate(args):
     todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
     share = gpu_share(device, args.processes_per_gpu)
     k = args.models_per_step or default_models_per_step(device, share)
-    cache_begin = use_begin_cache(args, k, share)
+    cache_begin = use_begin_cache(args, k, share) if args.begin_cache == 'auto' else args.begin_cache == 'on'
     groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
     total = sum(b - a for a, b in groups)
     memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
                                        f'free memory less 1 GiB), Begin cache {"on" if cache_begin else "off"}')
     logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
                  f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
+                 f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
+                 f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}, '
                  f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
-    made, t0 = [], time.time()
+    made, workspaces, t0 = [], {}, time.time()
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
         for a, b in groups:
-            shard = make_pairs(range(a, b), args, mnist, device, cache_begin)
+            shard = make_pairs(range(a, b), args, mnist, device, cache_begin, workspaces)
             save_pairs(args, shard)
             made.append(shard)
             bar.update(b - a)

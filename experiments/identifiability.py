@@ -106,7 +106,9 @@ def recipe_for(args, stored):
 
 def recipe_args(recipe, mnist_root):
     """The namespace construct_train's recipe functions read."""
-    return types.SimpleNamespace(**recipe, compile=False, mnist_root=mnist_root)
+    args = construct_train.get_args('val', ['--mnist_root', mnist_root])  # the speed options' defaults
+    vars(args).update(recipe)
+    return args
 
 
 def default_out(data_root, num_epochs):

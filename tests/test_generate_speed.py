@@ -1,0 +1,140 @@
+"""The faster generation paths against the plain one: the SGD update, the reused workspace, torch.compile,
+channels-last, bf16 autocast and the Begin-cache flag."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import construct_train
+import net
+import utils
+
+TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
+STATES = ('begin', 'basic', 'last', 'simple')
+
+
+@pytest.fixture(autouse=True)
+def single_thread(one_thread):
+    """Single-threaded, so that sums run in one fixed order."""
+
+
+@pytest.fixture(scope='module')
+def mnist():
+    return construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
+
+
+def tiny_args(*extra):
+    return construct_train.get_args('train', TINY + list(extra))
+
+
+def max_diff(a, b):
+    """Largest absolute difference between two shards' float tensors."""
+    return max((a[s][n] - b[s][n]).abs().max().item() for s in STATES for n in a[s] if a[s][n].is_floating_point())
+
+
+def large_step_states(args, images, labels, steps=4, seeds=(5, 6)):
+    """The large networks' states after `steps` SGD steps of make_step (batch 64), for comparing step variants."""
+    sds = [construct_train.init_pair(s) for s in seeds]
+    begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
+    gens = [construct_train.data_generator(s) for s in seeds]
+    perm, flip = construct_train.draw_epoch(gens, len(images), images.device)
+
+    def logits(idx, fl):
+        x = construct_train.channels_last(construct_train.augment(images, idx, fl), args)
+        h = net.begin_forward(x, begin, training=True)
+        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+
+    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    step, reset = construct_train.make_step(params, logits, labels, args)
+    reset()
+    for b0 in range(0, steps * 64, 64):
+        step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])
+    return [t.detach() for s in (begin, basic, last) for t in s.values()]
+
+
+def test_sgd_update_equals_torch_sgd():
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3), torch.randn(7)]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    bufs = [torch.zeros_like(p) for p in ours]
+    opt = torch.optim.SGD(theirs, lr=0.01, momentum=0.9, foreach=True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        construct_train.sgd_update(ours, grads, bufs, 0.01)
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ours, theirs))  # bit for bit
+
+
+def test_reused_workspace_is_exact_and_shards_do_not_alias_it(mnist):
+    args = tiny_args()
+    fresh = [construct_train.make_pairs(range(a, a + 2), args, mnist, torch.device('cpu')) for a in (0, 2)]
+    workspaces = {}
+    first = construct_train.make_pairs(range(0, 2), args, mnist, torch.device('cpu'), workspaces=workspaces)
+    kept = {n: t.clone() for n, t in first['basic'].items()}
+    second = construct_train.make_pairs(range(2, 4), args, mnist, torch.device('cpu'), workspaces=workspaces)
+    assert list(workspaces) == [2]
+    assert max_diff(first, fresh[0]) == 0 and max_diff(second, fresh[1]) == 0
+    assert all(torch.equal(first['basic'][n], t) for n, t in kept.items())  # the next group did not overwrite it
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch's own, on importing torch.compile's stack
+def test_compiled_step_equals_eager_step():
+    # Random images: MNIST's flat background makes exact ties in the max-pool windows, which the compiled
+    # kernel breaks differently (the runs then drift apart by ~1e-5 in a few steps; README, generation).
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1))
+    eager = large_step_states(tiny_args(), images, labels)
+    compiled = large_step_states(tiny_args('--compile'), images, labels)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(eager, large_step_states(tiny_args(), images, labels, steps=3)))
+
+
+def test_channels_last_forward_and_backward_are_the_same_function():
+    # float64, so the comparison is not hidden by the CPU's less precise channels-last BatchNorm
+    k = 3
+    begin, basic, last = ({n: (t.double() if t.is_floating_point() else t) for n, t in net.fresh_states(b, range(k)).items()}
+                          for b in ('begin', 'basic', 'last'))
+    x = torch.rand(8, k, 28, 28, dtype=torch.float64)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        states = [{n: t.clone() for n, t in s.items()} for s in (begin, basic, last)]
+        params = [t.requires_grad_() for s in states for n, t in s.items() if 'running' not in n and 'num_b' not in n]
+        h = net.begin_forward(x.contiguous(memory_format=layout), states[0], training=True)
+        logits = net.last_forward(net.basic_forward(h, states[1], training=True), states[2], training=True)
+        logits.square().sum().backward()
+        assert h.is_contiguous(memory_format=layout)
+        results.append([logits.detach()] + [p.grad for p in params] + [t for s in states for n, t in s.items() if 'running' in n])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+def test_fast_flags_make_close_networks(mnist):
+    plain = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2'), mnist, torch.device('cpu'), True)
+    last = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2', '--channels_last'), mnist,
+                                      torch.device('cpu'), True)
+    bf16 = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2', '--amp', 'bf16'), mnist,
+                                      torch.device('cpu'), True)
+    assert 0 < max_diff(plain, last) < 1e-2  # the CPU's channels-last BatchNorm sums in another order
+    assert 1e-4 < max_diff(plain, bf16) < 0.1  # bf16 really ran, and trained the same networks
+    for shard in (last, bf16):
+        assert (shard['acc_large'] - plain['acc_large']).abs().max() <= 2.0  # of 200 test images
+    assert bf16['recipe']['amp'] == 'bf16' and 'amp' not in plain['recipe']
+
+
+def test_flags_reach_the_log_and_the_recipe(tmp_path):
+    root = tmp_path / 'pairs'
+    argv = TINY + ['--data_root', str(root), '--num_data', '2', '--models_per_step', '2', '--channels_last',
+                   '--amp', 'bf16', '--begin_cache', 'off']
+    construct_train.generate(construct_train.get_args('train', argv))
+    with open(root / 'recipe.json') as f:
+        assert json.load(f)['amp'] == 'bf16'
+    with open(root / 'logs' / 'train_0.log') as f:
+        log = f.read()
+    assert 'step eager, channels-last, bf16 autocast' in log
+    with pytest.raises(utils.UserError, match='recipe'):  # an fp32 run may not add to these bf16 networks
+        construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
