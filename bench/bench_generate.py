@@ -92,28 +92,49 @@ def original_structure(args, mnist, workers):
     return t_train, t_eval
 
 
-def ours(args, mnist, device, k, compile=False):
-    """Seconds per network of our make_pairs (training + its 3 evaluations) for K networks at once."""
+# The faster options of construct_train.py, by the names --rows uses.
+VARIANTS = {'channels_last': ['--channels_last'], 'compile': ['--compile'],
+            'cuda_graphs': ['--compile', 'reduce-overhead'], 'bf16': ['--amp', 'bf16'],
+            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off']}
+
+
+def parse_row(spec):
+    """'K' or 'K:variant+variant' -> (label, K, construct_train flags)."""
+    k, _, names = spec.partition(':')
+    names = [n for n in names.split('+') if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not k.isdigit() or int(k) < 1 or unknown:
+        raise SystemExit(f'--rows {spec}: expected K or K:variant+variant with variants from {", ".join(VARIANTS)}')
+    return f'(c) ours, batched K={k}' + ''.join(f', {n}' for n in names), int(k), [f for n in names for f in VARIANTS[n]]
+
+
+def ours(args, mnist, device, k, flags=()):
+    """Seconds per network of our make_pairs (training + its 3 evaluations) for K networks at once, and the
+    seconds of its warm-up run (cuDNN autotuning, and compiling with --compile)."""
+    assert len(mnist[0]) == args.num_images, 'the projection scales from --num_images'
     gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
-                                                  str(args.num_images), '--device', str(device)]
-                                        + (['--compile'] if compile else []))
-    cache = args.epochs > 1 or args.num_images == RECIPE_IMAGES  # as the full recipe will
-    # warm-up on the real test set too: with cudnn.benchmark every new shape (evaluation chunks included)
-    # is autotuned on first use, which must not be counted as training
-    warm = (mnist[0][:256], mnist[1][:256], mnist[2], mnist[3])
-    construct_train.make_pairs(range(k), gen_args, warm, device, cache_begin=cache)
-    sync(device)
+                                                  str(args.num_images), '--device', str(device), *flags])
+    # the Begin cache as generation would choose it for the full recipe on this device
+    recipe = construct_train.get_args('train', ['--num_train_images', str(RECIPE_IMAGES)])
+    auto = construct_train.use_begin_cache(recipe, k, construct_train.gpu_share(device, 1))
+    cache = {'on': True, 'off': False}.get(gen_args.begin_cache, True if auto is None else auto)
+    # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
+    # cuDNN choices (evaluation shapes included) instead of counting them as training
+    workspaces = {}
     t0 = time.perf_counter()
-    construct_train.make_pairs(range(k), gen_args, mnist, device, cache_begin=cache)
+    construct_train.make_pairs(range(k), gen_args, mnist, device, cache, workspaces)
     sync(device)
-    total = time.perf_counter() - t0
     t1 = time.perf_counter()
+    construct_train.make_pairs(range(k, 2 * k), gen_args, mnist, device, cache, workspaces)
+    sync(device)
+    total = time.perf_counter() - t1
+    t2 = time.perf_counter()
     for _ in range(3):
         net.stacked_accuracy(mnist[2], mnist[3], *(net.fresh_states(b, range(k), device)
                                                     for b in ('begin', 'basic', 'last')), 'basic')
     sync(device)
-    t_eval = time.perf_counter() - t1
-    return (total - t_eval) / k, t_eval / k
+    t_eval = time.perf_counter() - t2
+    return (total - t_eval) / k, t_eval / k, t1 - t0, cache
 
 
 def sync(device):
@@ -147,9 +168,11 @@ def main():
     p.add_argument('--epochs', type=int, default=1, help='epochs of each phase actually run')
     p.add_argument('--num_images', type=int, default=RECIPE_IMAGES, help='training images actually used')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--k', type=int, nargs='+', default=None, help='K values of the batched path')
+    p.add_argument('--k', type=int, nargs='+', default=None, help='K values of the batched path (plain step)')
+    p.add_argument('--rows', nargs='+', default=[], metavar='K:VARIANTS',
+                   help='more batched rows, e.g. 128:channels_last 256:no_cache+cuda_graphs; variants: '
+                        + ', '.join(VARIANTS))
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers of the original structure')
-    p.add_argument('--compile', action='store_true', help='also time the batched path with --compile')
     p.add_argument('--skip_original', action='store_true', help='skip path (a) (e.g. on a GPU)')
     p.add_argument('--out', default='bench/results/generate.json')
     args = p.parse_args()
@@ -159,7 +182,8 @@ def main():
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     ks = args.k or ([64, 128, 256] if device.type == 'cuda' else [4])
-    mnist = construct_train.load_mnist_to(device, construct_train.get_args('train', []))
+    mnist = construct_train.load_mnist_to(device, construct_train.get_args(
+        'train', ['--num_train_images', str(args.num_images)]))  # make_pairs trains on all it is given
     scale = (RECIPE_EPOCHS / args.epochs) * (RECIPE_IMAGES / args.num_images)
     rows = {}
     if not args.skip_original:
@@ -167,13 +191,19 @@ def main():
         t_train, t_eval = original_structure(args, cpu_mnist, args.workers)
         rows['(a) original structure'] = {'k': 1, 'train_s': t_train, 'eval_s': t_eval,
                                           'pair_s': t_train * scale + 2 * RECIPE_EPOCHS * t_eval}
-    paths = [('(b) ours, one at a time', 1, False)] + [(f'(c) ours, batched K={k}', k, False) for k in ks]
-    paths += [(f'(c) ours, batched K={k}, compiled', k, True) for k in ks if args.compile]
-    for label, k, compiled in paths:
-        t_train, t_eval = ours(args, mnist, device, k, compiled)
-        rows[label] = {'k': k, 'train_s': t_train, 'eval_s': t_eval, 'pair_s': t_train * scale + t_eval}
-        print(f"{label}: {t_train:.3f} s training per network measured, {3600 / rows[label]['pair_s']:.1f} "
-              f"pairs/hour projected", flush=True)
+    paths = [('(b) ours, one at a time', 1, [])] + [(f'(c) ours, batched K={k}', k, []) for k in ks]
+    paths += [parse_row(spec) for spec in args.rows]
+    for label, k, flags in paths:
+        try:
+            t_train, t_eval, t_warm, cache = ours(args, mnist, device, k, flags)
+        except torch.OutOfMemoryError:  # a row too large for this device is reported, not fatal
+            print(f'{label}: out of memory', flush=True)
+            torch.cuda.empty_cache()
+            continue
+        rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'eval_s': t_eval,
+                       'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval}
+        print(f"{label}: {t_train:.3f} s training per network measured (warm-up run {t_warm:.1f} s, Begin cache "
+              f"{'on' if cache else 'off'}), {3600 / rows[label]['pair_s']:.1f} pairs/hour projected", flush=True)
     base = rows.get('(a) original structure', rows['(b) ours, one at a time'])['pair_s']
     machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'
