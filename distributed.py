@@ -8,7 +8,8 @@ gradient average over ranks is the gradient of the mean over the global batch, e
 (true of every --loss here: each is a mean over pairs plus terms equal on every rank). The val networks
 are scored in contiguous shares, one per rank, and all-gathered. Only rank 0 logs and writes files. Dropout
 draws from each rank's own torch generator (seed_rank), so with --dropout > 0 runs match one process only
-in law. Outside torchrun the context is rank 0 of 1 and every method is a no-op or the identity.
+in law. Outside torchrun the context is rank 0 of 1 and every method is a no-op or the identity; under
+torchrun it joins the process group even with one process (DDP and the collectives run, NCCL on a GPU).
 """
 import os
 
@@ -23,8 +24,9 @@ from utils import UserError
 class Context:
     """rank, world size, device and the few collectives of a (possibly) distributed run."""
 
-    def __init__(self, rank=0, world=1, local_rank=0, device=torch.device('cpu')):
+    def __init__(self, rank=0, world=1, local_rank=0, device=torch.device('cpu'), distributed=False):
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
+        self.distributed = distributed  # in a process group (torchrun, even with one process): collectives run
         self.is_main = rank == 0  # the process that logs and writes files
 
     def share(self, total):
@@ -33,14 +35,14 @@ class Context:
 
     def mean(self, t):
         """The mean over ranks of a tensor (all-reduced in place); t itself outside torchrun."""
-        if self.world > 1:
+        if self.distributed:
             dist.all_reduce(t)
             t /= self.world
         return t
 
     def gather(self, k, score):
         """score(part) for every rank's contiguous share `part` of range(k), all-gathered into (k,) float64."""
-        if self.world == 1:
+        if not self.distributed:
             return score(slice(0, k))
         size = -(-k // self.world)
         part = slice(min(self.rank * size, k), min((self.rank + 1) * size, k))
@@ -55,7 +57,7 @@ class Context:
         """What the training step calls: model, under --amp bf16, in DDP under torchrun, compiled with --compile.
         Parameters are shared; checkpoints save `model` itself (unwrap)."""
         wrapped = BF16Forward(model) if amp == 'bf16' else model
-        if self.world > 1:
+        if self.distributed:
             wrapped = DistributedDataParallel(wrapped, device_ids=[self.device.index]
                                               if self.device.type == 'cuda' else None)
         return torch.compile(wrapped) if compile else wrapped
@@ -68,7 +70,7 @@ class Context:
     def rng_states(self):
         """{'ranks': every rank's torch (and CUDA) RNG state} under torchrun, {} otherwise. A collective:
         every rank must call it, not only the main one."""
-        if self.world == 1:
+        if not self.distributed:
             return {}
         mine = {'torch': torch.get_rng_state()}
         if self.device.type == 'cuda':
@@ -79,7 +81,7 @@ class Context:
 
     def restore_rng(self, rng, seed):
         """This rank's states from rng_states(); saved at another world size: seed_rank."""
-        if self.world == 1:
+        if not self.distributed:
             return
         states = rng.get('ranks')
         if states is None or len(states) != self.world:
@@ -90,7 +92,7 @@ class Context:
 
     def close(self):
         """Wait for every rank, then leave the process group."""
-        if self.world > 1:
+        if self.distributed:
             dist.barrier()
             dist.destroy_process_group()
 
@@ -99,7 +101,8 @@ def setup(device_flag=None, gpu_id=0):
     """The Context of this process: from torchrun's environment (joining the process group), else rank 0 of 1
     on --device / --gpu_id."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world <= 1:
+    launched = all(v in os.environ for v in ('WORLD_SIZE', 'RANK', 'MASTER_ADDR', 'MASTER_PORT'))
+    if world <= 1 and not launched:  # torchrun --nproc_per_node 1 still joins a group: its NCCL path runs
         return Context(device=utils.get_device(gpu_id, device_flag))
     if 'RANK' not in os.environ or 'MASTER_ADDR' not in os.environ:
         raise UserError(f'WORLD_SIZE={world} is set but RANK or MASTER_ADDR is not: launch with torchrun '
@@ -111,7 +114,7 @@ def setup(device_flag=None, gpu_id=0):
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 device_id=device if device.type == 'cuda' else None)
-    return Context(rank, world, local_rank, device)
+    return Context(rank, world, local_rank, device, distributed=True)
 
 
 def rank_device(device_flag, local_rank):

@@ -410,7 +410,7 @@ def open_run(args, ctx, ckpt_dir, log_dir):
     utils.set_logger(os.path.join(log_dir, 'train.log'))
     log.info(f'flags: {json.dumps(vars(args), sort_keys=True)}')
     log.info(f'run directory: {ckpt_dir} (logs: {log_dir}); device {ctx.device}')
-    if ctx.world > 1:
+    if ctx.distributed:
         log.info(f'torchrun: {ctx.world} processes ({torch.distributed.get_backend()}); each takes its share of '
                  f'every global batch of {args.batch_size} pairs and of the val networks')
     utils.atomic_write(os.path.join(log_dir, 'args.json'), json.dumps(vars(args), indent=1, sort_keys=True))

@@ -14,6 +14,7 @@ plus the evaluations that recipe makes. Also: bytes and files per 1,000 pairs on
     python bench/bench_generate.py --quick    # 12,800 images
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -108,6 +109,25 @@ def parse_row(spec):
     return f'(c) ours, batched K={k}' + ''.join(f', {n}' for n in names), int(k), [f for n in names for f in VARIANTS[n]]
 
 
+@contextlib.contextmanager
+def timing(module, name, device):
+    """Within the block, module.name is timed call by call (device synchronised): yields the list of seconds."""
+    fn, seconds = getattr(module, name), []
+
+    def timed_fn(*a, **kw):
+        sync(device)
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+        return out
+    setattr(module, name, timed_fn)
+    try:
+        yield seconds
+    finally:
+        setattr(module, name, fn)
+
+
 def ours(args, mnist, device, k, flags=()):
     """Seconds per network of our make_pairs (training + its 3 evaluations) for K networks at once, and the
     seconds of its warm-up run (cuDNN autotuning, and compiling with --compile)."""
@@ -125,16 +145,14 @@ def ours(args, mnist, device, k, flags=()):
     construct_train.make_pairs(range(k), gen_args, mnist, device, cache, workspaces)
     sync(device)
     t1 = time.perf_counter()
-    construct_train.make_pairs(range(k, 2 * k), gen_args, mnist, device, cache, workspaces)
+    with timing(net, 'stacked_accuracy', device) as evaluations:  # the recipe's 3 test evaluations, timed apart
+        shard = construct_train.make_pairs(range(k, 2 * k), gen_args, mnist, device, cache, workspaces)
     sync(device)
     total = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    for _ in range(3):
-        net.stacked_accuracy(mnist[2], mnist[3], *(net.fresh_states(b, range(k), device)
-                                                    for b in ('begin', 'basic', 'last')), 'basic')
-    sync(device)
-    t_eval = time.perf_counter() - t2
-    return (total - t_eval) / k, t_eval / k, t1 - t0, cache
+    t_eval = sum(evaluations)
+    accuracy = {f'{key}_{stat}': float(getattr(shard[key], stat)()) for key in ('acc_large', 'acc_small')
+                for stat in ('mean', 'std')}  # of the networks this row made: bf16 beside fp32
+    return (total - t_eval) / k, t_eval / k, t1 - t0, cache, accuracy
 
 
 def sync(device):
@@ -195,15 +213,17 @@ def main():
     paths += [parse_row(spec) for spec in args.rows]
     for label, k, flags in paths:
         try:
-            t_train, t_eval, t_warm, cache = ours(args, mnist, device, k, flags)
+            t_train, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags)
         except torch.OutOfMemoryError:  # a row too large for this device is reported, not fatal
             print(f'{label}: out of memory', flush=True)
             torch.cuda.empty_cache()
             continue
         rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'eval_s': t_eval,
-                       'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval}
+                       'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval, **accuracy}
         print(f"{label}: {t_train:.3f} s training per network measured (warm-up run {t_warm:.1f} s, Begin cache "
-              f"{'on' if cache else 'off'}), {3600 / rows[label]['pair_s']:.1f} pairs/hour projected", flush=True)
+              f"{'on' if cache else 'off'}), {3600 / rows[label]['pair_s']:.1f} pairs/hour projected; test accuracy "
+              f"large {accuracy['acc_large_mean']:.2f} ± {accuracy['acc_large_std']:.2f}%, small "
+              f"{accuracy['acc_small_mean']:.2f} ± {accuracy['acc_small_std']:.2f}%", flush=True)
     base = rows.get('(a) original structure', rows['(b) ours, one at a time'])['pair_s']
     machine = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads'

@@ -133,6 +133,23 @@ def test_single_process_needs_no_process_group(monkeypatch):
         distributed.setup('cpu')
 
 
+def test_one_process_under_torchrun_joins_a_process_group(monkeypatch):
+    # torchrun --nproc_per_node 1 is the one way to run the NCCL path on a single GPU: it must join a group
+    for name, value in (('WORLD_SIZE', '1'), ('RANK', '0'), ('LOCAL_RANK', '0'), ('MASTER_ADDR', '127.0.0.1'),
+                        ('MASTER_PORT', str(free_port()))):
+        monkeypatch.setenv(name, value)
+    ctx = distributed.setup('cpu')
+    try:
+        assert ctx.distributed and torch.distributed.get_backend() == 'gloo' and ctx.world == 1
+        t = torch.tensor([3.0])
+        assert ctx.mean(t).item() == 3.0
+        assert isinstance(ctx.wrap(torch.nn.Linear(2, 2)), torch.nn.parallel.DistributedDataParallel)
+        assert len(ctx.rng_states()['ranks']) == 1
+    finally:
+        ctx.close()
+    assert not torch.distributed.is_initialized()
+
+
 def test_amp_bf16_runs_on_cpu_close_to_float32(tmp_path):
     data = {'train': str(tmp_path / 'train'), 'val': str(tmp_path / 'val')}
     write_shards(tmp_path / 'train', 11, shard_size=11, seed=1)
