@@ -65,6 +65,9 @@ def get_args(kind='train', argv=None):
     p.add_argument('--amp', default='none', choices=('none', 'bf16'),
                    help='bf16 autocast of the forward (weights, updates and BN statistics stay fp32); not the '
                         'recipe: recorded in recipe.json, so such networks never mix with fp32 ones')
+    p.add_argument('--conv', default='cudnn', choices=('cudnn', 'triton'),
+                   help='the 3x3 convolutions: torch\'s (cuDNN on a GPU), or triton_conv.py\'s kernels (GPU, float32; '
+                        'on a CPU only under TRITON_INTERPRET=1, for tests)')
     p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
                    help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "
                         '60,000 images) instead of recomputing them each step; auto: when it fits')
@@ -88,6 +91,8 @@ def get_args(kind='train', argv=None):
         raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
     if args.models_per_step < 0 or args.num_threads < 0:
         raise utils.UserError('--models_per_step and --num_threads must be >= 0')
+    if args.conv == 'triton' and args.amp == 'bf16':
+        raise utils.UserError('--conv triton is float32 only: drop --amp bf16 or use --conv cudnn')
     if args.num_train_images > 60000 or args.num_test_images > 10000:
         raise utils.UserError('MNIST has 60000 training and 10000 test images')
     args.kind = kind
@@ -430,6 +435,20 @@ def check_writable(root):
         raise utils.UserError(f'--data_root {root} is not writable ({e.strerror}); choose another folder') from None
 
 
+def use_conv(kind, device):
+    """Route the stacked 3x3 convolutions to --conv's implementation."""
+    if kind == 'cudnn':
+        return net.set_conv3x3(None)
+    if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
+        raise utils.UserError(f'--conv triton runs on a CUDA GPU (device here: {device}); on a CPU only in Triton\'s '
+                              f'interpreter, TRITON_INTERPRET=1 (slow: for tests)')
+    try:
+        import triton_conv
+    except ImportError as e:
+        raise utils.UserError(f'--conv triton needs the triton package (it comes with CUDA builds of torch): {e}') from None
+    net.set_conv3x3(triton_conv.grouped_conv3x3)
+
+
 def load_mnist_to(device, args):
     """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
     train_x, train_y = load_mnist(args.mnist_root, train=True)
@@ -444,6 +463,7 @@ def generate(args):
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest grouped convolutions
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    use_conv(args.conv, device)
     check_writable(args.data_root)
     utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
     check_layout(args)

@@ -187,8 +187,20 @@ def fresh_states(block, seeds, device='cpu'):
     return {k: v.to(device) for k, v in stack_states(sds).items()}
 
 
+CONV3X3 = None  # set_conv3x3: another implementation of the stacked 3x3 convolutions (stride 1, padding 1)
+
+
+def set_conv3x3(impl):
+    """Run every stacked 3x3 convolution of this process as impl(x, w, groups) (e.g. triton_conv's); None:
+    F.conv2d."""
+    global CONV3X3
+    CONV3X3 = impl
+
+
 def _conv(x, w, k, **kw):
     """Grouped conv: x (B, K*Cin, H, W), w (K, Cout, Cin, kh, kw) -> (B, K*Cout, H', W')."""
+    if CONV3X3 is not None and w.shape[-1] == 3 and kw == {'padding': 1}:
+        return CONV3X3(x, w.reshape(-1, *w.shape[2:]), k)
     return F.conv2d(x, w.reshape(-1, *w.shape[2:]), groups=k, **kw)
 
 

@@ -15,7 +15,6 @@ plus the evaluations that recipe makes. Also: bytes and files per 1,000 pairs on
 """
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import construct_train  # noqa: E402
+from common import write_json  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
 
@@ -96,7 +96,7 @@ def original_structure(args, mnist, workers):
 # The faster options of construct_train.py, by the names --rows uses.
 VARIANTS = {'channels_last': ['--channels_last'], 'compile': ['--compile'],
             'cuda_graphs': ['--compile', 'reduce-overhead'], 'bf16': ['--amp', 'bf16'],
-            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off']}
+            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off'], 'triton': ['--conv', 'triton']}
 
 
 def parse_row(spec):
@@ -140,6 +140,7 @@ def ours(args, mnist, device, k, flags=()):
     cache = {'on': True, 'off': False}.get(gen_args.begin_cache, True if auto is None else auto)
     # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
     # cuDNN choices (evaluation shapes included) instead of counting them as training
+    construct_train.use_conv(gen_args.conv, device)
     workspaces = {}
     t0 = time.perf_counter()
     construct_train.make_pairs(range(k), gen_args, mnist, device, cache, workspaces)
@@ -150,8 +151,8 @@ def ours(args, mnist, device, k, flags=()):
     sync(device)
     total = time.perf_counter() - t1
     t_eval = sum(evaluations)
-    accuracy = {f'{key}_{stat}': float(getattr(shard[key], stat)()) for key in ('acc_large', 'acc_small')
-                for stat in ('mean', 'std')}  # of the networks this row made: bf16 beside fp32
+    accuracy = {f'{key}_{stat}': float(getattr(shard[key], stat)()) if k > 1 or stat == 'mean' else float('nan')
+                for key in ('acc_large', 'acc_small') for stat in ('mean', 'std')}  # this row's networks
     return (total - t_eval) / k, t_eval / k, t1 - t0, cache, accuracy
 
 
@@ -214,12 +215,16 @@ def main():
     for label, k, flags in paths:
         try:
             t_train, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags)
-        except torch.OutOfMemoryError:  # a row too large for this device is reported, not fatal
-            print(f'{label}: out of memory', flush=True)
-            torch.cuda.empty_cache()
+        except Exception as e:  # a row that cannot run here (out of memory, no triton, ...) is reported, not fatal
+            print(f'{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
             continue
+        finally:
+            construct_train.use_conv('cudnn', device)
         rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'eval_s': t_eval,
                        'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval, **accuracy}
+        write_json(args.out, {'args': vars(args), 'rows': rows, 'complete': False})  # a run cut short keeps its rows
         print(f"{label}: {t_train:.3f} s training per network measured (warm-up run {t_warm:.1f} s, Begin cache "
               f"{'on' if cache else 'off'}), {3600 / rows[label]['pair_s']:.1f} pairs/hour projected; test accuracy "
               f"large {accuracy['acc_large_mean']:.2f} ± {accuracy['acc_large_std']:.2f}%, small "
@@ -239,9 +244,7 @@ def main():
         storage = storage_per_1000(tmp)
     print(f"\nper 1,000 pairs: original layout {storage['original_bytes'] / 1e6:.1f} MB in 4,000 files; "
           f"our shards {storage['shard_bytes'] / 1e6:.1f} MB in 1000/K files")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump({'machine': machine, 'args': vars(args), 'rows': rows, 'storage': storage}, f, indent=1)
+    write_json(args.out, {'machine': machine, 'args': vars(args), 'rows': rows, 'storage': storage, 'complete': True})
 
 
 if __name__ == '__main__':

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU session: every open GPU measurement of the repository in one command, within BUDGET
-# seconds (default 480), each step under its own limit and the session's deadline, everything logged under
+# seconds (default 520), each step under its own limit and the session's deadline, everything logged under
 # $OUT and packed after every step (a run cut short still brings back what it measured).
 #
 #   1. generation speed: the plain step at K = 128 against channels-last, the Begin cache, larger K without
-#      it, bf16 autocast, torch.compile of the whole step and CUDA graphs (bench_generate.py --rows);
+#      it, bf16 autocast, the Triton convolutions, torch.compile of the whole step and CUDA graphs
+#      (bench_generate.py --rows; each row's accuracies too);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
@@ -14,31 +15,8 @@
 #   OUT=/tmp/out bash experiments/gpu_session.sh
 # Dry run on a CPU at tiny sizes (the same commands): DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
 # At most 8 files come back from a device run: everything is packed into $OUT/session.tar.gz beside session.log.
-set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:?set OUT}
-DEVICE=${DEVICE:-cuda}
-QUICK=${QUICK:-0}
-WORK=${WORK:-/tmp/kt_gpu}
-DEADLINE=$(( $(date +%s) + ${BUDGET:-480} ))
-mkdir -p "$OUT" "$WORK/logs"
-LOG="$OUT/session.log"
-say() { echo "== $(date +%T) $*" | tee -a "$LOG"; }
-left() { echo $(( DEADLINE - $(date +%s) - 10 )); }  # seconds left, 10 kept for packing
-pack() {  # everything so far into $OUT/session.tar.gz
-  tar czf "$OUT/session.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d *.json train_logs val/logs train/logs 2>/dev/null)
-}
-step() {  # step NAME SECONDS CMD...: run CMD under min(SECONDS, time left), its output in $WORK/logs/NAME.log
-  local name=$1 limit=$2; shift 2
-  [ "$(left)" -lt "$limit" ] && limit=$(left)
-  if [ "$limit" -lt 15 ]; then say "$name: skipped, the session's time is spent"; return; fi
-  say "$name (limit ${limit}s): $*"
-  timeout -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1  # TERM first: torchrun passes it on to its workers
-  local rc=$?
-  tr '\r' '\n' < "$WORK/logs/$name.log" | grep -v Warning | tail -n 4 | tee -a "$LOG"
-  say "$name: exit $rc"
-  pack
-}
+source "$(dirname "$0")/session_lib.sh"
+PACKED="logs *.json train_logs val/logs train/logs"
 killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group once it has written a last.pth
   local name=$1 t=0 wait=$(( $(left) * 5 )); shift
   say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
@@ -55,7 +33,7 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
-  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:cuda_graphs"
+  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
@@ -64,7 +42,8 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
 else
   # rows in order of cost: compiling comes last
   BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 256:no_cache 512:no_cache
-    512:no_cache+channels_last 128:bf16 128:compile 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs"
+    512:no_cache+channels_last 128:bf16 128:triton 512:no_cache+triton 128:compile 128:cuda_graphs
+    512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
   BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 60 --warmup 2 --iters 3 --repeats 3"
   BENCH_EVAL="--no_sweep --repeats 2"
   DATA_RECIPE="--num_epochs 1 --num_train_images 12800 --models_per_step 128"; NUM_VAL=100; NUM_TRAIN=256
@@ -72,12 +51,11 @@ else
   PATHS="--num_epochs 40 --log_step 10 --batch_size 64"
 fi
 
-say "machine"
-{ nvidia-smi -L 2>/dev/null; python -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } 2>&1 | tee -a "$LOG"
+machine
 
 # 1-3. benchmarks
-step bench_generate 180 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
-step bench_translator_step 150 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
+step bench_generate 210 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step bench_translator_step 140 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 
 # 4. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed
@@ -90,7 +68,4 @@ killed train_paths_killed $TORCHRUN
 step train_paths_resumed 90 $TORCHRUN --resume
 grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
 
-pkill -f -- "$WORK" 2>/dev/null  # nothing of this session may outlive it on the GPU
-pack
-ls -la "$OUT" | tee -a "$LOG"
-say "done"
+finish

@@ -138,3 +138,12 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
     assert 'step eager, channels-last, bf16 autocast' in log
     with pytest.raises(utils.UserError, match='recipe'):  # an fp32 run may not add to these bf16 networks
         construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
+
+
+def test_triton_convolutions_are_refused_where_they_cannot_run(monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(utils.UserError, match='TRITON_INTERPRET=1'):
+        construct_train.use_conv('triton', torch.device('cpu'))
+    with pytest.raises(utils.UserError, match='float32 only'):
+        tiny_args('--conv', 'triton', '--amp', 'bf16')
+    assert net.CONV3X3 is None
