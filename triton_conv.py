@@ -45,28 +45,30 @@ def _conv3x3_kernel(x_ptr, w_ptr, y_ptr, groups, CIN: tl.constexpr, COUT: tl.con
 @triton.jit
 def _conv3x3_wgrad_kernel(x_ptr, dy_ptr, part_ptr, n_images, groups, per_block, CIN: tl.constexpr,
                           COUT: tl.constexpr, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-                          CPAD: tl.constexpr):
-    """part[b, g, o, i, tap] = sum over the images of block b of dy[n, g*COUT + o] . (x[n, g*CIN + i] shifted)."""
+                          CHUNK: tl.constexpr, CPAD: tl.constexpr):
+    """part[b, g, o, i, tap] = sum over the images of block b of dy[n, g*COUT + o] . (x[n, g*CIN + i] shifted);
+    the plane in chunks of CHUNK pixels, so that a dot's operands stay small."""
     g = tl.program_id(0)
     b = tl.program_id(1)
-    p = tl.arange(0, BLOCK)
-    row, col = p // W, p % W
-    inside = p < H * W
     o = tl.arange(0, CPAD)
     t = tl.arange(0, 16)  # the 9 taps, padded
-    r = row[None, :] + (t[:, None] // 3 - 1)
-    c = col[None, :] + (t[:, None] % 3 - 1)
-    m9 = (t[:, None] < 9) & inside[None, :] & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-    m_dy = (o[:, None] < COUT) & inside[None, :]
     first = b * per_block
     last = tl.minimum(first + per_block, n_images)
     for i in tl.static_range(CIN):
         acc = tl.zeros((CPAD, 16), dtype=tl.float32)
-        for n in range(first, last):
-            plane = n.to(tl.int64) * groups + g
-            dy = tl.load(dy_ptr + plane * COUT * H * W + o[:, None] * H * W + p[None, :], mask=m_dy, other=0.0)
-            x9 = tl.load(x_ptr + (plane * CIN + i) * H * W + r * W + c, mask=m9, other=0.0)
-            acc += tl.dot(dy, tl.trans(x9), input_precision='ieee')
+        for p0 in tl.static_range(0, BLOCK, CHUNK):
+            p = p0 + tl.arange(0, CHUNK)
+            row, col = p // W, p % W
+            inside = p < H * W
+            r = row[None, :] + (t[:, None] // 3 - 1)
+            c = col[None, :] + (t[:, None] % 3 - 1)
+            m9 = (t[:, None] < 9) & inside[None, :] & (r >= 0) & (r < H) & (c >= 0) & (c < W)
+            m_dy = (o[:, None] < COUT) & inside[None, :]
+            for n in range(first, last):
+                plane = (n * groups + g).to(tl.int64)
+                dy = tl.load(dy_ptr + plane * COUT * H * W + o[:, None] * H * W + p[None, :], mask=m_dy, other=0.0)
+                x9 = tl.load(x_ptr + (plane * CIN + i) * H * W + r * W + c, mask=m9, other=0.0)
+                acc += tl.dot(dy, tl.trans(x9), input_precision='ieee')
         out = part_ptr + (((b * groups + g) * COUT + o[:, None]) * CIN + i) * 9 + t[None, :]
         tl.store(out, acc, mask=(o[:, None] < COUT) & (t[None, :] < 9))
 
@@ -94,7 +96,8 @@ def conv3x3_weight_grad(x, dy, groups, cin, images_per_block=8):
     blocks = triton.cdiv(n, images_per_block)
     part = torch.empty(blocks, groups, cout, cin, TAPS, device=x.device, dtype=torch.float32)
     _conv3x3_wgrad_kernel[(groups, blocks)](x.contiguous(), dy.contiguous(), part, n, groups, images_per_block,
-                                            CIN=cin, COUT=cout, H=h, W=wd, BLOCK=_block(h, wd), CPAD=OUT_PAD)
+                                            CIN=cin, COUT=cout, H=h, W=wd, BLOCK=_block(h, wd),
+                                            CHUNK=min(_block(h, wd), 256), CPAD=OUT_PAD)
     return part.sum(0).reshape(groups * cout, cin, 3, 3)
 
 

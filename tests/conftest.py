@@ -2,8 +2,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# Triton kernels (triton_conv.py) run on the CPU in Triton's interpreter, which is chosen when triton is first
+# imported: before anything imports it
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # the scripts are top-level modules of the repository

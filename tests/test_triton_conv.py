@@ -1,7 +1,6 @@
 """triton_conv's kernels against F.conv2d, run on the CPU in Triton's interpreter: the forward, the input and
 weight gradients, and generation with --conv triton. Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
-import importlib
 import os
 
 import pytest
@@ -16,16 +15,11 @@ pytest.importorskip('triton')
 
 @pytest.fixture(scope='module')
 def triton_conv():
-    """triton_conv imported with TRITON_INTERPRET=1 (read when its kernels are defined), the variable restored after."""
-    old = os.environ.get('TRITON_INTERPRET')
-    os.environ['TRITON_INTERPRET'] = '1'
+    """triton_conv in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('TRITON_INTERPRET is not 1: the kernels cannot run on a CPU')
     import triton_conv
-    module = importlib.reload(triton_conv)
-    yield module
-    if old is None:
-        del os.environ['TRITON_INTERPRET']
-    else:
-        os.environ['TRITON_INTERPRET'] = old
+    yield triton_conv
     net.set_conv3x3(None)
 
 
@@ -55,7 +49,9 @@ def test_float32_only(triton_conv):
 
 
 def test_generation_with_triton_convolutions_is_close(triton_conv):
-    tiny = ['--num_epochs', '1', '--num_train_images', '256', '--num_test_images', '100', '--device', 'cpu']
+    # the interpreter runs programs one by one in Python: a few images only
+    tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
+            '--device', 'cpu']
     mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', tiny))
     args = construct_train.get_args('train', tiny + ['--conv', 'triton'])
     plain = construct_train.make_pairs(range(2), construct_train.get_args('train', tiny), mnist, torch.device('cpu'), True)
