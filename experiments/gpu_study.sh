@@ -7,7 +7,7 @@
 #   OUT=/tmp/out bash experiments/gpu_study.sh
 # Dry run on a CPU at tiny sizes: DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_study.sh
 source "$(dirname "$0")/session_lib.sh"
-PACKED="logs *.json study_tables.md identifiability.* study/*/*/*/*/train.log study/*/*/*/*/metrics.csv val/logs train/logs"
+PACKED="logs study_*.json study_tables.md identifiability.* study/*/*/*/*/train.log study/*/*/*/*/metrics.csv val/logs train/logs"
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   GEN="--num_epochs 1 --num_train_images 1280 --num_test_images 500"; NUM_VAL=8; GEN_SECONDS=60; HOLD=4
