@@ -480,7 +480,8 @@ def generate(args):
     logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
                  f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
                  f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
-                 f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}, '
+                 f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}'
+                 f'{", Triton convolutions" if args.conv == "triton" else ""}, '
                  f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
     made, workspaces, t0 = [], {}, time.time()
