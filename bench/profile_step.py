@@ -1,38 +1,89 @@
-"""Where one eager training step of a large network (batch 128, CPU) spends its time: torch.profiler table.
+"""Where one eager training step of the large network (batch 128) spends its time: torch.profiler table.
+
+Without --k: one nn.Module network on the CPU (the original's structure). With --k K: generation's own step
+(construct_train.make_step) of K networks side by side, on --device, with any of its speed flags, e.g.
 
     python bench/profile_step.py
+    python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--compile]
 """
+import argparse
 import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import profile
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import construct_train  # noqa: E402
 import net  # noqa: E402
-
-torch.manual_seed(0)
-model = net.large_network()
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+import utils  # noqa: E402
 
 
-def step():
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+def module_step():
+    """One network as nn.Modules with torch.optim.SGD: the step function."""
+    model = net.large_network()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
 
 
-for _ in range(5):
-    step()
-t0 = time.perf_counter()
-for _ in range(50):
-    step()
-print(f'{torch.get_num_threads()} threads: {(time.perf_counter() - t0) / 50 * 1e3:.1f} ms per step')
-with profile() as prof:
-    for _ in range(20):
+def stacked_step(k, device, flags):
+    """K large networks' SGD step as generation runs it, on random images: the step function."""
+    args = construct_train.get_args('train', ['--device', str(device), *flags])
+    construct_train.use_conv(args.conv, device)
+    images = torch.randint(0, 256, (1024, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (1024,), device=device)
+    begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))
+
+    def logits(idx, flip):
+        x = construct_train.channels_last(construct_train.augment(images, idx, flip), args)
+        h = net.begin_forward(x, begin, training=True)
+        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+
+    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    step, reset = construct_train.make_step(params, logits, labels, args)
+    reset()
+    idx = torch.randint(0, 1024, (k, 128), device=device)
+    flip = torch.rand(k, 128, device=device) < 0.5
+    return lambda: step(idx, flip)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--k', type=int, default=0, help='profile generation\'s step of K networks (0: one nn.Module)')
+    p.add_argument('--device', default='cpu')
+    args, flags = p.parse_known_args()  # the rest: construct_train.py's speed flags
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    step = stacked_step(args.k, device, flags) if args.k else module_step()
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for _ in range(5):
         step()
-print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        step()
+    sync()
+    what = f'K = {args.k} networks on {device} {" ".join(flags)}' if args.k else 'one network (nn.Module)'
+    print(f'{what}, {torch.get_num_threads()} threads: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms per step')
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(20):
+            step()
+        sync()
+    sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
+if __name__ == '__main__':
+    utils.run_main(main)

@@ -5,7 +5,7 @@
 #
 #   1. generation speed: the plain step at K = 128 against channels-last, the Begin cache, larger K without
 #      it, bf16 autocast, the Triton convolutions, torch.compile of the whole step and CUDA graphs
-#      (bench_generate.py --rows; each row's accuracies too);
+#      (bench_generate.py --rows; each row's accuracies too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
@@ -34,7 +34,7 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs"
-  BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"
+  BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
   TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
@@ -45,6 +45,7 @@ else
     512:no_cache+channels_last 128:bf16 128:triton 512:no_cache+triton 128:compile 128:cuda_graphs
     512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
   BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 60 --warmup 2 --iters 3 --repeats 3"
+  PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
   DATA_RECIPE="--num_epochs 1 --num_train_images 12800 --models_per_step 128"; NUM_VAL=100; NUM_TRAIN=256
   TRANSLATOR="--num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256"
@@ -55,6 +56,8 @@ machine
 
 # 1-3. benchmarks
 step bench_generate 210 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step profile_generate 40 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
+step profile_generate_triton 40 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --conv triton
 step bench_translator_step 140 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 
