@@ -255,6 +255,14 @@ def channels_last(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
+def large_logits(images, begin, basic, last, args):
+    """logits_fn(idx, flip) of the recipe's first phase: the large networks' training forward on `images`."""
+    def logits(idx, flip):
+        h = net.begin_forward(channels_last(augment(images, idx, flip), args), begin, training=True)
+        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+    return logits
+
+
 def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None, ws=None):
     """Train the stacked small blocks `simple` in place between the frozen, eval-mode Begin and Last of
     their networks (the recipe's second phase); return their test accuracy (K,) before and after.
@@ -307,11 +315,8 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
     gens = [data_generator(s) for s in seeds]
 
     # 1. the large network, all of it trained
-    def large_logits(idx, flip):
-        h = net.begin_forward(channels_last(augment(train_x, idx, flip), args), begin, training=True)
-        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
-
-    step = ws.step('large', trainable(begin) + trainable(basic) + trainable(last), large_logits)
+    step = ws.step('large', trainable(begin) + trainable(basic) + trainable(last),
+                   large_logits(train_x, begin, basic, last, args))
     train_phase(step, gens, len(train_x), device, args)
     freeze(begin, basic, last)
     acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}

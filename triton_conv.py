@@ -2,7 +2,8 @@
 construct_train.py --conv triton: the training convolutions of generation, forward and backward.
 
 Generation trains K tiny networks side by side, so every convolution is a grouped one with 1, 3 or 6
-channels per group, a shape cuDNN is not built for. Here one program computes one image of one network:
+channels per group, far from the shapes cuDNN's kernels are tuned for (how far: bench/profile_step.py on a
+GPU, with and without --conv triton). Here one program computes one image of one network:
 all its output channels over the whole plane, from all its input channels, each weight a scalar broadcast
 over the plane. The input gradient is the same kernel with each network's weights transposed and flipped;
 the weight gradient is, per network and input channel, one dot product of the output gradient with the 9

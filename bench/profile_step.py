@@ -43,12 +43,8 @@ def stacked_step(k, device, flags):
     labels = torch.randint(0, 10, (1024,), device=device)
     begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))
 
-    def logits(idx, flip):
-        x = construct_train.channels_last(construct_train.augment(images, idx, flip), args)
-        h = net.begin_forward(x, begin, training=True)
-        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
-
     params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    logits = construct_train.large_logits(images, begin, basic, last, args)
     step, reset = construct_train.make_step(params, logits, labels, args)
     reset()
     idx = torch.randint(0, 1024, (k, 128), device=device)

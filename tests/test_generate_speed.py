@@ -41,12 +41,8 @@ def large_step_states(args, images, labels, steps=4, seeds=(5, 6)):
     gens = [construct_train.data_generator(s) for s in seeds]
     perm, flip = construct_train.draw_epoch(gens, len(images), images.device)
 
-    def logits(idx, fl):
-        x = construct_train.channels_last(construct_train.augment(images, idx, fl), args)
-        h = net.begin_forward(x, begin, training=True)
-        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
-
     params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    logits = construct_train.large_logits(images, begin, basic, last, args)
     step, reset = construct_train.make_step(params, logits, labels, args)
     reset()
     for b0 in range(0, steps * 64, 64):
