@@ -6,9 +6,15 @@ OUT=results/bench_cpu
 mkdir -p $OUT
 lscpu | grep -E 'Model name|^CPU\(s\)' > $OUT/machine.txt
 python bench/bench_generate.py --k 4 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log
+python bench/bench_generate.py --skip_original --k 1 --rows 1:channels_last 1:compile 1:channels_last+compile \
+  4:channels_last --out $OUT/generate_options.json 2>&1 | tee $OUT/generate_options.log
+python bench/bench_generate.py --skip_original --k 4 --rows 4:channels_last --out $OUT/generate_channels_last.json \
+  2>&1 | tee $OUT/generate_channels_last.log
 python bench/bench_loading.py --num_pairs 20000 --out $OUT/loading.json 2>&1 | tee $OUT/loading.log
 python bench/bench_translator_step.py --batches 64 --main_batch 64 --warmup 1 --repeats 2 --iters 1 \
   --out $OUT/translator_step.json 2>&1 | tee $OUT/translator_step.log
+python bench/bench_translator_step.py --batches 64 --main_batch 64 --warmup 1 --repeats 3 --iters 1 --compile on \
+  --compile_timeout 1200 --out $OUT/translator_step_compile.json 2>&1 | tee $OUT/translator_step_compile.log
 python bench/bench_eval.py --no_sweep --repeats 1 --out $OUT/eval.json 2>&1 | tee $OUT/eval.log
 python bench/bench_mnist_load.py 2>&1 | tee $OUT/mnist_load.log
 python bench/profile_step.py 2>&1 | tee $OUT/profile_step.log
