@@ -53,14 +53,17 @@ class Context:
         dist.all_gather(shares, mine)
         return torch.cat(shares)[:k]
 
-    def wrap(self, model, amp='none', compile=False):
-        """What the training step calls: model, under --amp bf16, in DDP under torchrun, compiled with --compile.
-        Parameters are shared; checkpoints save `model` itself (unwrap)."""
+    def wrap(self, model, amp='none', compile=None):
+        """What the training step calls: model, under --amp bf16, in DDP under torchrun, compiled with --compile
+        (model: all of it, as one graph; blocks: each mixing MLP of model, in place). Parameters are shared;
+        checkpoints save `model` itself (unwrap)."""
+        if compile == 'blocks':
+            model.compile_blocks()
         wrapped = BF16Forward(model) if amp == 'bf16' else model
         if self.distributed:
             wrapped = DistributedDataParallel(wrapped, device_ids=[self.device.index]
                                               if self.device.type == 'cuda' else None)
-        return torch.compile(wrapped) if compile else wrapped
+        return torch.compile(wrapped) if compile == 'model' else wrapped
 
     def seed_rank(self, seed):
         """Ranks > 0 get their own torch seed (their dropout masks differ); rank 0 keeps `seed`."""

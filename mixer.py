@@ -60,6 +60,13 @@ class MLPMixer(nn.Module):
         self.gelu = nn.GELU()
         self.fc2 = nn.Linear(hidden_S_dim, NUM_OUT_TOKENS)
 
+    def compile_blocks(self):
+        """torch.compile every mixing MLP in place (train.py --compile blocks): the blocks share their code, so
+        one compilation serves all of them, where compiling the whole model traces every layer."""
+        for block in self.layers.modules():
+            if isinstance(block, MixingMLP):
+                block.compile()
+
     def forward(self, weights):
         conv1, conv2 = weights
         b = conv1.shape[0]

@@ -157,7 +157,7 @@ class Variant:
     def setup(self):
         torch.manual_seed(0)
         args = train.get_args(['--amp', 'bf16' if self.precision == 'bf16' else 'none']
-                              + ['--compile'] * self.compile)
+                              + (['--compile', self.compile] if self.compile else []))
         self.model = MLPMixer(**self.config).to(self.device)
         if self.optimizer == 'default':
             self.opt = train.make_optimizer(self.model, args)  # what train.py uses: Adam with torch's defaults
@@ -220,11 +220,12 @@ def build_variants(args, device):
               Variant(f'Adam(fused), bf16 autocast, batch {2 * main}', 2 * main, device, args.config, 'fused',
                       'bf16')]
     if args.compile:
-        v.append(Variant(f'compile, Adam(fused), fp32, batch {main}', main, device, args.config, 'fused',
-                         compile=True))
-        if cuda:
-            v.append(Variant(f'compile, Adam(fused), bf16 autocast, batch {main}', main, device, args.config,
-                             'fused', 'bf16', compile=True))
+        for how in ('blocks', 'model'):  # --compile blocks, --compile (model)
+            v.append(Variant(f'compile {how}, Adam(fused), fp32, batch {main}', main, device, args.config, 'fused',
+                             compile=how))
+            if cuda:
+                v.append(Variant(f'compile {how}, Adam(fused), bf16 autocast, batch {main}', main, device,
+                                 args.config, 'fused', 'bf16', compile=how))
     else:
         notes.append('torch.compile rows not run (off by default on CPU and with --quick; '
                      'pass --compile on to try them)')

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared GPU session: every open GPU measurement of the repository in one command, within BUDGET
-# seconds (default 520), each step under its own limit and the session's deadline, everything logged under
+# seconds (default 560), each step under its own limit and the session's deadline, everything logged under
 # $OUT and packed after every step (a run cut short still brings back what it measured).
 #
 #   1. generation speed: the plain step at K = 128 against channels-last, the Begin cache, larger K without
 #      it, bf16 autocast, the Triton convolutions, torch.compile of the whole step and CUDA graphs
 #      (bench_generate.py --rows; each row's accuracies too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
-#      torch.compile fp32 and bf16, peak memory;
+#      torch.compile (blocks and whole model) fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
 #   4. every GPU path of train.py once: torchrun with NCCL + --amp bf16 + --compile + --tf32, killed with
 #      SIGKILL mid-run and resumed with --resume, on pairs made here with a short recipe (speed, not science).
@@ -44,7 +44,7 @@ else
   BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 256:no_cache 512:no_cache
     512:no_cache+channels_last 128:bf16 128:triton 512:no_cache+triton 128:compile 128:cuda_graphs
     512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
-  BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 60 --warmup 2 --iters 3 --repeats 3"
+  BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 40 --warmup 2 --iters 3 --repeats 3"
   PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
   DATA_RECIPE="--num_epochs 1 --num_train_images 12800 --models_per_step 128"; NUM_VAL=100; NUM_TRAIN=256
@@ -55,10 +55,10 @@ fi
 machine
 
 # 1-3. benchmarks
-step bench_generate 210 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step bench_generate 200 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step profile_generate 40 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
 step profile_generate_triton 40 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --conv triton
-step bench_translator_step 140 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
+step bench_translator_step 180 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 
 # 4. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The science study's GPU part, a session of its own (BUDGET seconds, default 520; the GPU measurements of
+# The science study's GPU part, a session of its own (BUDGET seconds, default 560; the GPU measurements of
 # BENCHMARKS.md are gpu_session.sh): paper-recipe pairs made on the GPU for GEN_SECONDS, then every objective
 # on them with the best epoch picked on held-out training networks, and the identifiability of the paper's
 # recipe (retrainings from fresh inits), logged and packed under $OUT as gpu_session.sh does.

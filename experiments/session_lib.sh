@@ -1,13 +1,13 @@
 # Helpers of the prepared GPU sessions (gpu_session.sh, gpu_study.sh), sourced by them: a session runs its
-# steps within BUDGET seconds, logs to $OUT/session.log and packs its logs into $OUT/session.tar.gz after every
-# step, so that a session cut short still brings back what it measured.
+# steps within BUDGET seconds (default 560), logs to $OUT/session.log and packs its logs into
+# $OUT/session.tar.gz after every step, so that a session cut short still brings back what it measured.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
 WORK=${WORK:-/tmp/kt_gpu}
-DEADLINE=$(( $(date +%s) + ${BUDGET:-520} ))
+DEADLINE=$(( $(date +%s) + ${BUDGET:-560} ))
 mkdir -p "$OUT" "$WORK/logs"
 LOG="$OUT/session.log"
 PACKED="logs"  # what pack() takes from $WORK (the scripts add their own)

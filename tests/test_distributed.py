@@ -177,3 +177,20 @@ def test_wrapped_translator_saves_the_plain_state_dict():
     assert list(distributed.unwrap(wrapped).state_dict()) == list(MLPMixer(**model.config).state_dict())
     assert distributed.Context().wrap(model) is model  # the default: untouched
     assert 'compile' in train.RESUME_FREE_ARGS and 'amp' not in train.RESUME_FREE_ARGS
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch's own, on importing torch.compile's stack
+def test_compiled_blocks_compute_the_same_translator(one_thread):
+    torch.manual_seed(0)
+    model = MLPMixer(num_layers=2, C_dim=16, hidden_S_dim=16, hidden_C_dim=16)
+    x = (torch.randn(4, 6, 6, 3, 3), torch.randn(4, 6, 6, 3, 3))
+    eager = model(x)
+    keys = list(model.state_dict())
+    assert train.get_args(['--compile']).compile == 'model'  # the bare flag keeps its meaning
+    wrapped = distributed.Context().wrap(model, 'none', train.get_args(['--compile', 'blocks']).compile)
+    assert wrapped is model and list(model.state_dict()) == keys  # compiled in place, saved as ever
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    compiled = model(x)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > graphs  # it did compile
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
