@@ -5,7 +5,8 @@
     nn.Module training, a test evaluation after every epoch of both phases;
 (b) ours, one network at a time (--models_per_step 1): MNIST in memory, batching and flips on
     the device, frozen Begin cached in the small phase;
-(c) ours, K networks side by side (grouped convolutions).
+(c) ours, K networks side by side (grouped convolutions); with --rows, also with construct_train.py's
+    speed options (e.g. 512:no_cache+cuda_graphs: K = 512, no Begin cache, compiled step with CUDA graphs).
 Each path trains both phases for --epochs epochs on --num_images images, then the time of the full
 recipe (10 + 10 epochs on 60,000 images) is projected linearly from the measured training time
 plus the evaluations that recipe makes. Also: bytes and files per 1,000 pairs on disk.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import construct_train  # noqa: E402
-from common import write_json  # noqa: E402
+from common import sync, write_json  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
 
@@ -155,12 +156,6 @@ def ours(args, mnist, device, k, flags=()):
     accuracy = {f'{key}_{stat}': float(getattr(shard[key], stat)()) if k > 1 or stat == 'mean' else float('nan')
                 for key in ('acc_large', 'acc_small') for stat in ('mean', 'std')}  # this row's networks
     return (total - t_eval) / k, t_eval / k, t1 - t0, cache, accuracy
-
-
-def sync(device):
-    """Wait for the device."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def storage_per_1000(tmp):
