@@ -1,7 +1,6 @@
 """train.py under torchrun (CPU, gloo, 2 processes): the same loss curve and accuracies as one process,
 resume across launches, the global-batch split, and the --amp / --compile wrappers."""
 import csv
-import glob
 import json
 import os
 import socket

@@ -1,11 +1,9 @@
 """The faster generation paths against the plain one: the SGD update, the reused workspace, torch.compile,
 channels-last, bf16 autocast and the Begin-cache flag."""
 import json
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import construct_train
 import net
