@@ -11,6 +11,7 @@ python bench/bench_generate.py --skip_original --k 1 --rows 1:channels_last 1:co
   4:channels_last --out $OUT/generate_options.json 2>&1 | tee $OUT/generate_options.log
 python bench/bench_generate.py --skip_original --k 4 --rows 4:channels_last --out $OUT/generate_channels_last.json \
   2>&1 | tee $OUT/generate_channels_last.log
+python bench/bench_draw.py --k 128 512 2>&1 | tee $OUT/draw.log
 python bench/bench_loading.py --num_pairs 20000 --out $OUT/loading.json 2>&1 | tee $OUT/loading.log
 python bench/bench_translator_step.py --batches 64 --main_batch 64 --warmup 1 --repeats 2 --iters 1 \
   --out $OUT/translator_step.json 2>&1 | tee $OUT/translator_step.log

@@ -67,6 +67,7 @@ grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loade
 
 # 3. evaluation; 1. generation; 2. the translator step; where a generation step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
+step bench_draw 20 python bench/bench_draw.py --k 128 512
 step bench_generate 200 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step bench_translator_step 170 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step profile_generate 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
