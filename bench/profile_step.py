@@ -7,18 +7,15 @@ Without --k: one nn.Module network on the CPU (the original's structure). With -
     python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--compile]
 """
 import argparse
-import os
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import construct_train  # noqa: E402
-import net  # noqa: E402
-import utils  # noqa: E402
+import common  # noqa: F401  (puts the repository on sys.path)
+import construct_train
+import net
+import utils
 
 
 def module_step():
@@ -62,21 +59,16 @@ def main():
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     step = stacked_step(args.k, device, flags) if args.k else module_step()
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for _ in range(5):
         step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        step()
-    sync()
+    seconds = common.timed(lambda: [step() for _ in range(50)], device)
     what = f'K = {args.k} networks on {device} {" ".join(flags)}' if args.k else 'one network (nn.Module)'
-    print(f'{what}, {torch.get_num_threads()} threads: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms per step')
+    print(f'{what}, {torch.get_num_threads()} threads: {seconds / 50 * 1e3:.2f} ms per step')
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as prof:
         for _ in range(20):
             step()
-        sync()
+        common.sync(device)
     sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
