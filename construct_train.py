@@ -34,7 +34,8 @@ NUM_CLASSES = 10
 
 def get_args(kind='train', argv=None):
     """Flags; names and defaults follow the original generation scripts."""
-    p = argparse.ArgumentParser(description=f'Generate {kind} networks for Knowledge Translation.')
+    p = argparse.ArgumentParser(description=f'Generate {kind} networks for Knowledge Translation.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--batch_size', type=int, default=128, help='SGD batch size of both phases')
     p.add_argument('--gpu_id', type=int, default=0, metavar='K',
                    help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
