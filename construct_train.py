@@ -460,7 +460,8 @@ def use_conv(kind, device):
     try:
         import triton_conv
     except ImportError as e:
-        raise utils.UserError(f'--conv triton needs the triton package (it comes with CUDA builds of torch): {e}') from None
+        raise utils.UserError(f'--conv triton needs the triton package (it comes with CUDA builds of torch): '
+                              f'{e}') from None
     net.set_conv3x3(triton_conv.grouped_conv3x3)
 
 

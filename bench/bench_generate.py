@@ -107,7 +107,8 @@ def parse_row(spec):
     unknown = [n for n in names if n not in VARIANTS]
     if not k.isdigit() or int(k) < 1 or unknown:
         raise SystemExit(f'--rows {spec}: expected K or K:variant+variant with variants from {", ".join(VARIANTS)}')
-    return f'(c) ours, batched K={k}' + ''.join(f', {n}' for n in names), int(k), [f for n in names for f in VARIANTS[n]]
+    label = f'(c) ours, batched K={k}' + ''.join(f', {n}' for n in names)
+    return label, int(k), [f for n in names for f in VARIANTS[n]]
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import construct_train  # noqa: E402
 import net  # noqa: E402
 
-torch.set_num_threads(1)
 TINY = ['--num_epochs', '2', '--num_train_images', '600', '--num_test_images', '300', '--device', 'cpu']
 
 
@@ -28,7 +27,8 @@ def batch_norm_error(memory_format):
 
 
 def large_steps(flags, images, labels, steps=4):
-    """Every tensor of two large networks after `steps` SGD steps of generation's step (batch 64)."""
+    """Every tensor of two large networks after `steps` SGD steps of generation's step (batch 64) with
+    construct_train.py's `flags` (tests/test_generate_speed.py compares step variants with it too)."""
     args = construct_train.get_args('train', TINY + flags)
     sds = [construct_train.init_pair(s) for s in (5, 6)]
     begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
@@ -40,7 +40,7 @@ def large_steps(flags, images, labels, steps=4):
     reset()
     for b0 in range(0, steps * 64, 64):
         step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])
-    return [t.detach() for s in (begin, basic, last) for t in s.values() if t.is_floating_point()]
+    return [t.detach() for s in (begin, basic, last) for t in s.values()]
 
 
 def max_diff(a, b):
@@ -48,16 +48,19 @@ def max_diff(a, b):
 
 
 def main():
+    torch.set_num_threads(1)
     mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
     noise = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1))
-    print(f'training BatchNorm (128 x 12 x 28 x 28) against float64: contiguous {batch_norm_error(torch.contiguous_format):.1e}, '
+    print(f'training BatchNorm (128 x 12 x 28 x 28) against float64: '
+          f'contiguous {batch_norm_error(torch.contiguous_format):.1e}, '
           f'channels-last {batch_norm_error(torch.channels_last):.1e}')
     for name, images, lab in (('random images', noise, labels), ('MNIST', mnist[0][:256], mnist[1][:256])):
         eager = large_steps([], images, lab)
         print(f'{name}, 4 steps: compiled vs eager {max_diff(eager, large_steps(["--compile"], images, lab)):.1e}, '
               f'channels-last vs plain {max_diff(eager, large_steps(["--channels_last"], images, lab)):.1e}')
-    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', TINY), mnist, torch.device('cpu'), True)
+    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', TINY), mnist, torch.device('cpu'),
+                                       True)
     last = construct_train.make_pairs(range(2), construct_train.get_args('train', TINY + ['--channels_last']), mnist,
                                       torch.device('cpu'), True)
     diff = max((plain[b][n] - last[b][n]).abs().max().item() for b in ('begin', 'basic', 'last', 'simple')

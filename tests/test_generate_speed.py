@@ -1,6 +1,8 @@
 """The faster generation paths against the plain one: the SGD update, the reused workspace, torch.compile,
 channels-last, bf16 autocast and the Begin-cache flag."""
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,9 @@ import torch
 import construct_train
 import net
 import utils
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+import fast_paths_agreement  # noqa: E402  (the step variants' runner, shared with the figures it prints)
 
 TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 STATES = ('begin', 'basic', 'last', 'simple')
@@ -30,22 +35,6 @@ def tiny_args(*extra):
 def max_diff(a, b):
     """Largest absolute difference between two shards' float tensors."""
     return max((a[s][n] - b[s][n]).abs().max().item() for s in STATES for n in a[s] if a[s][n].is_floating_point())
-
-
-def large_step_states(args, images, labels, steps=4, seeds=(5, 6)):
-    """The large networks' states after `steps` SGD steps of make_step (batch 64), for comparing step variants."""
-    sds = [construct_train.init_pair(s) for s in seeds]
-    begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
-    gens = [construct_train.data_generator(s) for s in seeds]
-    perm, flip = construct_train.draw_epoch(gens, len(images), images.device)
-
-    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
-    logits = construct_train.large_logits(images, begin, basic, last, args)
-    step, reset = construct_train.make_step(params, logits, labels, args)
-    reset()
-    for b0 in range(0, steps * 64, 64):
-        step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])
-    return [t.detach() for s in (begin, basic, last) for t in s.values()]
 
 
 def test_sgd_update_equals_torch_sgd():
@@ -81,17 +70,19 @@ def test_compiled_step_equals_eager_step():
     # kernel breaks differently (the runs then drift apart by 2e-5 in four steps: fast_paths_agreement.py).
     images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1))
-    eager = large_step_states(tiny_args(), images, labels)
-    compiled = large_step_states(tiny_args('--compile'), images, labels)
+    eager = fast_paths_agreement.large_steps([], images, labels)
+    compiled = fast_paths_agreement.large_steps(['--compile'], images, labels)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
-    assert not all(torch.equal(a, b) for a, b in zip(eager, large_step_states(tiny_args(), images, labels, steps=3)))
+    three = fast_paths_agreement.large_steps([], images, labels, steps=3)
+    assert not all(torch.equal(a, b) for a, b in zip(eager, three))
 
 
 def test_channels_last_forward_and_backward_are_the_same_function():
     # float64, so the comparison is not hidden by the CPU's less precise channels-last BatchNorm
     k = 3
-    begin, basic, last = ({n: (t.double() if t.is_floating_point() else t) for n, t in net.fresh_states(b, range(k)).items()}
+    begin, basic, last = ({n: (t.double() if t.is_floating_point() else t)
+                           for n, t in net.fresh_states(b, range(k)).items()}
                           for b in ('begin', 'basic', 'last'))
     x = torch.rand(8, k, 28, 28, dtype=torch.float64)
     results = []
@@ -102,7 +93,8 @@ def test_channels_last_forward_and_backward_are_the_same_function():
         logits = net.last_forward(net.basic_forward(h, states[1], training=True), states[2], training=True)
         logits.square().sum().backward()
         assert h.is_contiguous(memory_format=layout)
-        results.append([logits.detach()] + [p.grad for p in params] + [t for s in states for n, t in s.items() if 'running' in n])
+        stats = [t for s in states for n, t in s.items() if 'running' in n]
+        results.append([logits.detach()] + [p.grad for p in params] + stats)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
 
