@@ -388,8 +388,11 @@ def begin_cache_bytes(k, num_images):
 
 
 def use_begin_cache(args, k, share):
-    """On a GPU, cache Begin's outputs when they fit in half this process's share (the rule make_pairs applies
-    to the whole free memory, which processes starting together would all claim); None elsewhere."""
+    """--begin_cache on / off; auto: on a GPU, cache Begin's outputs when they fit in half this process's share
+    (the rule make_pairs applies to the whole free memory, which processes starting together would all
+    claim), None elsewhere."""
+    if args.begin_cache != 'auto':
+        return args.begin_cache == 'on'
     if share is None:
         return None
     return args.num_epochs > 1 and begin_cache_bytes(k, args.num_train_images) <= share // 2
@@ -488,7 +491,7 @@ def generate(args):
     todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
     share = gpu_share(device, args.processes_per_gpu)
     k = args.models_per_step or default_models_per_step(device, share)
-    cache_begin = use_begin_cache(args, k, share) if args.begin_cache == 'auto' else args.begin_cache == 'on'
+    cache_begin = use_begin_cache(args, k, share)
     groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
     total = sum(b - a for a, b in groups)
     memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '

@@ -136,10 +136,11 @@ def ours(args, mnist, device, k, flags=()):
     assert len(mnist[0]) == args.num_images, 'the projection scales from --num_images'
     gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
                                                   str(args.num_images), '--device', str(device), *flags])
-    # the Begin cache as generation would choose it for the full recipe on this device
-    recipe = construct_train.get_args('train', ['--num_train_images', str(RECIPE_IMAGES)])
-    auto = construct_train.use_begin_cache(recipe, k, construct_train.gpu_share(device, 1))
-    cache = {'on': True, 'off': False}.get(gen_args.begin_cache, True if auto is None else auto)
+    # the Begin cache as generation would choose it for the full recipe on this device (None: a CPU, which has
+    # the RAM for it)
+    recipe = construct_train.get_args('train', ['--num_train_images', str(RECIPE_IMAGES), *flags])
+    cache = construct_train.use_begin_cache(recipe, k, construct_train.gpu_share(device, 1))
+    cache = True if cache is None else cache
     # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
     # cuDNN choices (evaluation shapes included) instead of counting them as training
     construct_train.use_conv(gen_args.conv, device)

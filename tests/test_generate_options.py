@@ -109,6 +109,10 @@ def test_models_per_step_and_begin_cache_follow_the_share(monkeypatch):
     assert construct_train.use_begin_cache(full, 1, None) is None  # off the GPU make_pairs weighs the free RAM
     one_epoch = construct_train.get_args('train', ['--num_epochs', '1'])
     assert not construct_train.use_begin_cache(one_epoch, 1, 100 * GiB)  # one pass: nothing to reuse
+    forced = {flag: construct_train.get_args('train', ['--begin_cache', flag]) for flag in ('on', 'off')}
+    assert construct_train.use_begin_cache(forced['on'], 2, int(1.1 * GiB)) is True  # the flag wins over the share
+    assert construct_train.use_begin_cache(forced['on'], 1, None) is True
+    assert construct_train.use_begin_cache(forced['off'], 1, 100 * GiB) is False
 
 
 def test_run_sh_passes_the_share_and_it_parses():
