@@ -70,6 +70,10 @@ def get_args(kind='train', argv=None):
     p.add_argument('--conv', default='cudnn', choices=('cudnn', 'triton'),
                    help='the 3x3 convolutions: torch\'s (cuDNN on a GPU), or triton_conv.py\'s kernels (GPU, float32; '
                         'on a CPU only under TRITON_INTERPRET=1, for tests)')
+    p.add_argument('--fused_begin', action='store_true',
+                   help='the Begin block (convolution, BatchNorm, ReLU, max-pool; forward and backward) by '
+                        'triton_conv.py\'s kernels, which recompute its 28x28 activations instead of storing them '
+                        '(GPU, float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
     p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
                    help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "
                         '60,000 images) instead of recomputing them each step; auto: when it fits')
@@ -93,8 +97,8 @@ def get_args(kind='train', argv=None):
         raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
     if args.models_per_step < 0 or args.num_threads < 0:
         raise utils.UserError('--models_per_step and --num_threads must be >= 0')
-    if args.conv == 'triton' and args.amp == 'bf16':
-        raise utils.UserError('--conv triton is float32 only: drop --amp bf16 or use --conv cudnn')
+    if args.amp == 'bf16' and triton_flags(args):
+        raise utils.UserError(f'{triton_flags(args)}: float32 only; drop --amp bf16 or {triton_flags(args)}')
     if args.num_train_images > 60000 or args.num_test_images > 10000:
         raise utils.UserError('MNIST has 60000 training and 10000 test images')
     args.kind = kind
@@ -453,19 +457,26 @@ def check_writable(root):
         raise utils.UserError(f'--data_root {root} is not writable ({e.strerror}); choose another folder') from None
 
 
-def use_conv(kind, device):
-    """Route the stacked 3x3 convolutions to --conv's implementation."""
-    if kind == 'cudnn':
-        return net.set_conv3x3(None)
+def triton_flags(args):
+    """The flags that ask for triton_conv.py's kernels, as text ('' when none does)."""
+    return ' and '.join(['--conv triton'] * (args.conv == 'triton') + ['--fused_begin'] * args.fused_begin)
+
+
+def use_kernels(args, device):
+    """Route the stacked 3x3 convolutions and the Begin block to the kernels --conv and --fused_begin choose."""
+    flags = triton_flags(args)
+    if not flags:
+        return net.set_kernels()
     if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
-        raise utils.UserError(f'--conv triton runs on a CUDA GPU (device here: {device}); on a CPU only in Triton\'s '
+        raise utils.UserError(f'{flags} runs on a CUDA GPU (device here: {device}); on a CPU only in Triton\'s '
                               f'interpreter, TRITON_INTERPRET=1 (slow: for tests)')
     try:
         import triton_conv
     except ImportError as e:
-        raise utils.UserError(f'--conv triton needs the triton package (it comes with CUDA builds of torch): '
+        raise utils.UserError(f'{flags} needs the triton package (it comes with CUDA builds of torch): '
                               f'{e}') from None
-    net.set_conv3x3(triton_conv.grouped_conv3x3)
+    net.set_kernels(triton_conv.grouped_conv3x3 if args.conv == 'triton' else None,
+                    triton_conv.begin_block if args.fused_begin else None)
 
 
 def load_mnist_to(device, args):
@@ -482,7 +493,7 @@ def generate(args):
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest grouped convolutions
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    use_conv(args.conv, device)
+    use_kernels(args, device)
     check_writable(args.data_root)
     utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
     check_layout(args)
@@ -500,7 +511,8 @@ def generate(args):
                  f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
                  f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
                  f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}'
-                 f'{", Triton convolutions" if args.conv == "triton" else ""}, '
+                 f'{", Triton convolutions" if args.conv == "triton" else ""}'
+                 f'{", fused Begin" if args.fused_begin else ""}, '
                  f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
     made, workspaces, t0 = [], {}, time.time()

@@ -187,14 +187,17 @@ def fresh_states(block, seeds, device='cpu'):
     return {k: v.to(device) for k, v in stack_states(sds).items()}
 
 
-CONV3X3 = None  # set_conv3x3: another implementation of the stacked 3x3 convolutions (stride 1, padding 1)
+# Other implementations of the stacked 3x3 convolutions (stride 1, padding 1) and of the whole Begin block, when
+# set_kernels sets them (construct_train.py --conv triton, --fused_begin)
+CONV3X3 = None
+BEGIN = None
 
 
-def set_conv3x3(impl):
-    """Run every stacked 3x3 convolution of this process as impl(x, w, groups) (e.g. triton_conv's); None:
-    F.conv2d."""
-    global CONV3X3
-    CONV3X3 = impl
+def set_kernels(conv3x3=None, begin=None):
+    """Run this process's stacked 3x3 convolutions as conv3x3(x, w, groups) and its Begin blocks as
+    begin(x, s, training) (triton_conv's); None: torch's operators."""
+    global CONV3X3, BEGIN
+    CONV3X3, BEGIN = conv3x3, begin
 
 
 def _conv(x, w, k, **kw):
@@ -215,6 +218,8 @@ def _bn(x, s, prefix, training):
 
 def begin_forward(x, s, training=False):
     """x (B, K, 28, 28), one image per network, or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14)."""
+    if BEGIN is not None:
+        return BEGIN(x, s, training)
     k = s['conv.weight'].shape[0]
     if x.shape[1] == 1 and k > 1:  # same images for every network: one ordinary conv
         x = F.conv2d(x, s['conv.weight'].reshape(-1, 1, 3, 3), padding=1)

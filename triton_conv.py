@@ -1,5 +1,6 @@
-"""Grouped 3x3 convolutions (stride 1, padding 1, no bias) of K stacked networks as Triton kernels, for
-construct_train.py --conv triton: the training convolutions of generation, forward and backward.
+"""Triton kernels of generation (construct_train.py): the grouped 3x3 convolutions of K stacked networks
+(stride 1, padding 1, no bias; --conv triton), and the whole Begin block, convolution + BatchNorm + ReLU +
+max-pool, forward and backward, without its 28x28 activations in memory (--fused_begin).
 
 Generation trains K tiny networks side by side, so every convolution is a grouped one with 1, 3 or 6
 channels per group, far from the shapes cuDNN's kernels are tuned for (how far: bench/profile_step.py on a
@@ -9,12 +10,18 @@ over the plane. The input gradient is the same kernel with each network's weight
 the weight gradient is, per network and input channel, one dot product of the output gradient with the 9
 shifted input planes, summed over a block of images (then over blocks, in torch).
 
+The Begin block's activations at 28x28 are the largest tensors of a step (one image of a network reads one
+28x28 plane and its convolution writes six). Its convolution has one input channel, so recomputing it is
+cheaper than storing it: the fused Begin reads only the images, in three kernels (see BeginBlockTrain).
+
 Triton is not a dependency of this repository: it comes with CUDA builds of torch. On a CPU the kernels
 run in Triton's interpreter (TRITON_INTERPRET=1 before the first import), which the tests use.
 """
 import torch
 import triton
 import triton.language as tl
+
+import net
 
 TAPS = 9  # a 3x3 kernel
 OUT_PAD = 16  # tl.dot's smallest size: output channels are padded to it in the weight gradient
@@ -132,3 +139,208 @@ def grouped_conv3x3(x, w, groups):
         raise TypeError(f'the Triton convolutions are float32 only (got {x.dtype} and {w.dtype}): '
                         f'--conv triton does not combine with --amp bf16')
     return GroupedConv3x3.apply(x, w, groups)
+
+
+# ----------------------------------------------------------------------------------------
+# The fused Begin block: max_pool(relu(batch_norm(conv(x))), 3, 2, 1) of K stacked networks, one image each.
+#
+# Forward: kernel 1 computes the convolution of every pixel and keeps only per-image sums (each channel's mean
+# and squared deviations, for the batch statistics, and the sums the weight gradient needs); kernel 2
+# recomputes the convolution at the 9 pixels of every pooling window, normalises, rectifies and keeps the
+# window's maximum. Backward: kernel 3 finds every window's maximum again, routes the output gradient to it and
+# sums what BatchNorm's and the convolution's weight gradients need; no input gradient (the input is images).
+#
+# The weight gradient needs no 28x28 tensor: with z = conv(x), xhat = (z - mean) * rstd and g the gradient at
+# BatchNorm's output (non-zero only at the windows' maxima),
+#     dW[c, t] = scale[c] * (sum g x_t - sum(g)/M * sum x_t - sum(g xhat)/M * rstd * sum (z - mean) x_t),
+# sums over the batch's pixels p, x_t the image shifted by tap t, M the pixels of the batch, scale = gamma rstd.
+# The first sum is over the maxima only; the last two do not depend on the gradient, so kernel 1 makes them.
+
+BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the original used
+
+
+@triton.jit
+def _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, valid, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The Begin convolution (1 -> C channels, padding 1) of network k at pixels (row, col) where valid: (CPAD, BLOCK)."""
+    acc = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
+    for t in tl.static_range(9):
+        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+        xv = tl.load(plane + r * sh + q * sw, mask=valid & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+        wv = tl.load(w_ptr + (k * C + c) * 9 + t, mask=c < C, other=0.0)
+        acc += wv[:, None] * xv[None, :]
+    return acc
+
+
+@triton.jit
+def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K, C: tl.constexpr,
+                        H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Per image n of network k (program n*K + k) and channel c: the mean of z = conv(x) over the plane and the
+    sum of (z - mean)^2 -> mom[n, k, 0:2, c]; sum (z - mean) x_t -> zx[n, k, c, t]; sum x_t -> xs[n, k, t]."""
+    pid = tl.program_id(0)
+    n, k = pid // K, pid % K
+    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+    p = tl.arange(0, BLOCK)
+    row, col, inside = p // W, p % W, p < H * W
+    c = tl.arange(0, CPAD)
+    z = _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, inside, C, H, W, CPAD, BLOCK)  # 0 outside the plane
+    mean = tl.sum(z, axis=1) / (H * W)
+    dev = tl.where(inside[None, :], z - mean[:, None], 0.0)
+    tl.store(mom_ptr + pid * 2 * C + c, mean, mask=c < C)
+    tl.store(mom_ptr + pid * 2 * C + C + c, tl.sum(dev * dev, axis=1), mask=c < C)
+    for t in tl.static_range(9):
+        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+        xv = tl.load(plane + r * sh + q * sw, mask=inside & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+        tl.store(zx_ptr + (pid * C + c) * 9 + t, tl.sum(dev * xv[None, :], axis=1), mask=c < C)
+        tl.store(xs_ptr + pid * 9 + t, tl.sum(xv, axis=0))
+
+
+@triton.jit
+def _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
+                  W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Position s (row-major) of the pooling windows of pooled pixels (pi, pj): (z, relu(a z + b)), the latter
+    -inf where the position is padding (max_pool2d's padding never wins)."""
+    r, q = pi * 2 + (s // 3 - 1), pj * 2 + (s % 3 - 1)
+    valid = pin & (r >= 0) & (r < H) & (q >= 0) & (q < W)
+    z = _begin_conv(plane, sh, sw, w_ptr, k, c, r, q, valid, C, H, W, CPAD, BLOCK)
+    y = tl.maximum(z * a[:, None] + b[:, None], 0.0)
+    return z, tl.where(valid[None, :], y, float('-inf'))
+
+
+@triton.jit
+def _begin_pool_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, y_ptr, K, C: tl.constexpr,
+                       H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """y[n, k*C + c] = max_pool(relu(scale * conv(x) + shift), 3, 2, 1) of image n of network k."""
+    pid = tl.program_id(0)
+    n, k = pid // K, pid % K
+    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+    PW: tl.constexpr = W // 2
+    p = tl.arange(0, BLOCK)
+    pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
+    c = tl.arange(0, CPAD)
+    a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
+    b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
+    best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
+    for s in tl.static_range(9):
+        _, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
+        best = tl.maximum(best, y)
+    out = y_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * PW) + p[None, :]
+    tl.store(out, best, mask=(c[:, None] < C) & pin[None, :])
+
+
+@triton.jit
+def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dy_ptr, sums_ptr,
+                       gx_ptr, K, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """With g the output gradient dy routed to each window's first maximum and masked by its ReLU:
+    sum g -> sums[n, k, 0, c], sum g xhat -> sums[n, k, 1, c], sum g x_t -> gx[n, k, c, t]."""
+    pid = tl.program_id(0)
+    n, k = pid // K, pid % K
+    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+    PW: tl.constexpr = W // 2
+    p = tl.arange(0, BLOCK)
+    pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
+    c = tl.arange(0, CPAD)
+    a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
+    b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
+    best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
+    best_z = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
+    best_s = tl.zeros((CPAD, BLOCK), dtype=tl.int32)
+    for s in tl.static_range(9):  # the same values as the forward's; strictly greater: the first maximum wins
+        z, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
+        better = y > best
+        best, best_z, best_s = tl.where(better, y, best), tl.where(better, z, best_z), tl.where(better, s, best_s)
+    mask = (c[:, None] < C) & pin[None, :]
+    g = tl.load(dy_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * PW) + p[None, :], mask=mask, other=0.0)
+    g = tl.where(best > 0, g, 0.0)
+    mean = tl.load(mean_ptr + k * C + c, mask=c < C, other=0.0)
+    rstd = tl.load(rstd_ptr + k * C + c, mask=c < C, other=0.0)
+    tl.store(sums_ptr + pid * 2 * C + c, tl.sum(g, axis=1), mask=c < C)
+    tl.store(sums_ptr + pid * 2 * C + C + c, tl.sum(g * (best_z - mean[:, None]) * rstd[:, None], axis=1), mask=c < C)
+    row, col = pi[None, :] * 2 + (best_s // 3 - 1), pj[None, :] * 2 + (best_s % 3 - 1)  # each maximum's pixel
+    for t in tl.static_range(9):
+        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+        xv = tl.load(plane + r * sh + q * sw, mask=mask & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+        tl.store(gx_ptr + (pid * C + c) * 9 + t, tl.sum(g * xv, axis=1), mask=c < C)
+
+
+def _begin_launch(kernel, x, c, block, *args):
+    """Run a Begin kernel with one program per (image, network) of x (N, K, H, W), for C = c channels."""
+    n, k, h, w = x.shape
+    kernel[(n * k,)](x, *x.stride(), *args, k, C=c, H=h, W=w, CPAD=triton.next_power_of_2(c), BLOCK=block)
+
+
+def _begin_pool(x, w, scale, shift):
+    """max_pool(relu(scale * conv(x, w) + shift), 3, 2, 1) for x (N, K, H, W) and w (K, C, 1, 3, 3): (N, K*C, H/2, W/2)."""
+    n, k, h, wd = x.shape
+    c = w.shape[1]
+    y = torch.empty(n, k * c, h // 2, wd // 2, device=x.device)
+    _begin_launch(_begin_pool_kernel, x, c, _block(h // 2, wd // 2), w, scale, shift, y)
+    return y
+
+
+class BeginBlockTrain(torch.autograd.Function):
+    """The Begin block in training mode (batch statistics; the running ones updated in place, as F.batch_norm
+    does): gradients for the convolution weight and BatchNorm's weight and bias, none for the images."""
+
+    @staticmethod
+    def forward(ctx, x, w, gamma, beta, running_mean, running_var):
+        n, k, h, wd = x.shape
+        c, pixels = w.shape[1], h * wd
+        mom = torch.empty(n, k, 2, c, device=x.device)
+        zx = torch.empty(n, k, c, TAPS, device=x.device)
+        xs = torch.empty(n, k, TAPS, device=x.device)
+        _begin_launch(_begin_stats_kernel, x, c, _block(h, wd), w, mom, zx, xs)
+        # the images' means and squared deviations combined (Chan et al.), in float64: no cancellation
+        image_mean, image_m2 = mom.double().unbind(2)  # (N, K, C)
+        mean = image_mean.mean(0)
+        m2 = image_m2.sum(0) + pixels * (image_mean - mean).square().sum(0)
+        count = n * pixels
+        rstd = (m2 / count + BN_EPS).rsqrt()
+        scale = gamma.double() * rstd
+        shift = beta.double() - mean * scale
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), net.BN_MOMENTUM)
+            running_var.lerp_((m2 / max(count - 1, 1)).to(running_var.dtype), net.BN_MOMENTUM)
+        scale32, shift32, mean32, rstd32 = (t.float().contiguous() for t in (scale, shift, mean, rstd))
+        y = _begin_pool(x, w, scale32, shift32)
+        sum_x = xs.double().sum(0)  # (K, 9)
+        sum_dev_x = (zx.double() + (image_mean - mean)[..., None] * xs.double()[:, :, None, :]).sum(0)  # (K, C, 9)
+        ctx.save_for_backward(x, w, scale32, shift32, mean32, rstd32, scale, rstd, sum_x, sum_dev_x)
+        ctx.count = count
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, scale32, shift32, mean32, rstd32, scale, rstd, sum_x, sum_dev_x = ctx.saved_tensors
+        n, k, h, wd = x.shape
+        c = w.shape[1]
+        sums = torch.empty(n, k, 2, c, device=x.device)
+        gx = torch.empty(n, k, c, TAPS, device=x.device)
+        _begin_launch(_begin_grad_kernel, x, c, _block(h // 2, wd // 2), w, scale32, shift32, mean32, rstd32,
+                      dy.contiguous(), sums, gx)
+        dbeta, dgamma = sums.double().sum(0).unbind(1)  # (K, C)
+        dw = scale[..., None] * (gx.double().sum(0) - (dbeta / ctx.count)[..., None] * sum_x[:, None, :]
+                                 - (dgamma / ctx.count * rstd)[..., None] * sum_dev_x)
+        return None, dw.float().view_as(w), dgamma.float(), dbeta.float(), None, None
+
+
+def begin_block(x, s, training=False):
+    """net.begin_forward(x, s, training) by the kernels above (float32): x (B, K, 28, 28), one image per network,
+    or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14) contiguous. In eval mode without gradients only."""
+    k, c = s['conv.weight'].shape[:2]
+    if x.dtype != torch.float32 or s['conv.weight'].dtype != torch.float32:
+        raise TypeError(f'the fused Begin is float32 only (got {x.dtype}): --fused_begin does not combine with --amp bf16')
+    if x.requires_grad:
+        raise ValueError('the fused Begin computes no gradient for its input (in generation it is images)')
+    x = x.expand(-1, k, -1, -1)  # images shared by all networks: a zero stride, no copy
+    w = s['conv.weight'].contiguous()
+    if training:
+        s['bn.num_batches_tracked'] += 1
+        return BeginBlockTrain.apply(x, w, s['bn.weight'].contiguous(), s['bn.bias'].contiguous(),
+                                     s['bn.running_mean'], s['bn.running_var'])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in s.values()):
+        raise ValueError('the fused Begin has no backward in eval mode (generation evaluates it without gradients)')
+    scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
+    shift = s['bn.bias'] - s['bn.running_mean'] * scale
+    return _begin_pool(x, w, scale.contiguous(), shift.contiguous())

@@ -97,7 +97,8 @@ def original_structure(args, mnist, workers):
 # The faster options of construct_train.py, by the names --rows uses.
 VARIANTS = {'channels_last': ['--channels_last'], 'compile': ['--compile'],
             'cuda_graphs': ['--compile', 'reduce-overhead'], 'bf16': ['--amp', 'bf16'],
-            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off'], 'triton': ['--conv', 'triton']}
+            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off'], 'triton': ['--conv', 'triton'],
+            'fused_begin': ['--fused_begin']}
 
 
 def parse_row(spec):
@@ -143,7 +144,7 @@ def ours(args, mnist, device, k, flags=()):
     cache = True if cache is None else cache
     # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
     # cuDNN choices (evaluation shapes included) instead of counting them as training
-    construct_train.use_conv(gen_args.conv, device)
+    construct_train.use_kernels(gen_args, device)
     torch._dynamo.reset()  # each compiled row from scratch: no shapes made dynamic by an earlier row's K
     workspaces = {}
     t0 = time.perf_counter()
@@ -219,7 +220,7 @@ def main():
                 torch.cuda.empty_cache()
             continue
         finally:
-            construct_train.use_conv('cudnn', device)
+            net.set_kernels()
         rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'eval_s': t_eval,
                        'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval, **accuracy}
         write_json(args.out, {'args': vars(args), 'rows': rows, 'complete': False})  # a run cut short keeps its rows

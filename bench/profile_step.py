@@ -35,7 +35,7 @@ def module_step():
 def stacked_step(k, device, flags):
     """K large networks' SGD step as generation runs it, on random images: the step function."""
     args = construct_train.get_args('train', ['--device', str(device), *flags])
-    construct_train.use_conv(args.conv, device)
+    construct_train.use_kernels(args, device)
     images = torch.randint(0, 256, (1024, 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (1024,), device=device)
     begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))

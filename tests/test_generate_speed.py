@@ -126,10 +126,11 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
         construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
 
 
-def test_triton_convolutions_are_refused_where_they_cannot_run(monkeypatch):
+@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--conv', 'triton', '--fused_begin']])
+def test_triton_kernels_are_refused_where_they_cannot_run(monkeypatch, flags):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     with pytest.raises(utils.UserError, match='TRITON_INTERPRET=1'):
-        construct_train.use_conv('triton', torch.device('cpu'))
+        construct_train.use_kernels(tiny_args(*flags), torch.device('cpu'))
     with pytest.raises(utils.UserError, match='float32 only'):
-        tiny_args('--conv', 'triton', '--amp', 'bf16')
-    assert net.CONV3X3 is None
+        tiny_args(*flags, '--amp', 'bf16')
+    assert net.CONV3X3 is None and net.BEGIN is None

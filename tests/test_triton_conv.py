@@ -1,5 +1,6 @@
-"""triton_conv's kernels against F.conv2d, run on the CPU in Triton's interpreter: the forward, the input and
-weight gradients, and generation with --conv triton. Skipped where triton is not installed (it is not a
+"""triton_conv's kernels against torch, run on the CPU in Triton's interpreter: the convolutions against F.conv2d
+(forward, input and weight gradients), the fused Begin block against net.begin_forward, and generation with
+--conv triton and --fused_begin. Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
 import os
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import construct_train
+import loader
 import net
 
 pytest.importorskip('triton')
@@ -20,7 +22,7 @@ def triton_conv():
         pytest.skip('TRITON_INTERPRET is not 1: the kernels cannot run on a CPU')
     import triton_conv
     yield triton_conv
-    net.set_conv3x3(None)
+    net.set_kernels()
 
 
 # (images, networks, channels in, channels out, side): every 3x3 convolution of generation
@@ -48,18 +50,78 @@ def test_float32_only(triton_conv):
         triton_conv.grouped_conv3x3(torch.zeros(1, 6, 14, 14, dtype=torch.bfloat16), torch.zeros(6, 6, 3, 3), 1)
 
 
-def test_generation_with_triton_convolutions_is_close(triton_conv):
+def begin_state(k, seed):
+    """A stacked Begin state whose BatchNorm is not the identity, in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    s = net.fresh_states('begin', range(k))
+    for name in ('conv.weight', 'bn.weight', 'bn.bias', 'bn.running_mean'):
+        s[name] = s[name] + 0.2 * torch.randn(s[name].shape, generator=gen)
+    s['bn.running_var'] = s['bn.running_var'] + torch.rand(s['bn.running_var'].shape, generator=gen)
+    return {n: t.double() if t.is_floating_point() else t for n, t in s.items()}
+
+
+def begin_run(forward, x, s, training, dtype):
+    """Output, parameter gradients (training) and the state after one forward of the Begin block on a copy of s."""
+    s = {n: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for n, t in s.items()}
+    params = [s[n].requires_grad_(training) for n in ('conv.weight', 'bn.weight', 'bn.bias')]
+    with torch.set_grad_enabled(training):
+        y = forward(x.to(dtype), s, training=training)
+    grads = []
+    if training:
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
+        grads = [p.grad for p in params]
+    return y.detach(), grads, {n: t.detach() for n, t in s.items()}
+
+
+def mnist_planes(n, k):
+    """n x k MNIST training images as (n, k, 28, 28) floats: flat backgrounds, so max-pool windows have ties."""
+    images = loader.load_mnist('data', train=True)[0][:n * k]
+    return net.to_float(images).view(n, k, 28, 28)
+
+
+@pytest.mark.parametrize('images', ['random', 'mnist', 'channels_last', 'shared'])
+@pytest.mark.parametrize('training', [True, False])
+def test_fused_begin_equals_begin_forward(triton_conv, images, training):
+    k, n = 2, 3
+    x = mnist_planes(n, k) if images == 'mnist' else torch.rand(n, 1 if images == 'shared' else k, 28, 28)
+    if images == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    s = begin_state(k, seed=len(images))
+    y_ref, grads_ref, s_ref = begin_run(net.begin_forward, x, s, training, torch.float64)  # the exact reference
+    y, grads, s_out = begin_run(triton_conv.begin_block, x, s, training, torch.float32)
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5, msg='output')
+    assert y.is_contiguous()
+    for name, got, ref in zip(('conv.weight', 'bn.weight', 'bn.bias'), grads, grads_ref):
+        torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-5, msg=f'gradient of {name}')
+    for name, ref in s_ref.items():  # running statistics updated in training mode only, as F.batch_norm does
+        torch.testing.assert_close(s_out[name], ref.to(s_out[name].dtype), atol=1e-6, rtol=1e-6, msg=name)
+    assert torch.equal(s_out['bn.num_batches_tracked'], s['bn.num_batches_tracked'] + training)
+
+
+def test_fused_begin_refuses_what_it_cannot_do(triton_conv):
+    s = {n: t.float() for n, t in begin_state(1, 0).items()}
+    with pytest.raises(TypeError, match='float32 only'):
+        triton_conv.begin_block(torch.zeros(1, 1, 28, 28, dtype=torch.bfloat16), s)
+    with pytest.raises(ValueError, match='no gradient for its input'):
+        triton_conv.begin_block(torch.zeros(1, 1, 28, 28, requires_grad=True), s, training=True)
+    s['conv.weight'].requires_grad_()
+    with pytest.raises(ValueError, match='no backward in eval mode'):
+        triton_conv.begin_block(torch.zeros(1, 1, 28, 28), s)
+
+
+@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin']])
+def test_generation_with_triton_kernels_is_close(triton_conv, flags):
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
             '--device', 'cpu']
     mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', tiny))
-    args = construct_train.get_args('train', tiny + ['--conv', 'triton'])
+    args = construct_train.get_args('train', tiny + flags)
     plain = construct_train.make_pairs(range(2), construct_train.get_args('train', tiny), mnist, torch.device('cpu'), True)
-    construct_train.use_conv('triton', torch.device('cpu'))
+    construct_train.use_kernels(args, torch.device('cpu'))
     try:
         fast = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), True)
     finally:
-        construct_train.use_conv('cudnn', torch.device('cpu'))
+        net.set_kernels()
     for block in ('begin', 'basic', 'last', 'simple'):
         for name, t in plain[block].items():
             torch.testing.assert_close(fast[block][name], t, atol=1e-4, rtol=1e-4, msg=f'{block}.{name}')
