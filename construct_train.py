@@ -74,6 +74,10 @@ def get_args(kind='train', argv=None):
                    help='the Begin block (convolution, BatchNorm, ReLU, max-pool; forward and backward) by '
                         'triton_conv.py\'s kernels, which recompute its 28x28 activations instead of storing them '
                         '(GPU, float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
+    p.add_argument('--fused_small', action='store_true',
+                   help='the small-block phase\'s step (SimpleBlock_NoBn, the frozen Last, the loss and the gradient of '
+                        'the small block) in one triton_conv.py kernel, reading the Begin cache in place (GPU, '
+                        'float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
     p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
                    help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "
                         '60,000 images) instead of recomputing them each step; auto: when it fits')
@@ -159,20 +163,23 @@ def sgd_update(params, grads, bufs, lr):
         torch._foreach_add_(params, bufs, alpha=-lr)
 
 
-def make_step(params, logits_fn, labels, args):
-    """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
-    trainable tensors are `params`, logits_fn(idx, flip) their logits (K, B, 10); reset() zeroes the momentum
-    for new networks in the same tensors. With --compile the forward + backward and the update are compiled."""
-    bufs = [torch.zeros_like(p) for p in params]
-    bf16 = args.amp == 'bf16'
-
+def cross_entropy(logits_fn, labels, args):
+    """loss_fn(idx, flip): the sum of the K networks' mean cross-entropies on images idx (K, B) (labels: all
+    the images' labels), from logits_fn(idx, flip), their logits (K, B, 10), with --amp's autocast."""
     def loss_fn(idx, flip):
-        with torch.autocast(params[0].device.type, torch.bfloat16, enabled=bf16):
+        with torch.autocast(labels.device.type, torch.bfloat16, enabled=args.amp == 'bf16'):
             logits = logits_fn(idx, flip)
         # sum of the K networks' mean losses: each network gets exactly its own gradient
         return F.cross_entropy(logits.float().reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
                                reduction='sum') / idx.shape[1]
+    return loss_fn
 
+
+def make_step(params, loss_fn, args):
+    """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
+    trainable tensors are `params`, loss_fn(idx, flip) their loss (cross_entropy); reset() zeroes the momentum
+    for new networks in the same tensors. With --compile the forward + backward and the update are compiled."""
+    bufs = [torch.zeros_like(p) for p in params]
     update = sgd_update
     if args.compile:
         mark_static(bufs)
@@ -227,10 +234,10 @@ class Workspace:
             net.begin_outputs(images.flip(-1) if flipped else images, begin, out=self.cache[:, flipped])
         return self.cache
 
-    def step(self, phase, params, logits_fn):
+    def step(self, phase, params, loss_fn):
         """The phase's step, built (and compiled) at its first use, its momentum zeroed."""
         if phase not in self.steps:
-            self.steps[phase] = make_step(params, logits_fn, self.mnist[1], self.args)
+            self.steps[phase] = make_step(params, loss_fn, self.args)
         step, reset = self.steps[phase]
         reset()
         return step
@@ -291,16 +298,30 @@ def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None, ws=Non
     cache = ws.begin_cache(train_x, begin) if cache_begin else None
     knets = torch.arange(k, device=device)[:, None]
 
-    def small_logits(idx, flip):
+    def begin_out(idx, flip):
+        """The frozen Begin's output (B, K*6, 14, 14) on images idx (K, B), flipped where flip."""
         if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
             h = cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * net.PLANES, *net.FEATURE[1:])
-            h = channels_last(h, args)
-        else:
-            with torch.no_grad():
-                h = net.begin_forward(channels_last(augment(train_x, idx, flip), args), begin)
-        return net.last_forward(net.simple_forward(h, simple), last)
+            return channels_last(h, args)
+        with torch.no_grad():
+            return net.begin_forward(channels_last(augment(train_x, idx, flip), args), begin)
 
-    step = ws.step(('small', cache is not None), trainable(simple), small_logits)
+    def small_logits(idx, flip):
+        return net.last_forward(net.simple_forward(begin_out(idx, flip), simple), last)
+
+    def fused_loss(idx, flip):
+        """The loss by triton_conv's one-kernel step, reading the Begin cache in place when there is one."""
+        if cache is not None:
+            h, offsets = cache, ((knets * 2 + flip.long()) * len(train_x) + idx).T * net.FEATURE_NUMEL
+        else:
+            h = begin_out(idx, flip).contiguous()
+            offsets = torch.arange(h.shape[0] * k, device=device).view(-1, k) * net.FEATURE_NUMEL
+        return triton_conv.small_step_loss(h, offsets, train_y[idx].T, simple, last)
+
+    if args.fused_small:
+        import triton_conv  # not a dependency: use_kernels has checked that it imports
+    loss_fn = fused_loss if args.fused_small else cross_entropy(small_logits, train_y, args)
+    step = ws.step(('small', cache is not None), trainable(simple), loss_fn)
     train_phase(step, gens, len(train_x), device, args)
     freeze(simple)
     if not all(torch.equal(a, b) for a, b in zip((*begin.values(), *last.values()), frozen)):
@@ -330,7 +351,7 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
 
     # 1. the large network, all of it trained
     step = ws.step('large', trainable(begin) + trainable(basic) + trainable(last),
-                   large_logits(train_x, begin, basic, last, args))
+                   cross_entropy(large_logits(train_x, begin, basic, last, args), train_y, args))
     train_phase(step, gens, len(train_x), device, args)
     freeze(begin, basic, last)
     acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
@@ -459,11 +480,13 @@ def check_writable(root):
 
 def triton_flags(args):
     """The flags that ask for triton_conv.py's kernels, as text ('' when none does)."""
-    return ' and '.join(['--conv triton'] * (args.conv == 'triton') + ['--fused_begin'] * args.fused_begin)
+    return ' and '.join(['--conv triton'] * (args.conv == 'triton') + ['--fused_begin'] * args.fused_begin
+                        + ['--fused_small'] * args.fused_small)
 
 
 def use_kernels(args, device):
-    """Route the stacked 3x3 convolutions and the Begin block to the kernels --conv and --fused_begin choose."""
+    """Route the stacked 3x3 convolutions and the Begin block to the kernels --conv and --fused_begin choose (and
+    check that --fused_small's kernel can run)."""
     flags = triton_flags(args)
     if not flags:
         return net.set_kernels()
@@ -512,7 +535,7 @@ def generate(args):
                  f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
                  f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}'
                  f'{", Triton convolutions" if args.conv == "triton" else ""}'
-                 f'{", fused Begin" if args.fused_begin else ""}, '
+                 f'{", fused Begin" if args.fused_begin else ""}{", fused small step" if args.fused_small else ""}, '
                  f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
     made, workspaces, t0 = [], {}, time.time()

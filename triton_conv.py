@@ -344,3 +344,148 @@ def begin_block(x, s, training=False):
     scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
     shift = s['bn.bias'] - s['bn.running_mean'] * scale
     return _begin_pool(x, w, scale.contiguous(), shift.contiguous())
+
+
+# ----------------------------------------------------------------------------------------
+# The fused small-block step: the whole SGD step of generation's second phase but the update, for one image of
+# one network per program: SimpleBlock_NoBn -> the frozen, eval-mode LastBlock -> cross-entropy, and back to
+# the small block's two weight gradients. No batch statistics couple the images here (Begin and Last are in
+# eval mode), so one kernel does it all; its inputs are the Begin outputs (read in place from the Begin cache)
+# and its outputs the per-image gradients, summed over the batch in torch. Last reads its input at stride 2, so
+# the small block's second convolution is computed at those 7x7 pixels only: no gradient reaches the others.
+# The hidden activation and the gradient at those pixels go through a per-program scratch buffer (the
+# convolutions need them at shifted pixels).
+
+@triton.jit
+def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_ptr, shift_ptr, fcw_ptr, fcb_ptr,
+                       loss_ptr, g1_ptr, g2_ptr, hid_ptr, grad_ptr, K, inv_batch, C: tl.constexpr,
+                       HID: tl.constexpr, OUT: tl.constexpr, CLASSES: tl.constexpr, S: tl.constexpr):
+    """Program n*K + k, image n of network k, its Begin output at h_ptr + off[n, k] (C, S, S): the loss of its
+    logits / batch -> loss[n, k], its gradients of conv1 -> g1[n, k] (HID, C, 3, 3), of conv2 -> g2[n, k] (C, HID, 3, 3)."""
+    pid = tl.program_id(0)
+    k = pid % K
+    h = h_ptr + tl.load(off_ptr + pid)
+    # the small block's first convolution and its ReLU, every pixel p: a1, r1 (4, 256)
+    p = tl.arange(0, 256)
+    pr, pc, pin = p // S, p % S, p < S * S
+    j = tl.arange(0, 4)
+    a1 = tl.zeros((4, 256), dtype=tl.float32)
+    for i in tl.static_range(C):
+        for t in tl.static_range(9):
+            r, q = pr + (t // 3 - 1), pc + (t % 3 - 1)
+            hv = tl.load(h + i * S * S + r * S + q, mask=pin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            wv = tl.load(w1_ptr + ((k * HID + j) * C + i) * 9 + t, mask=j < HID, other=0.0)
+            a1 += wv[:, None] * hv[None, :]
+    hid = hid_ptr + pid.to(tl.int64) * HID * S * S
+    tl.store(hid + j[:, None] * S * S + p[None, :], tl.maximum(a1, 0.0), mask=(j[:, None] < HID) & pin[None, :])
+    tl.debug_barrier()
+    # the second convolution, the residual and the ReLU at the pixels Last reads, (2 si, 2 sj): u (8, 64)
+    s = tl.arange(0, 64)
+    half = S // 2
+    sr, sc, sin = (s // half) * 2, (s % half) * 2, s < half * half
+    o = tl.arange(0, 8)
+    a2 = tl.zeros((8, 64), dtype=tl.float32)
+    for jj in tl.static_range(HID):
+        for t in tl.static_range(9):
+            r, q = sr + (t // 3 - 1), sc + (t % 3 - 1)
+            rv = tl.load(hid + jj * S * S + r * S + q, mask=sin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            wv = tl.load(w2_ptr + ((k * C + o) * HID + jj) * 9 + t, mask=o < C, other=0.0)
+            a2 += wv[:, None] * rv[None, :]
+    osin = (o[:, None] < C) & sin[None, :]
+    u = tl.maximum(a2 + tl.load(h + o[:, None] * S * S + (sr * S + sc)[None, :], mask=osin, other=0.0), 0.0)
+    # Last: the 1x1 convolution, its BatchNorm (eval: an affine map) and ReLU, v (16, 64); the logits (16,)
+    m = tl.arange(0, 16)
+    dw = tl.load(dw_ptr + (k * OUT + m[:, None]) * C + o[None, :], mask=(m[:, None] < OUT) & (o[None, :] < C), other=0.0)
+    bs = tl.load(scale_ptr + k * OUT + m, mask=m < OUT, other=0.0)
+    bb = tl.load(shift_ptr + k * OUT + m, mask=m < OUT, other=0.0)
+    msin = (m[:, None] < OUT) & sin[None, :]
+    v = tl.where(msin, tl.maximum(tl.sum(dw[:, :, None] * u[None, :, :], axis=1) * bs[:, None] + bb[:, None], 0.0), 0.0)
+    cls = tl.arange(0, 16)
+    fc = fcw_ptr + k * CLASSES * OUT * half * half + m[:, None] * half * half + s[None, :]
+    logits = tl.load(fcb_ptr + k * CLASSES + cls, mask=cls < CLASSES, other=float('-inf'))
+    for c in tl.static_range(CLASSES):
+        logit = tl.sum(tl.sum(tl.load(fc + c * OUT * half * half, mask=msin, other=0.0) * v, axis=1), axis=0)
+        logits += tl.where(cls == c, logit, 0.0)
+    # cross-entropy and its gradient, divided by the batch (the step's loss is each network's batch mean)
+    top = tl.max(logits, axis=0)
+    lse = top + tl.log(tl.sum(tl.exp(logits - top), axis=0))
+    label = tl.load(label_ptr + pid)
+    tl.store(loss_ptr + pid, (lse - tl.sum(tl.where(cls == label, logits, 0.0), axis=0)) * inv_batch)
+    dlogits = (tl.exp(logits - lse) - tl.where(cls == label, 1.0, 0.0)) * inv_batch
+    # back through Last: dv, then du at the pixels Last reads, then da2 through the ReLU
+    dv = tl.zeros((16, 64), dtype=tl.float32)
+    for c in tl.static_range(CLASSES):
+        dv += tl.sum(tl.where(cls == c, dlogits, 0.0), axis=0) * tl.load(fc + c * OUT * half * half, mask=msin, other=0.0)
+    dd = tl.where(v > 0, dv, 0.0) * bs[:, None]
+    da2 = tl.where(u > 0, tl.sum(dw[:, :, None] * dd[:, None, :], axis=0), 0.0)  # (8, 64)
+    # conv2's weight gradient: da2 against the hidden activation shifted by each tap
+    for jj in tl.static_range(HID):
+        for t in tl.static_range(9):
+            r, q = sr + (t // 3 - 1), sc + (t % 3 - 1)
+            rv = tl.load(hid + jj * S * S + r * S + q, mask=sin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            tl.store(g2_ptr + ((pid * C + o) * HID + jj) * 9 + t, tl.sum(da2 * rv[None, :], axis=1), mask=o < C)
+    grad = grad_ptr + pid.to(tl.int64) * C * half * half
+    tl.store(grad + o[:, None] * half * half + s[None, :], da2, mask=osin)
+    tl.debug_barrier()
+    # the gradient at the hidden activation (conv2 transposed: da2 lives on the even pixels only), its ReLU
+    dr1 = tl.zeros((4, 256), dtype=tl.float32)
+    for oo in tl.static_range(C):
+        for t in tl.static_range(9):
+            r, q = pr - (t // 3 - 1), pc - (t % 3 - 1)
+            ok = pin & (r >= 0) & (r < S) & (q >= 0) & (q < S) & (r % 2 == 0) & (q % 2 == 0)
+            gv = tl.load(grad + oo * half * half + (r // 2) * half + q // 2, mask=ok, other=0.0)
+            wv = tl.load(w2_ptr + ((k * C + oo) * HID + j) * 9 + t, mask=j < HID, other=0.0)
+            dr1 += wv[:, None] * gv[None, :]
+    da1 = tl.where(a1 > 0, dr1, 0.0)
+    # conv1's weight gradient: da1 against the Begin output shifted by each tap
+    for i in tl.static_range(C):
+        for t in tl.static_range(9):
+            r, q = pr + (t // 3 - 1), pc + (t % 3 - 1)
+            hv = tl.load(h + i * S * S + r * S + q, mask=pin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            tl.store(g1_ptr + ((pid * HID + j) * C + i) * 9 + t, tl.sum(da1 * hv[None, :], axis=1), mask=j < HID)
+
+
+class SmallStepLoss(torch.autograd.Function):
+    """The second phase's loss (the sum over networks of each one's batch-mean cross-entropy) with the small
+    blocks' weight gradients computed in the same kernel; backward only hands them out."""
+
+    @staticmethod
+    def forward(ctx, w1, w2, h, offsets, labels, last):
+        n, k = offsets.shape
+        c, hid, side = w1.shape[2], w1.shape[1], h.shape[-1]
+        loss = torch.empty(n, k, device=h.device)
+        g1 = torch.empty(n, k, *w1.shape[1:], device=h.device)
+        g2 = torch.empty(n, k, *w2.shape[1:], device=h.device)
+        hidden = torch.empty(n * k, hid, side, side, device=h.device)
+        grad = torch.empty(n * k, c, side // 2, side // 2, device=h.device)
+        scale = last['bn.weight'] * (last['bn.running_var'] + BN_EPS).rsqrt()
+        shift = last['bn.bias'] - last['bn.running_mean'] * scale
+        out, classes = last['downsample.weight'].shape[1], last['fc.weight'].shape[1]
+        _small_step_kernel[(n * k,)](h, offsets, labels, w1, w2, last['downsample.weight'].contiguous(),
+                                     scale.contiguous(), shift.contiguous(), last['fc.weight'].contiguous(),
+                                     last['fc.bias'].contiguous(), loss, g1, g2, hidden, grad, k, 1.0 / n, C=c,
+                                     HID=hid, OUT=out, CLASSES=classes, S=side)
+        ctx.save_for_backward(g1.sum(0), g2.sum(0))
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, dloss):
+        g1, g2 = ctx.saved_tensors
+        return dloss * g1, dloss * g2, None, None, None, None
+
+
+def small_step_loss(h, offsets, labels, simple, last):
+    """The second phase's loss of K small blocks `simple` (their gradients ready for backward) inside their frozen,
+    eval-mode `last`: image n of network k is the Begin output at h.view(-1)[offsets[n, k]:][:6*14*14] (a
+    contiguous (6, 14, 14)), its label labels[n, k]. The same loss as last_forward(simple_forward(...)) and
+    cross-entropy; float32 only."""
+    w1, w2 = simple['conv1.weight'], simple['conv2.weight']
+    if h.dtype != torch.float32 or w1.dtype != torch.float32:
+        raise TypeError(f'the fused small step is float32 only (got {h.dtype}): --fused_small does not combine with '
+                        f'--amp bf16')
+    if not h.is_contiguous():
+        raise ValueError('the fused small step reads the Begin outputs from a contiguous tensor')
+    side = h.shape[-1]
+    if side > 16 or side % 2:
+        raise ValueError(f'the fused small step is written for even planes of at most 16x16 (got {side}x{side})')
+    return SmallStepLoss.apply(w1.contiguous(), w2.contiguous(), h, offsets.contiguous(), labels.contiguous(), last)

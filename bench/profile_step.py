@@ -42,7 +42,7 @@ def stacked_step(k, device, flags):
 
     params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
     logits = construct_train.large_logits(images, begin, basic, last, args)
-    step, reset = construct_train.make_step(params, logits, labels, args)
+    step, reset = construct_train.make_step(params, construct_train.cross_entropy(logits, labels, args), args)
     reset()
     idx = torch.randint(0, 1024, (k, 128), device=device)
     flip = torch.rand(k, 128, device=device) < 0.5

@@ -35,8 +35,8 @@ def large_steps(flags, images, labels, steps=4):
     perm, flip = construct_train.draw_epoch([construct_train.data_generator(s) for s in (5, 6)], len(images),
                                             images.device)
     params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
-    step, reset = construct_train.make_step(params, construct_train.large_logits(images, begin, basic, last, args),
-                                            labels, args)
+    logits = construct_train.large_logits(images, begin, basic, last, args)
+    step, reset = construct_train.make_step(params, construct_train.cross_entropy(logits, labels, args), args)
     reset()
     for b0 in range(0, steps * 64, 64):
         step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])

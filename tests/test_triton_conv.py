@@ -109,17 +109,59 @@ def test_fused_begin_refuses_what_it_cannot_do(triton_conv):
         triton_conv.begin_block(torch.zeros(1, 1, 28, 28), s)
 
 
-@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin']])
+def jittered(block, k, gen):
+    """Stacked fresh states of `block` with every float tensor moved off its default (BN's are 1 and 0)."""
+    s = net.fresh_states(block, range(k))
+    return {n: t + 0.2 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for n, t in s.items()}
+
+
+@pytest.mark.parametrize('layout', ['batch', 'cache'])
+def test_fused_small_step_equals_autograd(triton_conv, layout):
+    k, n, images = 2, 3, 5
+    gen = torch.Generator().manual_seed(3)
+    simple, last = jittered('simple', k, gen), jittered('last', k, gen)
+    last['bn.running_var'] = last['bn.running_var'].abs() + 0.5
+    idx = torch.randint(0, images, (k, n), generator=gen)
+    flip = torch.rand(k, n, generator=gen) < 0.5
+    labels = torch.randint(0, 10, (k, n), generator=gen)
+    cache = torch.randn(k, 2, images, *net.FEATURE, generator=gen)  # (network, flipped, image): Begin outputs
+    knets = torch.arange(k)[:, None]
+    h = cache[knets, flip.long(), idx].transpose(0, 1)  # (B, K, 6, 14, 14), what each program must read
+    # the exact reference: autograd in float64
+    s64 = {name: t.double().requires_grad_() for name, t in simple.items()}
+    logits = net.last_forward(net.simple_forward(h.double().flatten(1, 2), s64), {n_: t.double() for n_, t in last.items()})
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction='sum') / n
+    ref.backward()
+    if layout == 'cache':  # read in place, as generation does with its Begin cache
+        source, offsets = cache, ((knets * 2 + flip.long()) * images + idx).T * net.FEATURE_NUMEL
+    else:
+        source, offsets = h.contiguous(), torch.arange(n * k).view(n, k) * net.FEATURE_NUMEL
+    s32 = {name: t.clone().requires_grad_() for name, t in simple.items()}
+    loss = triton_conv.small_step_loss(source, offsets, labels.T, s32, last)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach().float(), atol=1e-5, rtol=1e-6)
+    for name in simple:
+        torch.testing.assert_close(s32[name].grad, s64[name].grad.float(), atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(TypeError, match='float32 only'):
+        triton_conv.small_step_loss(source.bfloat16(), offsets, labels.T, s32, last)
+    with pytest.raises(ValueError, match='contiguous'):
+        triton_conv.small_step_loss(h, offsets, labels.T, s32, last)
+
+
+@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_small'],
+                                   ['--fused_small', '--begin_cache', 'off']])
 def test_generation_with_triton_kernels_is_close(triton_conv, flags):
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
             '--device', 'cpu']
     mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', tiny))
     args = construct_train.get_args('train', tiny + flags)
-    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', tiny), mnist, torch.device('cpu'), True)
+    cache = args.begin_cache != 'off'
+    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', tiny), mnist, torch.device('cpu'),
+                                       cache)
     construct_train.use_kernels(args, torch.device('cpu'))
     try:
-        fast = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), True)
+        fast = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache)
     finally:
         net.set_kernels()
     for block in ('begin', 'basic', 'last', 'simple'):
