@@ -325,6 +325,9 @@ class BeginBlockTrain(torch.autograd.Function):
         return None, dw.float().view_as(w), dgamma.float(), dbeta.float(), None, None
 
 
+# --compile leaves the fused kernels alone (a graph break): they are fused already, and on a CPU Dynamo would trace
+# into Triton's interpreter
+@torch.compiler.disable
 def begin_block(x, s, training=False):
     """net.begin_forward(x, s, training) by the kernels above (float32): x (B, K, 28, 28), one image per network,
     or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14) contiguous. In eval mode without gradients only."""
@@ -474,6 +477,7 @@ class SmallStepLoss(torch.autograd.Function):
         return dloss * g1, dloss * g2, None, None, None, None
 
 
+@torch.compiler.disable  # as begin_block
 def small_step_loss(h, offsets, labels, simple, last):
     """The second phase's loss of K small blocks `simple` (their gradients ready for backward) inside their frozen,
     eval-mode `last`: image n of network k is the Begin output at h.view(-1)[offsets[n, k]:][:6*14*14] (a
