@@ -491,13 +491,13 @@ def use_kernels(args, device):
     if not flags:
         return net.set_kernels()
     if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
-        raise utils.UserError(f'{flags} runs on a CUDA GPU (device here: {device}); on a CPU only in Triton\'s '
-                              f'interpreter, TRITON_INTERPRET=1 (slow: for tests)')
+        raise utils.UserError(f'{flags}: Triton kernels, which run on a CUDA GPU (device here: {device}); on a CPU '
+                              f'only in Triton\'s interpreter, TRITON_INTERPRET=1 (slow: for tests)')
     try:
         import triton_conv
     except ImportError as e:
-        raise utils.UserError(f'{flags} needs the triton package (it comes with CUDA builds of torch): '
-                              f'{e}') from None
+        raise utils.UserError(f'{flags}: Triton kernels, which need the triton package (it comes with CUDA builds '
+                              f'of torch): {e}') from None
     net.set_kernels(triton_conv.grouped_conv3x3 if args.conv == 'triton' else None,
                     triton_conv.begin_block if args.fused_begin else None)
 

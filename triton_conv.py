@@ -174,29 +174,43 @@ def _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, valid, C: tl.constexpr, H:
 
 @triton.jit
 def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K, C: tl.constexpr,
-                        H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+                        H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr,
+                        CHUNK: tl.constexpr):
     """Per image n of network k (program n*K + k) and channel c: the mean of z = conv(x) over the plane and the
-    sum of (z - mean)^2 -> mom[n, k, 0:2, c]; sum (z - mean) x_t -> zx[n, k, c, t]; sum x_t -> xs[n, k, t]."""
+    sum of (z - mean)^2 -> mom[n, k, 0:2, c]; sum (z - mean) x_t -> zx[n, k, c, t]; sum x_t -> xs[n, k, t].
+    The plane in chunks of CHUNK pixels, twice (the mean first): few registers, so many programs at once."""
     pid = tl.program_id(0)
     n, k = pid // K, pid % K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    p = tl.arange(0, BLOCK)
-    row, col, inside = p // W, p % W, p < H * W
     c = tl.arange(0, CPAD)
-    z = _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, inside, C, H, W, CPAD, BLOCK)  # 0 outside the plane
-    mean = tl.sum(z, axis=1) / (H * W)
-    dev = tl.where(inside[None, :], z - mean[:, None], 0.0)
+    taps = tl.arange(0, 16)
+    total = tl.zeros((CPAD,), dtype=tl.float32)
+    for p0 in range(0, BLOCK, CHUNK):  # a loop, not unrolled: fewer registers
+        p = p0 + tl.arange(0, CHUNK)
+        total += tl.sum(_begin_conv(plane, sh, sw, w_ptr, k, c, p // W, p % W, p < H * W, C, H, W, CPAD, CHUNK), axis=1)
+    mean = total / (H * W)
+    m2 = tl.zeros((CPAD,), dtype=tl.float32)
+    zx = tl.zeros((CPAD, 16), dtype=tl.float32)
+    xs = tl.zeros((16,), dtype=tl.float32)
+    for p0 in range(0, BLOCK, CHUNK):  # a loop, not unrolled: fewer registers
+        p = p0 + tl.arange(0, CHUNK)
+        row, col, inside = p // W, p % W, p < H * W
+        z = _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, inside, C, H, W, CPAD, CHUNK)  # 0 outside the plane
+        dev = tl.where(inside[None, :], z - mean[:, None], 0.0)
+        m2 += tl.sum(dev * dev, axis=1)
+        for t in tl.static_range(9):
+            r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+            xv = tl.load(plane + r * sh + q * sw, mask=inside & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+            zx += tl.where(taps[None, :] == t, tl.sum(dev * xv[None, :], axis=1)[:, None], 0.0)
+            xs += tl.where(taps == t, tl.sum(xv, axis=0), 0.0)
     tl.store(mom_ptr + pid * 2 * C + c, mean, mask=c < C)
-    tl.store(mom_ptr + pid * 2 * C + C + c, tl.sum(dev * dev, axis=1), mask=c < C)
-    for t in tl.static_range(9):
-        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
-        xv = tl.load(plane + r * sh + q * sw, mask=inside & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
-        tl.store(zx_ptr + (pid * C + c) * 9 + t, tl.sum(dev * xv[None, :], axis=1), mask=c < C)
-        tl.store(xs_ptr + pid * 9 + t, tl.sum(xv, axis=0))
+    tl.store(mom_ptr + pid * 2 * C + C + c, m2, mask=c < C)
+    tl.store(zx_ptr + (pid * C + c[:, None]) * 9 + taps[None, :], zx, mask=(c[:, None] < C) & (taps[None, :] < 9))
+    tl.store(xs_ptr + pid * 9 + taps, xs, mask=taps < 9)
 
 
 @triton.jit
-def _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s: tl.constexpr, C: tl.constexpr, H: tl.constexpr,
+def _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C: tl.constexpr, H: tl.constexpr,
                   W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
     """Position s (row-major) of the pooling windows of pooled pixels (pi, pj): (z, relu(a z + b)), the latter
     -inf where the position is padding (max_pool2d's padding never wins)."""
@@ -214,14 +228,14 @@ def _begin_pool_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, y_ptr
     pid = tl.program_id(0)
     n, k = pid // K, pid % K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    PW: tl.constexpr = W // 2
+    PW = W // 2
     p = tl.arange(0, BLOCK)
     pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
     c = tl.arange(0, CPAD)
     a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
     b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
     best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
-    for s in tl.static_range(9):
+    for s in range(9):  # a loop, not unrolled: fewer registers
         _, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
         best = tl.maximum(best, y)
     out = y_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * PW) + p[None, :]
@@ -237,7 +251,7 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
     pid = tl.program_id(0)
     n, k = pid // K, pid % K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    PW: tl.constexpr = W // 2
+    PW = W // 2
     p = tl.arange(0, BLOCK)
     pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
     c = tl.arange(0, CPAD)
@@ -246,7 +260,7 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
     best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
     best_z = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
     best_s = tl.zeros((CPAD, BLOCK), dtype=tl.int32)
-    for s in tl.static_range(9):  # the same values as the forward's; strictly greater: the first maximum wins
+    for s in range(9):  # the same values as the forward's; strictly greater: the first maximum wins
         z, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
         better = y > best
         best, best_z, best_s = tl.where(better, y, best), tl.where(better, z, best_z), tl.where(better, s, best_s)
@@ -264,10 +278,10 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
         tl.store(gx_ptr + (pid * C + c) * 9 + t, tl.sum(g * xv, axis=1), mask=c < C)
 
 
-def _begin_launch(kernel, x, c, block, *args):
+def _begin_launch(kernel, x, c, block, *args, **meta):
     """Run a Begin kernel with one program per (image, network) of x (N, K, H, W), for C = c channels."""
     n, k, h, w = x.shape
-    kernel[(n * k,)](x, *x.stride(), *args, k, C=c, H=h, W=w, CPAD=triton.next_power_of_2(c), BLOCK=block)
+    kernel[(n * k,)](x, *x.stride(), *args, k, C=c, H=h, W=w, CPAD=triton.next_power_of_2(c), BLOCK=block, **meta)
 
 
 def _begin_pool(x, w, scale, shift):
@@ -290,7 +304,7 @@ class BeginBlockTrain(torch.autograd.Function):
         mom = torch.empty(n, k, 2, c, device=x.device)
         zx = torch.empty(n, k, c, TAPS, device=x.device)
         xs = torch.empty(n, k, TAPS, device=x.device)
-        _begin_launch(_begin_stats_kernel, x, c, _block(h, wd), w, mom, zx, xs)
+        _begin_launch(_begin_stats_kernel, x, c, _block(h, wd), w, mom, zx, xs, CHUNK=min(_block(h, wd), 256))
         # the images' means and squared deviations combined (Chan et al.), in float64: no cancellation
         image_mean, image_m2 = mom.double().unbind(2)  # (N, K, C)
         mean = image_mean.mean(0)

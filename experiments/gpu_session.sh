@@ -3,9 +3,10 @@
 # seconds (default 560), each step under its own limit and the session's deadline, everything logged under
 # $OUT and packed after every step (a run cut short still brings back what it measured).
 #
-#   1. generation speed: the plain step at K = 128 against channels-last, the Begin cache, larger K without
-#      it, bf16 autocast, the Triton convolutions, the whole step compiled with CUDA graphs
-#      (bench_generate.py --rows; each row's accuracies too), and where a step's time goes (profile_step.py);
+#   1. generation speed: the plain step at K = 128 against the fused Triton kernels (the Begin block, the
+#      small-block step), channels-last, the Begin cache, larger K without it, bf16 autocast, the Triton
+#      convolutions, the whole step compiled with CUDA graphs (bench_generate.py --rows; each row's accuracies
+#      and small-block phase's share too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile (blocks and whole model) fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
@@ -34,16 +35,19 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
-  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs"
+  BENCH_GEN="--num_images 1280 --k 2 --rows 2:fused_begin+fused_small 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton
+    2:cuda_graphs"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
   TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
   PATHS="--num_epochs 40 --log_step 10 --batch_size 8"
 else
-  # rows in order of cost: compiling comes last
-  BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 512:no_cache 128:bf16 128:triton
-    512:no_cache+triton 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
+  # the fused kernels first (the likeliest to pay), then each other option alone; compiling comes last
+  BENCH_GEN="--num_images 12800 --k 128 --rows 128:fused_begin+fused_small 128:fused_begin+fused_small+triton
+    512:no_cache+fused_begin+fused_small 128:fused_begin 128:fused_small 128:channels_last 128:cache 512:no_cache
+    128:bf16 128:triton 512:no_cache+triton 128:cuda_graphs 128:fused_begin+fused_small+cuda_graphs
+    512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
   BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 40 --warmup 2 --iters 3 --repeats 3"
   PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
@@ -68,9 +72,10 @@ grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loade
 # 3. evaluation; 1. generation; 2. the translator step; where a generation step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
-step bench_generate 200 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step bench_generate 240 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step bench_translator_step 170 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step profile_generate 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
-step profile_generate_triton 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --conv triton
+step profile_generate_fused 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin
+step profile_generate_triton 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin --conv triton
 
 finish

@@ -3,6 +3,9 @@
 --conv triton and --fused_begin. Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,7 +152,8 @@ def test_fused_small_step_equals_autograd(triton_conv, layout):
 
 
 @pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_small'],
-                                   ['--fused_small', '--begin_cache', 'off']])
+                                   ['--fused_small', '--begin_cache', 'off'],
+                                   ['--fused_begin', '--fused_small', '--compile']])  # compiled around the kernels
 def test_generation_with_triton_kernels_is_close(triton_conv, flags):
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
@@ -168,3 +172,19 @@ def test_generation_with_triton_kernels_is_close(triton_conv, flags):
         for name, t in plain[block].items():
             torch.testing.assert_close(fast[block][name], t, atol=1e-4, rtol=1e-4, msg=f'{block}.{name}')
     assert torch.equal(fast['acc_large'], plain['acc_large'])
+
+
+def test_every_kernel_compiles_for_a_gpu():
+    # the interpreter accepts what the compiler may refuse: bench/kernel_resources.py compiles every kernel of
+    # triton_conv.py for sm_90 (no GPU needed), in a process of its own without TRITON_INTERPRET
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'triton_conv.py')) as f:
+        kernels = set(re.findall(r'^def (_\w+_kernel)\(', f.read(), re.M))
+    with open(os.path.join(root, 'bench', 'kernel_resources.py')) as f:
+        script = f.read()
+    assert kernels and all(f'tc.{k},' in script for k in kernels), 'kernel_resources.py misses a kernel'
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    out = subprocess.run([sys.executable, os.path.join('bench', 'kernel_resources.py')], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(' warps: REG:') == script.count("': (tc._")
