@@ -151,7 +151,7 @@ class Variant:
     def __init__(self, name, batch, device, config, optimizer='default', precision='fp32', compile=False):
         self.name, self.batch, self.device = name, batch, device
         self.optimizer, self.precision, self.compile = optimizer, precision, compile
-        self.times, self.skipped, self.compile_s, self.peak_mem = [], None, None, None
+        self.times, self.skipped, self.compile_s, self.peak_mem, self.first_s = [], None, None, None, None
         self.config = config
 
     def setup(self):
@@ -249,7 +249,9 @@ def main(argv=None):
     print('dense matmul ' + ', '.join(f'{k} {v / 1e12:.3g} TFLOP/s' for k, v in peaks.items()) +
           f' (square {args.matmul_n})')
 
-    # set-up and warm-up (compilation happens here), one row at a time
+    # set-up and warm-up (compilation happens here), one row at a time, and a first timing printed at once: a run
+    # cut short (a time limit) still shows every row it reached
+    step_flops_per_sample = mixer_flops(**args.config, backward=True)
     for v in variants:
         try:
             v.setup()
@@ -263,14 +265,19 @@ def main(argv=None):
                 v.compile_s = time.perf_counter() - t0
             if cuda:
                 v.peak_mem = torch.cuda.max_memory_allocated(device)
+            v.first_s = timed(lambda: v.run(args.iters), device) / args.iters
         except Exception as e:  # a row that cannot run is reported, not fatal
             v.skipped = describe_failure(e)
         if v.skipped:  # outside the except block, so that the traceback's tensors are freed too
             v.release()
             if cuda:
                 torch.cuda.empty_cache()
+        first = ''
+        if v.first_s:
+            fraction = step_flops_per_sample * v.batch / v.first_s / peaks[v.precision]
+            first = f', first timing {v.first_s * 1e3:.1f} ms a step ({fraction:.1%} of the {v.precision} matmul peak)'
         print(f'  ready: {v.name}' + (f' (skipped: {v.skipped})' if v.skipped else '') +
-              (f' (compiled in {v.compile_s:.0f} s)' if v.compile_s else ''), flush=True)
+              (f' (compiled in {v.compile_s:.0f} s)' if v.compile_s else '') + first, flush=True)
 
     # timing, interleaved
     for r in range(args.repeats):
@@ -288,17 +295,17 @@ def main(argv=None):
         print(f'  repeat {r + 1}/{args.repeats} done', flush=True)
     torch.set_float32_matmul_precision('highest')
 
-    step_flops_per_sample = mixer_flops(**args.config, backward=True)
     rows = []
     for v in variants:
         row = {'name': v.name, 'batch': v.batch, 'optimizer': v.optimizer, 'precision': v.precision,
-               'compile': v.compile, 'skipped': v.skipped, 'step_s_all': v.times, 'compile_s': v.compile_s,
+               'compile': v.compile, 'skipped': v.skipped, 'step_s_all': v.times, 'first_step_s': v.first_s,
+               'compile_s': v.compile_s,
                'peak_mem_gib': v.peak_mem / 2**30 if v.peak_mem else None}
         if v.times:
             step = median(v.times)
             sps = v.batch / step
             flops = step_flops_per_sample * sps
-            peak = peaks['bf16' if v.precision == 'bf16' else v.precision]
+            peak = peaks[v.precision]
             row.update(step_s=step, samples_per_s=sps, flops_per_s=flops,
                        peak_used=v.precision, fraction_of_matmul_peak=flops / peak,
                        projected_hours=README_PAIRS * README_EPOCHS / sps / 3600)
