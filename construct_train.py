@@ -75,8 +75,8 @@ def get_args(kind='train', argv=None):
                         'triton_conv.py\'s kernels, which recompute its 28x28 activations instead of storing them '
                         '(GPU, float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
     p.add_argument('--fused_small', action='store_true',
-                   help='the small-block phase\'s step (SimpleBlock_NoBn, the frozen Last, the loss and the gradient of '
-                        'the small block) in one triton_conv.py kernel, reading the Begin cache in place (GPU, '
+                   help='the small-block phase\'s step (SimpleBlock_NoBn, the frozen Last, the loss and the gradient '
+                        'of the small block) in one triton_conv.py kernel, reading the Begin cache in place (GPU, '
                         'float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
     p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
                    help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "

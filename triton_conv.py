@@ -162,7 +162,8 @@ BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the original used
 @triton.jit
 def _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, valid, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                 CPAD: tl.constexpr, BLOCK: tl.constexpr):
-    """The Begin convolution (1 -> C channels, padding 1) of network k at pixels (row, col) where valid: (CPAD, BLOCK)."""
+    """The Begin convolution (1 -> C channels, padding 1) of network k at pixels (row, col) where valid:
+    (CPAD, BLOCK)."""
     acc = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
     for t in tl.static_range(9):
         r, q = row + (t // 3 - 1), col + (t % 3 - 1)
@@ -178,7 +179,7 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
                         CHUNK: tl.constexpr):
     """Per image n of network k (program n*K + k) and channel c: the mean of z = conv(x) over the plane and the
     sum of (z - mean)^2 -> mom[n, k, 0:2, c]; sum (z - mean) x_t -> zx[n, k, c, t]; sum x_t -> xs[n, k, t].
-    The plane in chunks of CHUNK pixels, twice (the mean first): few registers, so many programs at once."""
+    The plane in chunks of CHUNK pixels, twice (the mean first): fewer registers, so more programs at once."""
     pid = tl.program_id(0)
     n, k = pid // K, pid % K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
@@ -285,7 +286,8 @@ def _begin_launch(kernel, x, c, block, *args, **meta):
 
 
 def _begin_pool(x, w, scale, shift):
-    """max_pool(relu(scale * conv(x, w) + shift), 3, 2, 1) for x (N, K, H, W) and w (K, C, 1, 3, 3): (N, K*C, H/2, W/2)."""
+    """max_pool(relu(scale * conv(x, w) + shift), 3, 2, 1) for x (N, K, H, W) and w (K, C, 1, 3, 3):
+    (N, K*C, H/2, W/2)."""
     n, k, h, wd = x.shape
     c = w.shape[1]
     y = torch.empty(n, k * c, h // 2, wd // 2, device=x.device)
@@ -344,23 +346,28 @@ class BeginBlockTrain(torch.autograd.Function):
 @torch.compiler.disable
 def begin_block(x, s, training=False):
     """net.begin_forward(x, s, training) by the kernels above (float32): x (B, K, 28, 28), one image per network,
-    or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14) contiguous. In eval mode without gradients only."""
-    k, c = s['conv.weight'].shape[:2]
+    or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14), channels-last if x is (--channels_last), else
+    contiguous. In eval mode without gradients only."""
+    k = s['conv.weight'].shape[0]
     if x.dtype != torch.float32 or s['conv.weight'].dtype != torch.float32:
-        raise TypeError(f'the fused Begin is float32 only (got {x.dtype}): --fused_begin does not combine with --amp bf16')
+        raise TypeError(f'the fused Begin is float32 only (got {x.dtype}): --fused_begin does not combine with '
+                        f'--amp bf16')
     if x.requires_grad:
         raise ValueError('the fused Begin computes no gradient for its input (in generation it is images)')
+    nhwc = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
     x = x.expand(-1, k, -1, -1)  # images shared by all networks: a zero stride, no copy
     w = s['conv.weight'].contiguous()
     if training:
         s['bn.num_batches_tracked'] += 1
-        return BeginBlockTrain.apply(x, w, s['bn.weight'].contiguous(), s['bn.bias'].contiguous(),
-                                     s['bn.running_mean'], s['bn.running_var'])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in s.values()):
+        y = BeginBlockTrain.apply(x, w, s['bn.weight'].contiguous(), s['bn.bias'].contiguous(),
+                                  s['bn.running_mean'], s['bn.running_var'])
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in s.values()):
         raise ValueError('the fused Begin has no backward in eval mode (generation evaluates it without gradients)')
-    scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
-    shift = s['bn.bias'] - s['bn.running_mean'] * scale
-    return _begin_pool(x, w, scale.contiguous(), shift.contiguous())
+    else:
+        scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
+        shift = s['bn.bias'] - s['bn.running_mean'] * scale
+        y = _begin_pool(x, w, scale.contiguous(), shift.contiguous())
+    return y.contiguous(memory_format=torch.channels_last) if nhwc else y
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +385,8 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
                        loss_ptr, g1_ptr, g2_ptr, hid_ptr, grad_ptr, K, inv_batch, C: tl.constexpr,
                        HID: tl.constexpr, OUT: tl.constexpr, CLASSES: tl.constexpr, S: tl.constexpr):
     """Program n*K + k, image n of network k, its Begin output at h_ptr + off[n, k] (C, S, S): the loss of its
-    logits / batch -> loss[n, k], its gradients of conv1 -> g1[n, k] (HID, C, 3, 3), of conv2 -> g2[n, k] (C, HID, 3, 3)."""
+    logits / batch -> loss[n, k], its gradients of conv1 -> g1[n, k] (HID, C, 3, 3), of conv2 -> g2[n, k]
+    (C, HID, 3, 3)."""
     pid = tl.program_id(0)
     k = pid % K
     h = h_ptr + tl.load(off_ptr + pid)
@@ -412,7 +420,8 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     u = tl.maximum(a2 + tl.load(h + o[:, None] * S * S + (sr * S + sc)[None, :], mask=osin, other=0.0), 0.0)
     # Last: the 1x1 convolution, its BatchNorm (eval: an affine map) and ReLU, v (16, 64); the logits (16,)
     m = tl.arange(0, 16)
-    dw = tl.load(dw_ptr + (k * OUT + m[:, None]) * C + o[None, :], mask=(m[:, None] < OUT) & (o[None, :] < C), other=0.0)
+    dw = tl.load(dw_ptr + (k * OUT + m[:, None]) * C + o[None, :], mask=(m[:, None] < OUT) & (o[None, :] < C),
+                 other=0.0)
     bs = tl.load(scale_ptr + k * OUT + m, mask=m < OUT, other=0.0)
     bb = tl.load(shift_ptr + k * OUT + m, mask=m < OUT, other=0.0)
     msin = (m[:, None] < OUT) & sin[None, :]
@@ -432,7 +441,8 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     # back through Last: dv, then du at the pixels Last reads, then da2 through the ReLU
     dv = tl.zeros((16, 64), dtype=tl.float32)
     for c in tl.static_range(CLASSES):
-        dv += tl.sum(tl.where(cls == c, dlogits, 0.0), axis=0) * tl.load(fc + c * OUT * half * half, mask=msin, other=0.0)
+        fc_c = tl.load(fc + c * OUT * half * half, mask=msin, other=0.0)
+        dv += tl.sum(tl.where(cls == c, dlogits, 0.0), axis=0) * fc_c
     dd = tl.where(v > 0, dv, 0.0) * bs[:, None]
     da2 = tl.where(u > 0, tl.sum(dw[:, :, None] * dd[:, None, :], axis=0), 0.0)  # (8, 64)
     # conv2's weight gradient: da2 against the hidden activation shifted by each tap

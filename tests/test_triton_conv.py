@@ -93,7 +93,7 @@ def test_fused_begin_equals_begin_forward(triton_conv, images, training):
     y_ref, grads_ref, s_ref = begin_run(net.begin_forward, x, s, training, torch.float64)  # the exact reference
     y, grads, s_out = begin_run(triton_conv.begin_block, x, s, training, torch.float32)
     torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5, msg='output')
-    assert y.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last if images == 'channels_last' else torch.contiguous_format)
     for name, got, ref in zip(('conv.weight', 'bn.weight', 'bn.bias'), grads, grads_ref):
         torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-5, msg=f'gradient of {name}')
     for name, ref in s_ref.items():  # running statistics updated in training mode only, as F.batch_norm does
@@ -132,7 +132,8 @@ def test_fused_small_step_equals_autograd(triton_conv, layout):
     h = cache[knets, flip.long(), idx].transpose(0, 1)  # (B, K, 6, 14, 14), what each program must read
     # the exact reference: autograd in float64
     s64 = {name: t.double().requires_grad_() for name, t in simple.items()}
-    logits = net.last_forward(net.simple_forward(h.double().flatten(1, 2), s64), {n_: t.double() for n_, t in last.items()})
+    last64 = {name: t.double() for name, t in last.items()}
+    logits = net.last_forward(net.simple_forward(h.double().flatten(1, 2), s64), last64)
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction='sum') / n
     ref.backward()
     if layout == 'cache':  # read in place, as generation does with its Begin cache
