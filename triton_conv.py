@@ -28,6 +28,28 @@ OUT_PAD = 16  # tl.dot's smallest size: output channels are padded to it in the 
 
 
 @triton.jit
+def _tap(plane, sh, sw, row, col, t, H, W, valid):
+    """The (H, W) plane (strides sh, sw) at pixels (row, col) shifted by tap t of a 3x3 kernel, 0 outside the
+    plane (padding 1) and where not valid."""
+    r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+    return tl.load(plane + r * sh + q * sw, mask=valid & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+
+
+@triton.jit
+def _conv3x3(x, sc, sh, sw, w, o, row, col, valid, CIN: tl.constexpr, COUT: tl.constexpr, H, W, OPAD: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """sum over input channels i and taps t of w[o, i, t] * x[i] shifted by t (padding 1), at pixels (row, col)
+    where valid: (OPAD, BLOCK). x: CIN planes (H, W) with strides sc, sh, sw; w: (COUT, CIN, 9) contiguous."""
+    acc = tl.zeros((OPAD, BLOCK), dtype=tl.float32)
+    for i in tl.static_range(CIN):
+        for t in tl.static_range(9):
+            xv = _tap(x + i * sc, sh, sw, row, col, t, H, W, valid)
+            wv = tl.load(w + (o * CIN + i) * 9 + t, mask=o < COUT, other=0.0)
+            acc += wv[:, None] * xv[None, :]
+    return acc
+
+
+@triton.jit
 def _conv3x3_kernel(x_ptr, w_ptr, y_ptr, groups, CIN: tl.constexpr, COUT: tl.constexpr, H: tl.constexpr,
                     W: tl.constexpr, BLOCK: tl.constexpr, CPAD: tl.constexpr):
     """y[n, g*COUT + o] = sum over i, taps of w[g*COUT + o, i, tap] * x[n, g*CIN + i] shifted by the tap."""
@@ -37,15 +59,8 @@ def _conv3x3_kernel(x_ptr, w_ptr, y_ptr, groups, CIN: tl.constexpr, COUT: tl.con
     row, col = p // W, p % W
     inside = p < H * W
     o = tl.arange(0, CPAD)
-    acc = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
-    x_base = x_ptr + pid.to(tl.int64) * CIN * H * W
-    for i in tl.static_range(CIN):
-        for t in tl.static_range(9):
-            r, c = row + (t // 3 - 1), col + (t % 3 - 1)
-            m = inside & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            xv = tl.load(x_base + i * H * W + r * W + c, mask=m, other=0.0)
-            wv = tl.load(w_ptr + ((g * COUT + o) * CIN + i) * 9 + t, mask=o < COUT, other=0.0)
-            acc += wv[:, None] * xv[None, :]
+    acc = _conv3x3(x_ptr + pid.to(tl.int64) * CIN * H * W, H * W, W, 1, w_ptr + g * COUT * CIN * 9, o, row, col, inside,
+                   CIN, COUT, H, W, CPAD, BLOCK)
     y_base = y_ptr + pid.to(tl.int64) * COUT * H * W
     tl.store(y_base + o[:, None] * H * W + p[None, :], acc, mask=(o[:, None] < COUT) & inside[None, :])
 
@@ -160,20 +175,6 @@ BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the original used
 
 
 @triton.jit
-def _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, valid, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                CPAD: tl.constexpr, BLOCK: tl.constexpr):
-    """The Begin convolution (1 -> C channels, padding 1) of network k at pixels (row, col) where valid:
-    (CPAD, BLOCK)."""
-    acc = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
-    for t in tl.static_range(9):
-        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
-        xv = tl.load(plane + r * sh + q * sw, mask=valid & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
-        wv = tl.load(w_ptr + (k * C + c) * 9 + t, mask=c < C, other=0.0)
-        acc += wv[:, None] * xv[None, :]
-    return acc
-
-
-@triton.jit
 def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K, C: tl.constexpr,
                         H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr,
                         CHUNK: tl.constexpr):
@@ -185,10 +186,11 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
     c = tl.arange(0, CPAD)
     taps = tl.arange(0, 16)
+    w = w_ptr + k * C * 9
     total = tl.zeros((CPAD,), dtype=tl.float32)
     for p0 in range(0, BLOCK, CHUNK):  # a loop, not unrolled: fewer registers
         p = p0 + tl.arange(0, CHUNK)
-        total += tl.sum(_begin_conv(plane, sh, sw, w_ptr, k, c, p // W, p % W, p < H * W, C, H, W, CPAD, CHUNK), axis=1)
+        total += tl.sum(_conv3x3(plane, 0, sh, sw, w, c, p // W, p % W, p < H * W, 1, C, H, W, CPAD, CHUNK), axis=1)
     mean = total / (H * W)
     m2 = tl.zeros((CPAD,), dtype=tl.float32)
     zx = tl.zeros((CPAD, 16), dtype=tl.float32)
@@ -196,12 +198,11 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
     for p0 in range(0, BLOCK, CHUNK):  # a loop, not unrolled: fewer registers
         p = p0 + tl.arange(0, CHUNK)
         row, col, inside = p // W, p % W, p < H * W
-        z = _begin_conv(plane, sh, sw, w_ptr, k, c, row, col, inside, C, H, W, CPAD, CHUNK)  # 0 outside the plane
+        z = _conv3x3(plane, 0, sh, sw, w, c, row, col, inside, 1, C, H, W, CPAD, CHUNK)  # 0 outside the plane
         dev = tl.where(inside[None, :], z - mean[:, None], 0.0)
         m2 += tl.sum(dev * dev, axis=1)
         for t in tl.static_range(9):
-            r, q = row + (t // 3 - 1), col + (t % 3 - 1)
-            xv = tl.load(plane + r * sh + q * sw, mask=inside & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+            xv = _tap(plane, sh, sw, row, col, t, H, W, inside)
             zx += tl.where(taps[None, :] == t, tl.sum(dev * xv[None, :], axis=1)[:, None], 0.0)
             xs += tl.where(taps == t, tl.sum(xv, axis=0), 0.0)
     tl.store(mom_ptr + pid * 2 * C + c, mean, mask=c < C)
@@ -211,62 +212,58 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
 
 
 @triton.jit
-def _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C: tl.constexpr, H: tl.constexpr,
+def _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C: tl.constexpr, H: tl.constexpr,
                   W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Position s (row-major) of the pooling windows of pooled pixels (pi, pj): (z, relu(a z + b)), the latter
-    -inf where the position is padding (max_pool2d's padding never wins)."""
-    r, q = pi * 2 + (s // 3 - 1), pj * 2 + (s % 3 - 1)
-    valid = pin & (r >= 0) & (r < H) & (q >= 0) & (q < W)
-    z = _begin_conv(plane, sh, sw, w_ptr, k, c, r, q, valid, C, H, W, CPAD, BLOCK)
-    y = tl.maximum(z * a[:, None] + b[:, None], 0.0)
-    return z, tl.where(valid[None, :], y, float('-inf'))
-
-
-@triton.jit
-def _begin_pool_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, y_ptr, K, C: tl.constexpr,
-                       H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
-    """y[n, k*C + c] = max_pool(relu(scale * conv(x) + shift), 3, 2, 1) of image n of network k."""
+    """Every pooling window of relu(scale * conv(x) + shift) over image n of network k (program n*K + k): its
+    maximum, the convolution there and the maximum's position s (row-major in the window; as max_pool2d, the
+    first maximum wins and padding never does), each (CPAD, BLOCK) over the pooled pixels."""
     pid = tl.program_id(0)
     n, k = pid // K, pid % K
     plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    PW = W // 2
     p = tl.arange(0, BLOCK)
-    pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
-    c = tl.arange(0, CPAD)
-    a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
-    b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
-    best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
-    for s in range(9):  # a loop, not unrolled: fewer registers
-        _, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
-        best = tl.maximum(best, y)
-    out = y_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * PW) + p[None, :]
-    tl.store(out, best, mask=(c[:, None] < C) & pin[None, :])
-
-
-@triton.jit
-def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dy_ptr, sums_ptr,
-                       gx_ptr, K, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """With g the output gradient dy routed to each window's first maximum and masked by its ReLU:
-    sum g -> sums[n, k, 0, c], sum g xhat -> sums[n, k, 1, c], sum g x_t -> gx[n, k, c, t]."""
-    pid = tl.program_id(0)
-    n, k = pid // K, pid % K
-    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    PW = W // 2
-    p = tl.arange(0, BLOCK)
-    pi, pj, pin = p // PW, p % PW, p < (H // 2) * PW
+    pi, pj, pin = p // (W // 2), p % (W // 2), p < (H // 2) * (W // 2)
     c = tl.arange(0, CPAD)
     a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
     b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
     best = tl.full((CPAD, BLOCK), float('-inf'), tl.float32)
     best_z = tl.zeros((CPAD, BLOCK), dtype=tl.float32)
     best_s = tl.zeros((CPAD, BLOCK), dtype=tl.int32)
-    for s in range(9):  # the same values as the forward's; strictly greater: the first maximum wins
-        z, y = _begin_window(plane, sh, sw, w_ptr, k, c, pi, pj, pin, a, b, s, C, H, W, CPAD, BLOCK)
+    for s in range(9):  # a loop, not unrolled: fewer registers
+        r, q = pi * 2 + (s // 3 - 1), pj * 2 + (s % 3 - 1)
+        valid = pin & (r >= 0) & (r < H) & (q >= 0) & (q < W)
+        z = _conv3x3(plane, 0, sh, sw, w_ptr + k * C * 9, c, r, q, valid, 1, C, H, W, CPAD, BLOCK)
+        y = tl.where(valid[None, :], tl.maximum(z * a[:, None] + b[:, None], 0.0), float('-inf'))
         better = y > best
         best, best_z, best_s = tl.where(better, y, best), tl.where(better, z, best_z), tl.where(better, s, best_s)
+    return best, best_z, best_s
+
+
+@triton.jit
+def _begin_pool_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, y_ptr, K, C: tl.constexpr,
+                       H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """y[n, k*C + c] = max_pool(relu(scale * conv(x) + shift), 3, 2, 1) of image n of network k."""
+    best, _, _ = _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C, H, W, CPAD, BLOCK)
+    p, c = tl.arange(0, BLOCK), tl.arange(0, CPAD)
+    out = y_ptr + (tl.program_id(0).to(tl.int64) * C + c[:, None]) * ((H // 2) * (W // 2)) + p[None, :]
+    tl.store(out, best, mask=(c[:, None] < C) & (p < (H // 2) * (W // 2))[None, :])
+
+
+@triton.jit
+def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dy_ptr, sums_ptr,
+                       gx_ptr, K, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """With g the output gradient dy routed to each window's maximum (the forward's: the same values) and masked
+    by its ReLU: sum g -> sums[n, k, 0, c], sum g xhat -> sums[n, k, 1, c], sum g x_t -> gx[n, k, c, t]."""
+    best, best_z, best_s = _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C, H, W, CPAD,
+                                         BLOCK)
+    pid = tl.program_id(0)
+    n, k = pid // K, pid % K
+    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+    p = tl.arange(0, BLOCK)
+    pi, pj, pin = p // (W // 2), p % (W // 2), p < (H // 2) * (W // 2)
+    c = tl.arange(0, CPAD)
     mask = (c[:, None] < C) & pin[None, :]
-    g = tl.load(dy_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * PW) + p[None, :], mask=mask, other=0.0)
+    g = tl.load(dy_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * (W // 2)) + p[None, :], mask=mask, other=0.0)
     g = tl.where(best > 0, g, 0.0)
     mean = tl.load(mean_ptr + k * C + c, mask=c < C, other=0.0)
     rstd = tl.load(rstd_ptr + k * C + c, mask=c < C, other=0.0)
@@ -274,8 +271,7 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
     tl.store(sums_ptr + pid * 2 * C + C + c, tl.sum(g * (best_z - mean[:, None]) * rstd[:, None], axis=1), mask=c < C)
     row, col = pi[None, :] * 2 + (best_s // 3 - 1), pj[None, :] * 2 + (best_s % 3 - 1)  # each maximum's pixel
     for t in tl.static_range(9):
-        r, q = row + (t // 3 - 1), col + (t % 3 - 1)
-        xv = tl.load(plane + r * sh + q * sw, mask=mask & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+        xv = _tap(plane, sh, sw, row, col, t, H, W, mask)
         tl.store(gx_ptr + (pid * C + c) * 9 + t, tl.sum(g * xv, axis=1), mask=c < C)
 
 
@@ -394,13 +390,7 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     p = tl.arange(0, 256)
     pr, pc, pin = p // S, p % S, p < S * S
     j = tl.arange(0, 4)
-    a1 = tl.zeros((4, 256), dtype=tl.float32)
-    for i in tl.static_range(C):
-        for t in tl.static_range(9):
-            r, q = pr + (t // 3 - 1), pc + (t % 3 - 1)
-            hv = tl.load(h + i * S * S + r * S + q, mask=pin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
-            wv = tl.load(w1_ptr + ((k * HID + j) * C + i) * 9 + t, mask=j < HID, other=0.0)
-            a1 += wv[:, None] * hv[None, :]
+    a1 = _conv3x3(h, S * S, S, 1, w1_ptr + k * HID * C * 9, j, pr, pc, pin, C, HID, S, S, 4, 256)
     hid = hid_ptr + pid.to(tl.int64) * HID * S * S
     tl.store(hid + j[:, None] * S * S + p[None, :], tl.maximum(a1, 0.0), mask=(j[:, None] < HID) & pin[None, :])
     tl.debug_barrier()
@@ -409,13 +399,7 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     half = S // 2
     sr, sc, sin = (s // half) * 2, (s % half) * 2, s < half * half
     o = tl.arange(0, 8)
-    a2 = tl.zeros((8, 64), dtype=tl.float32)
-    for jj in tl.static_range(HID):
-        for t in tl.static_range(9):
-            r, q = sr + (t // 3 - 1), sc + (t % 3 - 1)
-            rv = tl.load(hid + jj * S * S + r * S + q, mask=sin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
-            wv = tl.load(w2_ptr + ((k * C + o) * HID + jj) * 9 + t, mask=o < C, other=0.0)
-            a2 += wv[:, None] * rv[None, :]
+    a2 = _conv3x3(hid, S * S, S, 1, w2_ptr + k * C * HID * 9, o, sr, sc, sin, HID, C, S, S, 8, 64)
     osin = (o[:, None] < C) & sin[None, :]
     u = tl.maximum(a2 + tl.load(h + o[:, None] * S * S + (sr * S + sc)[None, :], mask=osin, other=0.0), 0.0)
     # Last: the 1x1 convolution, its BatchNorm (eval: an affine map) and ReLU, v (16, 64); the logits (16,)
@@ -448,8 +432,7 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     # conv2's weight gradient: da2 against the hidden activation shifted by each tap
     for jj in tl.static_range(HID):
         for t in tl.static_range(9):
-            r, q = sr + (t // 3 - 1), sc + (t % 3 - 1)
-            rv = tl.load(hid + jj * S * S + r * S + q, mask=sin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            rv = _tap(hid + jj * S * S, S, 1, sr, sc, t, S, S, sin)
             tl.store(g2_ptr + ((pid * C + o) * HID + jj) * 9 + t, tl.sum(da2 * rv[None, :], axis=1), mask=o < C)
     grad = grad_ptr + pid.to(tl.int64) * C * half * half
     tl.store(grad + o[:, None] * half * half + s[None, :], da2, mask=osin)
@@ -467,8 +450,7 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     # conv1's weight gradient: da1 against the Begin output shifted by each tap
     for i in tl.static_range(C):
         for t in tl.static_range(9):
-            r, q = pr + (t // 3 - 1), pc + (t % 3 - 1)
-            hv = tl.load(h + i * S * S + r * S + q, mask=pin & (r >= 0) & (r < S) & (q >= 0) & (q < S), other=0.0)
+            hv = _tap(h + i * S * S, S, 1, pr, pc, t, S, S, pin)
             tl.store(g1_ptr + ((pid * HID + j) * C + i) * 9 + t, tl.sum(da1 * hv[None, :], axis=1), mask=j < HID)
 
 
