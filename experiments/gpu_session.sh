@@ -35,8 +35,8 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
-  BENCH_GEN="--num_images 1280 --k 2 --rows 2:fused_begin+fused_small 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton
-    2:cuda_graphs"
+  BENCH_GEN="--num_images 1280 --k 2 --rows 2:fused_begin+fused_small 2:channels_last 2:cache 4:no_cache 2:bf16
+    2:triton 2:cuda_graphs"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
