@@ -201,7 +201,7 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
         z = _conv3x3(plane, 0, sh, sw, w, c, row, col, inside, 1, C, H, W, CPAD, CHUNK)  # 0 outside the plane
         dev = tl.where(inside[None, :], z - mean[:, None], 0.0)
         m2 += tl.sum(dev * dev, axis=1)
-        for t in tl.static_range(9):
+        for t in range(9):
             xv = _tap(plane, sh, sw, row, col, t, H, W, inside)
             zx += tl.where(taps[None, :] == t, tl.sum(dev * xv[None, :], axis=1)[:, None], 0.0)
             xs += tl.where(taps == t, tl.sum(xv, axis=0), 0.0)
@@ -270,7 +270,7 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
     tl.store(sums_ptr + pid * 2 * C + c, tl.sum(g, axis=1), mask=c < C)
     tl.store(sums_ptr + pid * 2 * C + C + c, tl.sum(g * (best_z - mean[:, None]) * rstd[:, None], axis=1), mask=c < C)
     row, col = pi[None, :] * 2 + (best_s // 3 - 1), pj[None, :] * 2 + (best_s % 3 - 1)  # each maximum's pixel
-    for t in tl.static_range(9):
+    for t in range(9):  # a loop, not unrolled: fewer registers
         xv = _tap(plane, sh, sw, row, col, t, H, W, mask)
         tl.store(gx_ptr + (pid * C + c) * 9 + t, tl.sum(g * xv, axis=1), mask=c < C)
 
@@ -404,16 +404,18 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     u = tl.maximum(a2 + tl.load(h + o[:, None] * S * S + (sr * S + sc)[None, :], mask=osin, other=0.0), 0.0)
     # Last: the 1x1 convolution, its BatchNorm (eval: an affine map) and ReLU, v (16, 64); the logits (16,)
     m = tl.arange(0, 16)
-    dw = tl.load(dw_ptr + (k * OUT + m[:, None]) * C + o[None, :], mask=(m[:, None] < OUT) & (o[None, :] < C),
-                 other=0.0)
+    d = tl.zeros((16, 64), dtype=tl.float32)
+    for oo in tl.static_range(C):  # channel by channel: a (16, 8, 64) product would take many registers
+        u_o = tl.sum(tl.where(o[:, None] == oo, u, 0.0), axis=0)
+        d += tl.load(dw_ptr + (k * OUT + m) * C + oo, mask=m < OUT, other=0.0)[:, None] * u_o[None, :]
     bs = tl.load(scale_ptr + k * OUT + m, mask=m < OUT, other=0.0)
     bb = tl.load(shift_ptr + k * OUT + m, mask=m < OUT, other=0.0)
     msin = (m[:, None] < OUT) & sin[None, :]
-    v = tl.where(msin, tl.maximum(tl.sum(dw[:, :, None] * u[None, :, :], axis=1) * bs[:, None] + bb[:, None], 0.0), 0.0)
+    v = tl.where(msin, tl.maximum(d * bs[:, None] + bb[:, None], 0.0), 0.0)
     cls = tl.arange(0, 16)
     fc = fcw_ptr + k * CLASSES * OUT * half * half + m[:, None] * half * half + s[None, :]
     logits = tl.load(fcb_ptr + k * CLASSES + cls, mask=cls < CLASSES, other=float('-inf'))
-    for c in tl.static_range(CLASSES):
+    for c in range(CLASSES):  # a loop, not unrolled: fewer registers
         logit = tl.sum(tl.sum(tl.load(fc + c * OUT * half * half, mask=msin, other=0.0) * v, axis=1), axis=0)
         logits += tl.where(cls == c, logit, 0.0)
     # cross-entropy and its gradient, divided by the batch (the step's loss is each network's batch mean)
@@ -424,11 +426,15 @@ def _small_step_kernel(h_ptr, off_ptr, label_ptr, w1_ptr, w2_ptr, dw_ptr, scale_
     dlogits = (tl.exp(logits - lse) - tl.where(cls == label, 1.0, 0.0)) * inv_batch
     # back through Last: dv, then du at the pixels Last reads, then da2 through the ReLU
     dv = tl.zeros((16, 64), dtype=tl.float32)
-    for c in tl.static_range(CLASSES):
+    for c in range(CLASSES):
         fc_c = tl.load(fc + c * OUT * half * half, mask=msin, other=0.0)
         dv += tl.sum(tl.where(cls == c, dlogits, 0.0), axis=0) * fc_c
     dd = tl.where(v > 0, dv, 0.0) * bs[:, None]
-    da2 = tl.where(u > 0, tl.sum(dw[:, :, None] * dd[:, None, :], axis=0), 0.0)  # (8, 64)
+    du = tl.zeros((8, 64), dtype=tl.float32)
+    for oo in tl.static_range(C):
+        du_o = tl.sum(tl.load(dw_ptr + (k * OUT + m) * C + oo, mask=m < OUT, other=0.0)[:, None] * dd, axis=0)
+        du += tl.where(o[:, None] == oo, du_o[None, :], 0.0)
+    da2 = tl.where(u > 0, du, 0.0)  # (8, 64)
     # conv2's weight gradient: da2 against the hidden activation shifted by each tap
     for jj in tl.static_range(HID):
         for t in tl.static_range(9):
