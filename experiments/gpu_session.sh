@@ -35,19 +35,20 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
-  BENCH_GEN="--num_images 1280 --k 2 --rows 2:fused_begin+fused_small 2:channels_last 2:cache 4:no_cache 2:bf16
-    2:triton 2:cuda_graphs"
+  BENCH_FUSED="--num_images 1280 --k 2 --rows 2:fused_begin+fused_small"
+  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
   TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
   PATHS="--num_epochs 40 --log_step 10 --batch_size 8"
 else
-  # the fused kernels first (the likeliest to pay), then each other option alone; compiling comes last
-  BENCH_GEN="--num_images 12800 --k 128 --rows 128:fused_begin+fused_small 128:fused_begin+fused_small+triton
-    512:no_cache+fused_begin+fused_small 128:fused_begin 128:fused_small 128:channels_last 128:cache 512:no_cache
-    128:bf16 128:triton 512:no_cache+triton 128:cuda_graphs 128:fused_begin+fused_small+cuda_graphs
-    512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
+  # the fused kernels first (the likeliest to pay), in a process of their own (a kernel fault would end the
+  # process's CUDA context), then each other option alone; each beside the plain step at K = 128, compiling last
+  BENCH_FUSED="--num_images 12800 --k 128 --rows 128:fused_begin+fused_small 128:fused_begin+fused_small+triton
+    512:no_cache+fused_begin+fused_small 128:fused_begin 128:fused_small 128:fused_begin+fused_small+cuda_graphs"
+  BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 512:no_cache 128:bf16 128:triton
+    512:no_cache+triton 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
   BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 40 --warmup 2 --iters 3 --repeats 3"
   PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
@@ -72,7 +73,9 @@ grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loade
 # 3. evaluation; 1. generation; 2. the translator step; where a generation step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
-step bench_generate 240 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step bench_generate_fused 120 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
+  --out "$WORK/generate_fused.json"
+step bench_generate 180 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step bench_translator_step 170 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step profile_generate 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
 step profile_generate_fused 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin
