@@ -82,13 +82,23 @@ def mnist_planes(n, k):
     return net.to_float(images).view(n, k, 28, 28)
 
 
-@pytest.mark.parametrize('images', ['random', 'mnist', 'channels_last', 'shared'])
+def nan_framed(x):
+    """x (N, K, 28, 28) as a view into a buffer whose every plane is framed by NaNs: a kernel that reads a pixel
+    outside its plane (a wrong mask) makes NaNs."""
+    frame = torch.full((*x.shape[:2], 30, 32), float('nan'))
+    frame[:, :, 1:29, 2:30] = x
+    return frame[:, :, 1:29, 2:30]
+
+
+@pytest.mark.parametrize('images', ['random', 'mnist', 'channels_last', 'shared', 'nan_framed'])
 @pytest.mark.parametrize('training', [True, False])
 def test_fused_begin_equals_begin_forward(triton_conv, images, training):
     k, n = 2, 3
     x = mnist_planes(n, k) if images == 'mnist' else torch.rand(n, 1 if images == 'shared' else k, 28, 28)
     if images == 'channels_last':
         x = x.contiguous(memory_format=torch.channels_last)
+    if images == 'nan_framed':
+        x = nan_framed(x)
     s = begin_state(k, seed=len(images))
     y_ref, grads_ref, s_ref = begin_run(net.begin_forward, x, s, training, torch.float64)  # the exact reference
     y, grads, s_out = begin_run(triton_conv.begin_block, x, s, training, torch.float32)
@@ -136,8 +146,11 @@ def test_fused_small_step_equals_autograd(triton_conv, layout):
     logits = net.last_forward(net.simple_forward(h.double().flatten(1, 2), s64), last64)
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1), reduction='sum') / n
     ref.backward()
-    if layout == 'cache':  # read in place, as generation does with its Begin cache
-        source, offsets = cache, ((knets * 2 + flip.long()) * images + idx).T * net.FEATURE_NUMEL
+    if layout == 'cache':  # read in place, as generation does with its Begin cache; the entries not read are NaN
+        unread = torch.ones(k, 2, images, dtype=torch.bool)
+        unread[knets, flip.long(), idx] = False
+        source = cache.masked_fill(unread[..., None, None, None], float('nan'))
+        offsets = ((knets * 2 + flip.long()) * images + idx).T * net.FEATURE_NUMEL
     else:
         source, offsets = h.contiguous(), torch.arange(n * k).view(n, k) * net.FEATURE_NUMEL
     s32 = {name: t.clone().requires_grad_() for name, t in simple.items()}
