@@ -3,10 +3,11 @@
 # seconds (default 560), each step under its own limit and the session's deadline, everything logged under
 # $OUT and packed after every step (a run cut short still brings back what it measured).
 #
-#   1. generation speed: the plain step at K = 128 against the fused Triton kernels (the Begin block, the
-#      small-block step), channels-last, the Begin cache, larger K without it, bf16 autocast, the Triton
-#      convolutions, the whole step compiled with CUDA graphs (bench_generate.py --rows; each row's accuracies
-#      and small-block phase's share too), and where a step's time goes (profile_step.py);
+#   1. generation speed: the Triton kernels checked on the GPU against float64 references (their tests), then
+#      the plain step at K = 128 against the fused Triton kernels (the Begin block, the small-block step),
+#      channels-last, the Begin cache, larger K without it, bf16 autocast, the Triton convolutions, the whole
+#      step compiled with CUDA graphs (bench_generate.py --rows; each row's accuracies and small-block phase's
+#      share too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile (blocks and whole model) fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
@@ -73,6 +74,8 @@ grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loade
 # 3. evaluation; 1. generation; 2. the translator step; where a generation step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
+# the Triton kernels compiled on the GPU against float64 references first (tests/test_triton_conv.py)
+step triton_kernels 60 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_triton_conv.py
 step bench_generate_fused 120 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
   --out "$WORK/generate_fused.json"
 step bench_generate 180 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"

@@ -1,6 +1,10 @@
-"""triton_conv's kernels against torch, run on the CPU in Triton's interpreter: the convolutions against F.conv2d
-(forward, input and weight gradients), the fused Begin block against net.begin_forward, and generation with
---conv triton and --fused_begin. Skipped where triton is not installed (it is not a
+"""triton_conv's kernels against torch: the convolutions against F.conv2d (forward, input and weight gradients),
+the fused Begin block against net.begin_forward, the fused small step against autograd, generation with each
+Triton flag, and every kernel compiled for a GPU.
+
+They run on the CPU in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported), or
+compiled on a CUDA GPU with TRITON_INTERPRET=0 (experiments/gpu_session.sh; the generation tests, which compare
+with the plain path on the CPU, are then skipped). Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
 import os
 import re
@@ -18,14 +22,24 @@ import net
 pytest.importorskip('triton')
 
 
+DEVICE = 'cpu' if os.environ.get('TRITON_INTERPRET') == '1' else 'cuda'  # where the kernels run
+
+
 @pytest.fixture(scope='module')
 def triton_conv():
-    """triton_conv in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
-    if os.environ.get('TRITON_INTERPRET') != '1':
-        pytest.skip('TRITON_INTERPRET is not 1: the kernels cannot run on a CPU')
+    """triton_conv, its kernels interpreted on the CPU or compiled for the GPU (DEVICE)."""
+    if DEVICE == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA GPU: the kernels cannot run')
     import triton_conv
     yield triton_conv
     net.set_kernels()
+
+
+@pytest.fixture
+def interpreted():
+    """Only in Triton's interpreter: the test compares with the plain path on the CPU."""
+    if DEVICE != 'cpu':
+        pytest.skip('compares with the plain path on the CPU: runs in Triton\'s interpreter only')
 
 
 # (images, networks, channels in, channels out, side): every 3x3 convolution of generation
@@ -39,18 +53,20 @@ def test_forward_and_gradients_equal_conv2d(triton_conv, n, k, cin, cout, side):
     w = torch.randn(k * cout, cin, 3, 3, generator=gen)
     dy = torch.randn(n, k * cout, side, side, generator=gen)
     results = []
-    for conv in (lambda a, b: F.conv2d(a, b, padding=1, groups=k), lambda a, b: triton_conv.grouped_conv3x3(a, b, k)):
-        a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+    for conv, dtype, device in ((lambda a, b: F.conv2d(a, b, padding=1, groups=k), torch.float64, 'cpu'),
+                                (lambda a, b: triton_conv.grouped_conv3x3(a, b, k), torch.float32, DEVICE)):
+        a, b = (t.to(device, dtype, copy=True).requires_grad_() for t in (x, w))
         y = conv(a, b)
-        y.backward(dy)
-        results.append((y.detach(), a.grad, b.grad))
+        y.backward(dy.to(device, dtype))
+        results.append([t.cpu().float() for t in (y.detach(), a.grad, b.grad)])
     for name, ref, got in zip(('output', 'input gradient', 'weight gradient'), *results):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5, msg=name)
 
 
 def test_float32_only(triton_conv):
     with pytest.raises(TypeError, match='float32 only'):
-        triton_conv.grouped_conv3x3(torch.zeros(1, 6, 14, 14, dtype=torch.bfloat16), torch.zeros(6, 6, 3, 3), 1)
+        triton_conv.grouped_conv3x3(torch.zeros(1, 6, 14, 14, dtype=torch.bfloat16, device=DEVICE),
+                                    torch.zeros(6, 6, 3, 3, device=DEVICE), 1)
 
 
 def begin_state(k, seed):
@@ -64,16 +80,17 @@ def begin_state(k, seed):
 
 
 def begin_run(forward, x, s, training, dtype):
-    """Output, parameter gradients (training) and the state after one forward of the Begin block on a copy of s."""
-    s = {n: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for n, t in s.items()}
+    """Output, parameter gradients (training) and the state after one forward of the Begin block on a copy of s
+    (on x's device), all on the CPU."""
+    s = {n: t.to(x.device, dtype if t.is_floating_point() else t.dtype, copy=True) for n, t in s.items()}
     params = [s[n].requires_grad_(training) for n in ('conv.weight', 'bn.weight', 'bn.bias')]
     with torch.set_grad_enabled(training):
         y = forward(x.to(dtype), s, training=training)
     grads = []
     if training:
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
-        grads = [p.grad for p in params]
-    return y.detach(), grads, {n: t.detach() for n, t in s.items()}
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y))
+        grads = [p.grad.cpu() for p in params]
+    return y.detach().cpu(), grads, {n: t.detach().cpu() for n, t in s.items()}
 
 
 def mnist_planes(n, k):
@@ -85,7 +102,7 @@ def mnist_planes(n, k):
 def nan_framed(x):
     """x (N, K, 28, 28) as a view into a buffer whose every plane is framed by NaNs: a kernel that reads a pixel
     outside its plane (a wrong mask) makes NaNs."""
-    frame = torch.full((*x.shape[:2], 30, 32), float('nan'))
+    frame = torch.full((*x.shape[:2], 30, 32), float('nan'), device=x.device)
     frame[:, :, 1:29, 2:30] = x
     return frame[:, :, 1:29, 2:30]
 
@@ -95,13 +112,11 @@ def nan_framed(x):
 def test_fused_begin_equals_begin_forward(triton_conv, images, training):
     k, n = 2, 3
     x = mnist_planes(n, k) if images == 'mnist' else torch.rand(n, 1 if images == 'shared' else k, 28, 28)
-    if images == 'channels_last':
-        x = x.contiguous(memory_format=torch.channels_last)
-    if images == 'nan_framed':
-        x = nan_framed(x)
+    arrange = {'channels_last': lambda t: t.contiguous(memory_format=torch.channels_last),
+               'nan_framed': nan_framed}.get(images, lambda t: t)
     s = begin_state(k, seed=len(images))
-    y_ref, grads_ref, s_ref = begin_run(net.begin_forward, x, s, training, torch.float64)  # the exact reference
-    y, grads, s_out = begin_run(triton_conv.begin_block, x, s, training, torch.float32)
+    y_ref, grads_ref, s_ref = begin_run(net.begin_forward, arrange(x), s, training, torch.float64)  # exact
+    y, grads, s_out = begin_run(triton_conv.begin_block, arrange(x.to(DEVICE)), s, training, torch.float32)
     torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5, msg='output')
     assert y.is_contiguous(memory_format=torch.channels_last if images == 'channels_last' else torch.contiguous_format)
     for name, got, ref in zip(('conv.weight', 'bn.weight', 'bn.bias'), grads, grads_ref):
@@ -153,22 +168,24 @@ def test_fused_small_step_equals_autograd(triton_conv, layout):
         offsets = ((knets * 2 + flip.long()) * images + idx).T * net.FEATURE_NUMEL
     else:
         source, offsets = h.contiguous(), torch.arange(n * k).view(n, k) * net.FEATURE_NUMEL
-    s32 = {name: t.clone().requires_grad_() for name, t in simple.items()}
-    loss = triton_conv.small_step_loss(source, offsets, labels.T, s32, last)
+    source, offsets, labels, h = (t.to(DEVICE) for t in (source, offsets, labels, h))
+    s32 = {name: t.to(DEVICE, copy=True).requires_grad_() for name, t in simple.items()}
+    last32 = {name: t.to(DEVICE) for name, t in last.items()}
+    loss = triton_conv.small_step_loss(source, offsets, labels.T, s32, last32)
     loss.backward()
-    torch.testing.assert_close(loss.detach(), ref.detach().float(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(loss.detach().cpu(), ref.detach().float(), atol=1e-5, rtol=1e-6)
     for name in simple:
-        torch.testing.assert_close(s32[name].grad, s64[name].grad.float(), atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(s32[name].grad.cpu(), s64[name].grad.float(), atol=1e-6, rtol=1e-5, msg=name)
     with pytest.raises(TypeError, match='float32 only'):
-        triton_conv.small_step_loss(source.bfloat16(), offsets, labels.T, s32, last)
+        triton_conv.small_step_loss(source.bfloat16(), offsets, labels.T, s32, last32)
     with pytest.raises(ValueError, match='contiguous'):
-        triton_conv.small_step_loss(h, offsets, labels.T, s32, last)
+        triton_conv.small_step_loss(h, offsets, labels.T, s32, last32)
 
 
 @pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_small'],
                                    ['--fused_small', '--begin_cache', 'off'],
                                    ['--fused_begin', '--fused_small', '--compile']])  # compiled around the kernels
-def test_generation_with_triton_kernels_is_close(triton_conv, flags):
+def test_generation_with_triton_kernels_is_close(triton_conv, interpreted, flags):
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
             '--device', 'cpu']
