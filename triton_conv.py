@@ -24,6 +24,7 @@ import triton.language as tl
 import net
 
 TAPS = 9  # a 3x3 kernel
+BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the original used
 OUT_PAD = 16  # tl.dot's smallest size: output channels are padded to it in the weight gradient
 
 
@@ -148,11 +149,22 @@ class GroupedConv3x3(torch.autograd.Function):
         return dx, dw, None
 
 
+def float32_only(what, flag, *tensors):
+    """Refuse tensors of other dtypes: every kernel here computes in float32."""
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise TypeError(f'{what}: float32 only (got {", ".join(str(t.dtype) for t in tensors)}); {flag} does not '
+                        f'combine with --amp bf16')
+
+
+def eval_bn_affine(s):
+    """An eval-mode BatchNorm (a stacked state's 'bn.' entries) as the affine map it is: (scale, shift)."""
+    scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
+    return scale.contiguous(), (s['bn.bias'] - s['bn.running_mean'] * scale).contiguous()
+
+
 def grouped_conv3x3(x, w, groups):
     """F.conv2d(x, w, padding=1, groups=groups) for float32 3x3 weights, by Triton kernels, differentiable."""
-    if x.dtype != torch.float32 or w.dtype != torch.float32:
-        raise TypeError(f'the Triton convolutions are float32 only (got {x.dtype} and {w.dtype}): '
-                        f'--conv triton does not combine with --amp bf16')
+    float32_only('the Triton convolutions', '--conv triton', x, w)
     return GroupedConv3x3.apply(x, w, groups)
 
 
@@ -171,7 +183,6 @@ def grouped_conv3x3(x, w, groups):
 # sums over the batch's pixels p, x_t the image shifted by tap t, M the pixels of the batch, scale = gamma rstd.
 # The first sum is over the maxima only; the last two do not depend on the gradient, so kernel 1 makes them.
 
-BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the original used
 
 
 @triton.jit
@@ -345,9 +356,7 @@ def begin_block(x, s, training=False):
     or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14), channels-last if x is (--channels_last), else
     contiguous. In eval mode without gradients only."""
     k = s['conv.weight'].shape[0]
-    if x.dtype != torch.float32 or s['conv.weight'].dtype != torch.float32:
-        raise TypeError(f'the fused Begin is float32 only (got {x.dtype}): --fused_begin does not combine with '
-                        f'--amp bf16')
+    float32_only('the fused Begin', '--fused_begin', x, s['conv.weight'])
     if x.requires_grad:
         raise ValueError('the fused Begin computes no gradient for its input (in generation it is images)')
     nhwc = x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
@@ -360,9 +369,7 @@ def begin_block(x, s, training=False):
     elif torch.is_grad_enabled() and any(t.requires_grad for t in s.values()):
         raise ValueError('the fused Begin has no backward in eval mode (generation evaluates it without gradients)')
     else:
-        scale = s['bn.weight'] * (s['bn.running_var'] + BN_EPS).rsqrt()
-        shift = s['bn.bias'] - s['bn.running_mean'] * scale
-        y = _begin_pool(x, w, scale.contiguous(), shift.contiguous())
+        y = _begin_pool(x, w, *eval_bn_affine(s))
     return y.contiguous(memory_format=torch.channels_last) if nhwc else y
 
 
@@ -473,11 +480,10 @@ class SmallStepLoss(torch.autograd.Function):
         g2 = torch.empty(n, k, *w2.shape[1:], device=h.device)
         hidden = torch.empty(n * k, hid, side, side, device=h.device)
         grad = torch.empty(n * k, c, side // 2, side // 2, device=h.device)
-        scale = last['bn.weight'] * (last['bn.running_var'] + BN_EPS).rsqrt()
-        shift = last['bn.bias'] - last['bn.running_mean'] * scale
+        scale, shift = eval_bn_affine(last)
         out, classes = last['downsample.weight'].shape[1], last['fc.weight'].shape[1]
         _small_step_kernel[(n * k,)](h, offsets, labels, w1, w2, last['downsample.weight'].contiguous(),
-                                     scale.contiguous(), shift.contiguous(), last['fc.weight'].contiguous(),
+                                     scale, shift, last['fc.weight'].contiguous(),
                                      last['fc.bias'].contiguous(), loss, g1, g2, hidden, grad, k, 1.0 / n, C=c,
                                      HID=hid, OUT=out, CLASSES=classes, S=side)
         ctx.save_for_backward(g1.sum(0), g2.sum(0))
@@ -496,9 +502,7 @@ def small_step_loss(h, offsets, labels, simple, last):
     contiguous (6, 14, 14)), its label labels[n, k]. The same loss as last_forward(simple_forward(...)) and
     cross-entropy; float32 only."""
     w1, w2 = simple['conv1.weight'], simple['conv2.weight']
-    if h.dtype != torch.float32 or w1.dtype != torch.float32:
-        raise TypeError(f'the fused small step is float32 only (got {h.dtype}): --fused_small does not combine with '
-                        f'--amp bf16')
+    float32_only('the fused small step', '--fused_small', h, w1)
     if not h.is_contiguous():
         raise ValueError('the fused small step reads the Begin outputs from a contiguous tensor')
     side = h.shape[-1]
