@@ -101,8 +101,9 @@ def get_args(kind='train', argv=None):
         raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
     if args.models_per_step < 0 or args.num_threads < 0:
         raise utils.UserError('--models_per_step and --num_threads must be >= 0')
-    if args.amp == 'bf16' and triton_flags(args):
-        raise utils.UserError(f'{triton_flags(args)}: float32 only; drop --amp bf16 or {triton_flags(args)}')
+    kernels = triton_flags(args)
+    if args.amp == 'bf16' and kernels:
+        raise utils.UserError(f'{kernels}: float32 only; drop --amp bf16 or {kernels}')
     if args.num_train_images > 60000 or args.num_test_images > 10000:
         raise utils.UserError('MNIST has 60000 training and 10000 test images')
     args.kind = kind
@@ -276,12 +277,13 @@ def channels_last(x, args):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
-def large_logits(images, begin, basic, last, args):
-    """logits_fn(idx, flip) of the recipe's first phase: the large networks' training forward on `images`."""
+def large_phase(images, labels, begin, basic, last, args):
+    """(params, loss_fn) of the recipe's first phase, for make_step: every float tensor of the large networks
+    trained, their training forward on `images`."""
     def logits(idx, flip):
         h = net.begin_forward(channels_last(augment(images, idx, flip), args), begin, training=True)
         return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
-    return logits
+    return trainable(begin) + trainable(basic) + trainable(last), cross_entropy(logits, labels, args)
 
 
 def small_phase(begin, last, simple, gens, args, mnist, cache_begin=None, ws=None):
@@ -350,8 +352,7 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
     gens = [data_generator(s) for s in seeds]
 
     # 1. the large network, all of it trained
-    step = ws.step('large', trainable(begin) + trainable(basic) + trainable(last),
-                   cross_entropy(large_logits(train_x, begin, basic, last, args), train_y, args))
+    step = ws.step('large', *large_phase(train_x, train_y, begin, basic, last, args))
     train_phase(step, gens, len(train_x), device, args)
     freeze(begin, basic, last)
     acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}

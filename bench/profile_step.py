@@ -39,10 +39,8 @@ def stacked_step(k, device, flags):
     images = torch.randint(0, 256, (1024, 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (1024,), device=device)
     begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))
-
-    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
-    logits = construct_train.large_logits(images, begin, basic, last, args)
-    step, reset = construct_train.make_step(params, construct_train.cross_entropy(logits, labels, args), args)
+    step, reset = construct_train.make_step(*construct_train.large_phase(images, labels, begin, basic, last, args),
+                                            args)
     reset()
     idx = torch.randint(0, 1024, (k, 128), device=device)
     flip = torch.rand(k, 128, device=device) < 0.5

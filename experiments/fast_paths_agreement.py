@@ -34,9 +34,8 @@ def large_steps(flags, images, labels, steps=4):
     begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
     perm, flip = construct_train.draw_epoch([construct_train.data_generator(s) for s in (5, 6)], len(images),
                                             images.device)
-    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
-    logits = construct_train.large_logits(images, begin, basic, last, args)
-    step, reset = construct_train.make_step(params, construct_train.cross_entropy(logits, labels, args), args)
+    step, reset = construct_train.make_step(*construct_train.large_phase(images, labels, begin, basic, last, args),
+                                            args)
     reset()
     for b0 in range(0, steps * 64, 64):
         step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])
