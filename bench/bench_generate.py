@@ -9,7 +9,8 @@
     speed options (e.g. 512:no_cache+cuda_graphs: K = 512, no Begin cache, compiled step with CUDA graphs).
 Each path trains both phases for --epochs epochs on --num_images images, then the time of the full
 recipe (10 + 10 epochs on 60,000 images) is projected linearly from the measured training time
-plus the evaluations that recipe makes. Also: bytes and files per 1,000 pairs on disk.
+plus the evaluations that recipe makes; the frozen-Begin cache, built once per small-block phase
+whatever the epochs, is timed apart and scaled by the images only. Also: bytes and files per 1,000 pairs on disk.
 
     python bench/bench_generate.py            # 1 + 1 epochs on all images
     python bench/bench_generate.py --quick    # 12,800 images
@@ -114,7 +115,8 @@ def parse_row(spec):
 
 @contextlib.contextmanager
 def timing(module, name, device):
-    """Within the block, module.name is timed call by call (device synchronised): yields the list of seconds."""
+    """Within the block, module.name (a module's function or a class's method) is timed call by call (device
+    synchronised): yields the list of seconds."""
     fn, seconds = getattr(module, name), []
 
     def timed_fn(*a, **kw):
@@ -132,9 +134,10 @@ def timing(module, name, device):
 
 
 def ours(args, mnist, device, k, flags=()):
-    """Seconds per network of our make_pairs (training + its 3 evaluations) for K networks at once, the seconds
-    of its warm-up run (cuDNN autotuning, and compiling with --compile), whether the Begin cache was used, and
-    the networks' accuracies with the small-block phase's share of the training time."""
+    """Seconds per network of our make_pairs for K networks at once: training (its Begin cache included), the
+    Begin cache's build and the 3 evaluations; the seconds of its warm-up run (cuDNN autotuning, and compiling
+    with --compile), whether the Begin cache was used, and the networks' accuracies with the small-block
+    phase's share of the training time."""
     assert len(mnist[0]) == args.num_images, 'the projection scales from --num_images'
     gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
                                                   str(args.num_images), '--device', str(device), *flags])
@@ -154,7 +157,8 @@ def ours(args, mnist, device, k, flags=()):
     t1 = time.perf_counter()
     # the recipe's 3 test evaluations are timed apart, and the small-block phase (2 of them inside it)
     with timing(net, 'stacked_accuracy', device) as evaluations, \
-            timing(construct_train, 'small_phase', device) as small:
+            timing(construct_train, 'small_phase', device) as small, \
+            timing(construct_train.Workspace, 'begin_cache', device) as cache_builds:
         shard = construct_train.make_pairs(range(k, 2 * k), gen_args, mnist, device, cache, workspaces)
     sync(device)
     total = time.perf_counter() - t1
@@ -162,7 +166,8 @@ def ours(args, mnist, device, k, flags=()):
     small_share = (sum(small) - sum(evaluations[1:])) / (total - t_eval)  # its Begin cache included
     accuracy = {f'{key}_{stat}': float(getattr(shard[key], stat)()) if k > 1 or stat == 'mean' else float('nan')
                 for key in ('acc_large', 'acc_small') for stat in ('mean', 'std')}  # this row's networks
-    return (total - t_eval) / k, t_eval / k, t1 - t0, cache, {**accuracy, 'small_phase_share': small_share}
+    return (total - t_eval) / k, sum(cache_builds) / k, t_eval / k, t1 - t0, cache, \
+        {**accuracy, 'small_phase_share': small_share}
 
 
 def storage_per_1000(tmp):
@@ -206,7 +211,8 @@ def main():
     ks = args.k or ([64, 128, 256] if device.type == 'cuda' else [4])
     mnist = construct_train.load_mnist_to(device, construct_train.get_args(
         'train', ['--num_train_images', str(args.num_images)]))  # make_pairs trains on all it is given
-    scale = (RECIPE_EPOCHS / args.epochs) * (RECIPE_IMAGES / args.num_images)
+    image_scale = RECIPE_IMAGES / args.num_images
+    scale = (RECIPE_EPOCHS / args.epochs) * image_scale
     rows = {}
     if not args.skip_original:
         cpu_mnist = tuple(t.cpu() for t in mnist)
@@ -217,7 +223,7 @@ def main():
     paths += [parse_row(spec) for spec in args.rows]
     for label, k, flags in paths:
         try:
-            t_train, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags)
+            t_train, t_cache, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags)
         except Exception as e:  # a row that cannot run here (out of memory, no triton, ...) is reported, not fatal
             print(f'{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
             if device.type == 'cuda':
@@ -225,11 +231,13 @@ def main():
             continue
         finally:
             net.set_kernels()
-        rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'eval_s': t_eval,
-                       'warmup_s': t_warm, 'pair_s': t_train * scale + t_eval, **accuracy}
+        rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'cache_build_s': t_cache,
+                       'eval_s': t_eval, 'warmup_s': t_warm,
+                       'pair_s': (t_train - t_cache) * scale + t_cache * image_scale + t_eval, **accuracy}
         write_json(args.out, {'args': vars(args), 'rows': rows, 'complete': False})  # a run cut short keeps its rows
         print(f"{label}: {t_train:.3f} s training per network measured (warm-up run {t_warm:.1f} s, Begin cache "
-              f"{'on' if cache else 'off'}, small-block phase {accuracy['small_phase_share']:.0%} of it), "
+              f"{f'on, built in {t_cache:.3f} s' if cache else 'off'}, small-block phase "
+              f"{accuracy['small_phase_share']:.0%} of it), "
               f"{3600 / rows[label]['pair_s']:.1f} pairs/hour projected; test accuracy "
               f"large {accuracy['acc_large_mean']:.2f} ± {accuracy['acc_large_std']:.2f}%, small "
               f"{accuracy['acc_small_mean']:.2f} ± {accuracy['acc_small_std']:.2f}%", flush=True)
