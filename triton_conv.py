@@ -184,6 +184,20 @@ def grouped_conv3x3(x, w, groups):
 # The first sum is over the maxima only; the last two do not depend on the gradient, so kernel 1 makes them.
 
 
+@triton.jit
+def _begin_program(x_ptr, sn, sk, K):
+    """This program's index n*K + k (image n of network k), k, and the start of its input plane."""
+    pid = tl.program_id(0)
+    n, k = pid // K, pid % K
+    return pid, k, x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+
+
+@triton.jit
+def _pooled_pixels(H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+    """The BLOCK pooled-pixel indices p of a (H/2, W/2) output, their rows, columns and which lie inside."""
+    p = tl.arange(0, BLOCK)
+    return p, p // (W // 2), p % (W // 2), p < (H // 2) * (W // 2)
+
 
 @triton.jit
 def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K, C: tl.constexpr,
@@ -192,9 +206,7 @@ def _begin_stats_kernel(x_ptr, sn, sk, sh, sw, w_ptr, mom_ptr, zx_ptr, xs_ptr, K
     """Per image n of network k (program n*K + k) and channel c: the mean of z = conv(x) over the plane and the
     sum of (z - mean)^2 -> mom[n, k, 0:2, c]; sum (z - mean) x_t -> zx[n, k, c, t]; sum x_t -> xs[n, k, t].
     The plane in chunks of CHUNK pixels, twice (the mean first): fewer registers, so more programs at once."""
-    pid = tl.program_id(0)
-    n, k = pid // K, pid % K
-    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
+    pid, k, plane = _begin_program(x_ptr, sn, sk, K)
     c = tl.arange(0, CPAD)
     taps = tl.arange(0, 16)
     w = w_ptr + k * C * 9
@@ -228,11 +240,8 @@ def _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C: tl.c
     """Every pooling window of relu(scale * conv(x) + shift) over image n of network k (program n*K + k): its
     maximum, the convolution there and the maximum's position s (row-major in the window; as max_pool2d, the
     first maximum wins and padding never does), each (CPAD, BLOCK) over the pooled pixels."""
-    pid = tl.program_id(0)
-    n, k = pid // K, pid % K
-    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    p = tl.arange(0, BLOCK)
-    pi, pj, pin = p // (W // 2), p % (W // 2), p < (H // 2) * (W // 2)
+    _, k, plane = _begin_program(x_ptr, sn, sk, K)
+    p, pi, pj, pin = _pooled_pixels(H, W, BLOCK)
     c = tl.arange(0, CPAD)
     a = tl.load(scale_ptr + k * C + c, mask=c < C, other=0.0)
     b = tl.load(shift_ptr + k * C + c, mask=c < C, other=0.0)
@@ -254,9 +263,10 @@ def _begin_pool_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, y_ptr
                        H: tl.constexpr, W: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
     """y[n, k*C + c] = max_pool(relu(scale * conv(x) + shift), 3, 2, 1) of image n of network k."""
     best, _, _ = _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C, H, W, CPAD, BLOCK)
-    p, c = tl.arange(0, BLOCK), tl.arange(0, CPAD)
+    p, _, _, pin = _pooled_pixels(H, W, BLOCK)
+    c = tl.arange(0, CPAD)
     out = y_ptr + (tl.program_id(0).to(tl.int64) * C + c[:, None]) * ((H // 2) * (W // 2)) + p[None, :]
-    tl.store(out, best, mask=(c[:, None] < C) & (p < (H // 2) * (W // 2))[None, :])
+    tl.store(out, best, mask=(c[:, None] < C) & pin[None, :])
 
 
 @triton.jit
@@ -267,11 +277,8 @@ def _begin_grad_kernel(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, mean_
     by its ReLU: sum g -> sums[n, k, 0, c], sum g xhat -> sums[n, k, 1, c], sum g x_t -> gx[n, k, c, t]."""
     best, best_z, best_s = _begin_maxima(x_ptr, sn, sk, sh, sw, w_ptr, scale_ptr, shift_ptr, K, C, H, W, CPAD,
                                          BLOCK)
-    pid = tl.program_id(0)
-    n, k = pid // K, pid % K
-    plane = x_ptr + n.to(tl.int64) * sn + k.to(tl.int64) * sk
-    p = tl.arange(0, BLOCK)
-    pi, pj, pin = p // (W // 2), p % (W // 2), p < (H // 2) * (W // 2)
+    pid, k, plane = _begin_program(x_ptr, sn, sk, K)
+    p, pi, pj, pin = _pooled_pixels(H, W, BLOCK)
     c = tl.arange(0, CPAD)
     mask = (c[:, None] < C) & pin[None, :]
     g = tl.load(dy_ptr + (pid.to(tl.int64) * C + c[:, None]) * ((H // 2) * (W // 2)) + p[None, :], mask=mask, other=0.0)
