@@ -74,6 +74,11 @@ def get_args(kind='train', argv=None):
                    help='the Begin block (convolution, BatchNorm, ReLU, max-pool; forward and backward) by '
                         'triton_conv.py\'s kernels, which recompute its 28x28 activations instead of storing them '
                         '(GPU, float32; on a CPU only under TRITON_INTERPRET=1, for tests)')
+    p.add_argument('--fused_basic', action='store_true',
+                   help='the first phase\'s Basic block (both convolutions, training BatchNorms, ReLUs, residual) and '
+                        'Last\'s 1x1 convolution, forward and backward, in five triton_conv.py kernels that keep '
+                        'only the convolutions\' outputs (GPU, float32; on a CPU only under TRITON_INTERPRET=1, for '
+                        'tests)')
     p.add_argument('--fused_small', action='store_true',
                    help='the small-block phase\'s step (SimpleBlock_NoBn, the frozen Last, the loss and the gradient '
                         'of the small block) in one triton_conv.py kernel, reading the Begin cache in place (GPU, '
@@ -282,7 +287,12 @@ def large_phase(images, labels, begin, basic, last, args):
     trained, their training forward on `images`."""
     def logits(idx, flip):
         h = net.begin_forward(channels_last(augment(images, idx, flip), args), begin, training=True)
+        if args.fused_basic:
+            return net.last_head(triton_conv.basic_block_train(h, basic, last), last, training=True)
         return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+
+    if args.fused_basic:
+        import triton_conv  # not a dependency: use_kernels has checked that it imports
     return trainable(begin) + trainable(basic) + trainable(last), cross_entropy(logits, labels, args)
 
 
@@ -482,12 +492,12 @@ def check_writable(root):
 def triton_flags(args):
     """The flags that ask for triton_conv.py's kernels, as text ('' when none does)."""
     return ' and '.join(['--conv triton'] * (args.conv == 'triton') + ['--fused_begin'] * args.fused_begin
-                        + ['--fused_small'] * args.fused_small)
+                        + ['--fused_basic'] * args.fused_basic + ['--fused_small'] * args.fused_small)
 
 
 def use_kernels(args, device):
     """Route the stacked 3x3 convolutions and the Begin block to the kernels --conv and --fused_begin choose (and
-    check that --fused_small's kernel can run)."""
+    check that --fused_basic's and --fused_small's kernels can run)."""
     flags = triton_flags(args)
     if not flags:
         return net.set_kernels()
@@ -536,7 +546,8 @@ def generate(args):
                  f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
                  f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}'
                  f'{", Triton convolutions" if args.conv == "triton" else ""}'
-                 f'{", fused Begin" if args.fused_begin else ""}{", fused small step" if args.fused_small else ""}, '
+                 f'{", fused Begin" if args.fused_begin else ""}{", fused Basic" if args.fused_basic else ""}'
+                 f'{", fused small step" if args.fused_small else ""}, '
                  f'recipe {recipe_of(args)}')
     mnist = load_mnist_to(device, args)
     made, workspaces, t0 = [], {}, time.time()

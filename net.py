@@ -246,8 +246,13 @@ def simple_forward(x, s, training=False):
 
 def last_forward(x, s, training=False):
     """Stacked LastBlock on (B, K*6, 14, 14) -> logits (K, B, 10)."""
-    k = s['downsample.weight'].shape[0]
-    x = F.relu(_bn(_conv(x, s['downsample.weight'], k, stride=2), s, 'bn.', training))
+    return last_head(_conv(x, s['downsample.weight'], s['downsample.weight'].shape[0], stride=2), s, training)
+
+
+def last_head(x, s, training=False):
+    """The stacked LastBlock after its 1x1 convolution: BatchNorm, ReLU, fc on (B, K*12, 7, 7) -> logits (K, B, 10)."""
+    k = s['fc.weight'].shape[0]
+    x = F.relu(_bn(x, s, 'bn.', training))
     x = x.reshape(x.shape[0], k, -1).transpose(0, 1)  # (K, B, 588)
     return torch.baddbmm(s['fc.bias'].unsqueeze(1), x, s['fc.weight'].transpose(1, 2))
 

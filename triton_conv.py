@@ -1,6 +1,8 @@
 """Triton kernels of generation (construct_train.py): the grouped 3x3 convolutions of K stacked networks
-(stride 1, padding 1, no bias; --conv triton), and the whole Begin block, convolution + BatchNorm + ReLU +
-max-pool, forward and backward, without its 28x28 activations in memory (--fused_begin).
+(stride 1, padding 1, no bias; --conv triton); the whole Begin block, convolution + BatchNorm + ReLU +
+max-pool, forward and backward, without its 28x28 activations in memory (--fused_begin); the first phase's
+Basic block with training BatchNorms and Last's convolution, forward and backward (--fused_basic); and the
+second phase's whole step (--fused_small).
 
 Generation trains K tiny networks side by side, so every convolution is a grouped one with 1, 3 or 6
 channels per group, far from the shapes cuDNN's kernels are tuned for (how far: bench/profile_step.py on a
@@ -29,11 +31,26 @@ OUT_PAD = 16  # tl.dot's smallest size: output channels are padded to it in the 
 
 
 @triton.jit
+def _shift(row, col, t, H, W, valid):
+    """Pixels (row, col) shifted by tap t of a 3x3 kernel, and where they are valid and inside the (H, W) plane."""
+    r, q = row + (t // 3 - 1), col + (t % 3 - 1)
+    return r, q, valid & (r >= 0) & (r < H) & (q >= 0) & (q < W)
+
+
+@triton.jit
 def _tap(plane, sh, sw, row, col, t, H, W, valid):
     """The (H, W) plane (strides sh, sw) at pixels (row, col) shifted by tap t of a 3x3 kernel, 0 outside the
     plane (padding 1) and where not valid."""
-    r, q = row + (t // 3 - 1), col + (t % 3 - 1)
-    return tl.load(plane + r * sh + q * sw, mask=valid & (r >= 0) & (r < H) & (q >= 0) & (q < W), other=0.0)
+    r, q, inside = _shift(row, col, t, H, W, valid)
+    return tl.load(plane + r * sh + q * sw, mask=inside, other=0.0)
+
+
+@triton.jit
+def _bn_relu_tap(plane, row, col, t, H, W, valid, a, b):
+    """relu(a * plane + b) of a contiguous (H, W) plane, shifted as _tap; 0 outside the plane (the convolution
+    that reads it pads with zeros, after the ReLU)."""
+    r, q, inside = _shift(row, col, t, H, W, valid)
+    return tl.where(inside, tl.maximum(a * tl.load(plane + r * W + q, mask=inside, other=0.0) + b, 0.0), 0.0)
 
 
 @triton.jit
@@ -45,6 +62,21 @@ def _conv3x3(x, sc, sh, sw, w, o, row, col, valid, CIN: tl.constexpr, COUT: tl.c
     for i in tl.static_range(CIN):
         for t in tl.static_range(9):
             xv = _tap(x + i * sc, sh, sw, row, col, t, H, W, valid)
+            wv = tl.load(w + (o * CIN + i) * 9 + t, mask=o < COUT, other=0.0)
+            acc += wv[:, None] * xv[None, :]
+    return acc
+
+
+@triton.jit
+def _conv3x3_bn_relu(x, w, a, b, o, row, col, valid, CIN: tl.constexpr, COUT: tl.constexpr, H, W,
+                     OPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """_conv3x3 of relu(a[i] * x[i] + b[i]) (a BatchNorm's affine map and ReLU, applied as the planes are read):
+    x: CIN contiguous (H, W) planes one after another; a, b: CIN scalars each."""
+    acc = tl.zeros((OPAD, BLOCK), dtype=tl.float32)
+    for i in tl.static_range(CIN):
+        ai, bi = tl.load(a + i), tl.load(b + i)
+        for t in tl.static_range(9):
+            xv = _bn_relu_tap(x + i * H * W, row, col, t, H, W, valid, ai, bi)
             wv = tl.load(w + (o * CIN + i) * 9 + t, mask=o < COUT, other=0.0)
             acc += wv[:, None] * xv[None, :]
     return acc
@@ -154,6 +186,22 @@ def float32_only(what, flag, *tensors):
     if any(t.dtype != torch.float32 for t in tensors):
         raise TypeError(f'{what}: float32 only (got {", ".join(str(t.dtype) for t in tensors)}); {flag} does not '
                         f'combine with --amp bf16')
+
+
+def batch_stats(mom, pixels, gamma, beta, running_mean, running_var):
+    """A training BatchNorm's batch statistics from each image's per-channel mean and squared deviations
+    (mom: (N, K, 2, C), over `pixels` pixels an image), combined (Chan et al.) in float64: no cancellation; the
+    running statistics updated in place as F.batch_norm does. (mean, rstd, scale, shift), each (K, C) float64."""
+    image_mean, image_m2 = mom.double().unbind(2)
+    mean = image_mean.mean(0)
+    m2 = image_m2.sum(0) + pixels * (image_mean - mean).square().sum(0)
+    count = mom.shape[0] * pixels
+    rstd = (m2 / count + BN_EPS).rsqrt()
+    scale = gamma.double() * rstd
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), net.BN_MOMENTUM)
+        running_var.lerp_((m2 / max(count - 1, 1)).to(running_var.dtype), net.BN_MOMENTUM)
+    return mean, rstd, scale, beta.double() - mean * scale
 
 
 def eval_bn_affine(s):
@@ -321,23 +369,14 @@ class BeginBlockTrain(torch.autograd.Function):
         zx = torch.empty(n, k, c, TAPS, device=x.device)
         xs = torch.empty(n, k, TAPS, device=x.device)
         _begin_launch(_begin_stats_kernel, x, c, _block(h, wd), w, mom, zx, xs, CHUNK=min(_block(h, wd), 256))
-        # the images' means and squared deviations combined (Chan et al.), in float64: no cancellation
-        image_mean, image_m2 = mom.double().unbind(2)  # (N, K, C)
-        mean = image_mean.mean(0)
-        m2 = image_m2.sum(0) + pixels * (image_mean - mean).square().sum(0)
-        count = n * pixels
-        rstd = (m2 / count + BN_EPS).rsqrt()
-        scale = gamma.double() * rstd
-        shift = beta.double() - mean * scale
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), net.BN_MOMENTUM)
-            running_var.lerp_((m2 / max(count - 1, 1)).to(running_var.dtype), net.BN_MOMENTUM)
+        mean, rstd, scale, shift = batch_stats(mom, pixels, gamma, beta, running_mean, running_var)
+        image_mean = mom[:, :, 0].double()
         scale32, shift32, mean32, rstd32 = (t.float().contiguous() for t in (scale, shift, mean, rstd))
         y = _begin_pool(x, w, scale32, shift32)
         sum_x = xs.double().sum(0)  # (K, 9)
         sum_dev_x = (zx.double() + (image_mean - mean)[..., None] * xs.double()[:, :, None, :]).sum(0)  # (K, C, 9)
         ctx.save_for_backward(x, w, scale32, shift32, mean32, rstd32, scale, rstd, sum_x, sum_dev_x)
-        ctx.count = count
+        ctx.count = n * pixels
         return y
 
     @staticmethod
@@ -378,6 +417,276 @@ def begin_block(x, s, training=False):
     else:
         y = _begin_pool(x, w, *eval_bn_affine(s))
     return y.contiguous(memory_format=torch.channels_last) if nhwc else y
+
+
+# ----------------------------------------------------------------------------------------
+# The fused Basic block of the first phase: BasicBlock in training mode (batch statistics in both BatchNorms)
+# and Last's 1x1 stride-2 convolution after it, forward and backward, one image of one network per program.
+# The batch statistics couple the images, so every BatchNorm ends a kernel:
+#   forward   1. conv1 and each image's moments; 1 again: BatchNorm 1 and the ReLU applied as conv2 reads its
+#                input, conv2 and its moments; 2. the block's output, relu(bn2(conv2) + input), at the 7x7 pixels
+#                Last's stride-2 convolution reads, and that convolution;
+#   backward  3. back through Last's convolution and the block's ReLU at those pixels (g, the gradient at
+#                BatchNorm 2's output and at the residual, is 0 elsewhere), and the sums BatchNorm 2's backward
+#                needs; 4. through BatchNorm 2, conv2 (its weight gradient), conv2 transposed and the ReLU, and
+#                the sums of BatchNorm 1's; 5. through BatchNorm 1 and conv1 (its weight gradient) to the block's
+#                input, plus the residual's g.
+# A training BatchNorm's input gradient, with M the pixels of the batch, xhat = (z - mean) rstd and g the gradient
+# at its output: scale (g - sum(g)/M - xhat sum(g xhat)/M) = a g + b (z - mean) + c, a = scale,
+# b = -scale rstd sum(g xhat)/M, c = -scale sum(g)/M (bn_input_grad_coef). Each image's weight gradients are
+# summed over the batch in torch. Kept between kernels: both convolutions' outputs, the gradients at conv1's and
+# conv2's outputs (N*K*6*14*14 floats each) and g at the 7x7 pixels.
+
+
+@triton.jit
+def _stride2_pixels(S: tl.constexpr):
+    """The (S/2)^2 pixels (2i, 2j) a stride-2 1x1 convolution reads: their index s, offset in the (S, S) plane
+    and which are real (s is padded to 64)."""
+    s = tl.arange(0, 64)
+    half = S // 2
+    return s, (s // half) * 2 * S + (s % half) * 2, s < half * half
+
+
+@triton.jit
+def _at_stride2(g, c, row, col, mask, S: tl.constexpr):
+    """A (C, S/2, S/2) tensor g at the (S, S) pixels (row, col): g[c, row/2, col/2] at even ones, else 0."""
+    even = mask & ((row % 2 == 0) & (col % 2 == 0))[None, :]
+    return tl.load(g + c[:, None] * (S // 2) * (S // 2) + ((row // 2) * (S // 2) + col // 2)[None, :], mask=even,
+                   other=0.0)
+
+
+@triton.jit
+def _block_output(h, z, a, b, pix, valid):
+    """One channel of the Basic block's output, relu(a z + b + h) (BatchNorm 2's affine map a, b on conv2's
+    output z, the residual h), at pixels pix; 0 where not valid."""
+    u = a * tl.load(z + pix, mask=valid, other=0.0) + b + tl.load(h + pix, mask=valid, other=0.0)
+    return tl.where(valid, tl.maximum(u, 0.0), 0.0)
+
+
+@triton.jit
+def _bn_input_grad(coef, c, g, z, mask, C: tl.constexpr):
+    """A training BatchNorm's input gradient a g + b (z - mean) + c, coef = (a, b, c, mean) each (C,); 0 outside
+    mask."""
+    a = tl.load(coef + c, mask=c < C, other=0.0)
+    b = tl.load(coef + C + c, mask=c < C, other=0.0)
+    cc = tl.load(coef + 2 * C + c, mask=c < C, other=0.0)
+    mean = tl.load(coef + 3 * C + c, mask=c < C, other=0.0)
+    return tl.where(mask, a[:, None] * g + b[:, None] * (z - mean[:, None]) + cc[:, None], 0.0)
+
+
+@triton.jit
+def _basic_conv_kernel(x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, mom_ptr, K, NORM: tl.constexpr, C: tl.constexpr,
+                       S: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """z = conv(x) of image n of network k (program n*K + k; x, z: (N*K, C, S, S), w: (K, C, C, 3, 3)), or with
+    NORM conv(relu(a x + b)) (a, b: (K, C), the previous BatchNorm's affine map); each channel's mean over the plane
+    and sum of squared deviations -> mom[n*K + k, 0:2]."""
+    pid = tl.program_id(0)
+    k = pid % K
+    p = tl.arange(0, BLOCK)
+    row, col, inside = p // S, p % S, p < S * S
+    c = tl.arange(0, CPAD)
+    x = x_ptr + pid.to(tl.int64) * C * S * S
+    w = w_ptr + k * C * C * 9
+    if NORM:
+        z = _conv3x3_bn_relu(x, w, a_ptr + k * C, b_ptr + k * C, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+    else:
+        z = _conv3x3(x, S * S, S, 1, w, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+    mask = (c[:, None] < C) & inside[None, :]
+    tl.store(z_ptr + pid.to(tl.int64) * C * S * S + c[:, None] * S * S + p[None, :], z, mask=mask)
+    mean = tl.sum(z, axis=1) / (S * S)  # z is 0 outside the plane
+    dev = tl.where(mask, z - mean[:, None], 0.0)
+    tl.store(mom_ptr + pid * 2 * C + c, mean, mask=c < C)
+    tl.store(mom_ptr + pid * 2 * C + C + c, tl.sum(dev * dev, axis=1), mask=c < C)
+
+
+@triton.jit
+def _basic_out_kernel(h_ptr, z_ptr, a_ptr, b_ptr, wd_ptr, d_ptr, K, C: tl.constexpr, OUT: tl.constexpr,
+                      S: tl.constexpr):
+    """d[n*K + k] (OUT, S/2, S/2) = Last's 1x1 stride-2 convolution wd (K, OUT, C) of the block's output for image
+    n of network k, relu(a z + b + h) (z: conv2's output, a, b: BatchNorm 2's affine map), at the pixels it reads."""
+    pid = tl.program_id(0)
+    k = pid % K
+    s, pix, sin = _stride2_pixels(S)
+    m = tl.arange(0, 16)
+    h, z = h_ptr + pid.to(tl.int64) * C * S * S, z_ptr + pid.to(tl.int64) * C * S * S
+    d = tl.zeros((16, 64), dtype=tl.float32)
+    for o in tl.static_range(C):
+        u = _block_output(h + o * S * S, z + o * S * S, tl.load(a_ptr + k * C + o), tl.load(b_ptr + k * C + o), pix,
+                          sin)
+        d += tl.load(wd_ptr + (k * OUT + m) * C + o, mask=m < OUT, other=0.0)[:, None] * u[None, :]
+    out = d_ptr + (pid.to(tl.int64) * OUT + m[:, None]) * (S // 2) * (S // 2) + s[None, :]
+    tl.store(out, d, mask=(m[:, None] < OUT) & sin[None, :])
+
+
+@triton.jit
+def _basic_out_grad_kernel(h_ptr, z_ptr, a_ptr, b_ptr, stats_ptr, wd_ptr, dd_ptr, g_ptr, sums_ptr, gwd_ptr, K,
+                           C: tl.constexpr, OUT: tl.constexpr, S: tl.constexpr):
+    """Back from dd, the gradient of _basic_out_kernel's d, for image n of network k: g, the gradient at BatchNorm
+    2's output and at the residual, at the pixels Last reads (through its convolution and the block's ReLU) ->
+    g[n*K + k] (C, S/2, S/2); sum g and sum g xhat per channel (stats: (K, 2, C), BatchNorm 2's mean and rstd)
+    -> sums[n*K + k, 0:2]; Last's convolution's weight gradient -> gwd[n*K + k] (OUT, C)."""
+    pid = tl.program_id(0)
+    k = pid % K
+    s, pix, sin = _stride2_pixels(S)
+    m = tl.arange(0, 16)
+    h, z = h_ptr + pid.to(tl.int64) * C * S * S, z_ptr + pid.to(tl.int64) * C * S * S
+    msin = (m[:, None] < OUT) & sin[None, :]
+    dd = tl.load(dd_ptr + (pid.to(tl.int64) * OUT + m[:, None]) * (S // 2) * (S // 2) + s[None, :], mask=msin,
+                 other=0.0)
+    for o in tl.static_range(C):
+        u = _block_output(h + o * S * S, z + o * S * S, tl.load(a_ptr + k * C + o), tl.load(b_ptr + k * C + o), pix,
+                          sin)
+        tl.store(gwd_ptr + (pid * OUT + m) * C + o, tl.sum(dd * u[None, :], axis=1), mask=m < OUT)
+        wd = tl.load(wd_ptr + (k * OUT + m) * C + o, mask=m < OUT, other=0.0)
+        g = tl.where(u > 0, tl.sum(wd[:, None] * dd, axis=0), 0.0)
+        tl.store(g_ptr + (pid * C + o) * (S // 2) * (S // 2) + s, g, mask=sin)
+        xhat = (tl.load(z + o * S * S + pix, mask=sin, other=0.0) - tl.load(stats_ptr + k * 2 * C + o)) \
+            * tl.load(stats_ptr + k * 2 * C + C + o)
+        tl.store(sums_ptr + pid * 2 * C + o, tl.sum(g, axis=0))
+        tl.store(sums_ptr + pid * 2 * C + C + o, tl.sum(g * xhat, axis=0))
+
+
+@triton.jit
+def _basic_mid_grad_kernel(z1_ptr, a_ptr, b_ptr, stats_ptr, z2_ptr, g_ptr, coef_ptr, w2t_ptr, dz_ptr, gw_ptr,
+                           da_ptr, sums_ptr, K, C: tl.constexpr, S: tl.constexpr, CPAD: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Back through BatchNorm 2 and conv2 for image n of network k: dz2, BatchNorm 2's input gradient (coef: (K, 4,
+    C), bn_input_grad_coef's) -> dz[n*K + k]; conv2's weight gradient, dz2 against the hidden activation relu(a z1
+    + b) shifted by each tap -> gw[n*K + k] (C, C, 9); da1, the gradient at conv1's output (conv2 transposed, w2t,
+    then the ReLU) -> da[n*K + k], and its sums for BatchNorm 1 (stats: its mean and rstd) -> sums[n*K + k, 0:2]."""
+    pid = tl.program_id(0)
+    k = pid % K
+    p = tl.arange(0, BLOCK)
+    row, col, inside = p // S, p % S, p < S * S
+    c = tl.arange(0, CPAD)
+    mask = (c[:, None] < C) & inside[None, :]
+    base = pid.to(tl.int64) * C * S * S
+    plane = c[:, None] * S * S + p[None, :]
+    g = _at_stride2(g_ptr + pid.to(tl.int64) * C * (S // 2) * (S // 2), c, row, col, mask, S)
+    dz = _bn_input_grad(coef_ptr + k * 4 * C, c, g, tl.load(z2_ptr + base + plane, mask=mask, other=0.0), mask, C)
+    tl.store(dz_ptr + base + plane, dz, mask=mask)
+    for i in tl.static_range(C):
+        ai, bi = tl.load(a_ptr + k * C + i), tl.load(b_ptr + k * C + i)
+        for t in tl.static_range(9):
+            hidden = _bn_relu_tap(z1_ptr + base + i * S * S, row, col, t, S, S, inside, ai, bi)
+            tl.store(gw_ptr + ((pid * C + c) * C + i) * 9 + t, tl.sum(dz * hidden[None, :], axis=1), mask=c < C)
+    tl.debug_barrier()  # dz stored by every thread of the program before the convolution reads it shifted
+    dr = _conv3x3(dz_ptr + base, S * S, S, 1, w2t_ptr + k * C * C * 9, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+    z1 = tl.load(z1_ptr + base + plane, mask=mask, other=0.0)
+    a = tl.load(a_ptr + k * C + c, mask=c < C, other=0.0)
+    b = tl.load(b_ptr + k * C + c, mask=c < C, other=0.0)
+    da = tl.where(mask & (a[:, None] * z1 + b[:, None] > 0), dr, 0.0)
+    tl.store(da_ptr + base + plane, da, mask=mask)
+    mean = tl.load(stats_ptr + k * 2 * C + c, mask=c < C, other=0.0)
+    rstd = tl.load(stats_ptr + k * 2 * C + C + c, mask=c < C, other=0.0)
+    tl.store(sums_ptr + pid * 2 * C + c, tl.sum(da, axis=1), mask=c < C)
+    tl.store(sums_ptr + pid * 2 * C + C + c, tl.sum(da * (z1 - mean[:, None]) * rstd[:, None], axis=1), mask=c < C)
+
+
+@triton.jit
+def _basic_in_grad_kernel(h_ptr, z1_ptr, da_ptr, coef_ptr, w1t_ptr, g_ptr, dz_ptr, gw_ptr, dh_ptr, K,
+                          C: tl.constexpr, S: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Back through BatchNorm 1 and conv1 for image n of network k: dz1, BatchNorm 1's input gradient -> dz[n*K +
+    k]; conv1's weight gradient, dz1 against the block's input h shifted by each tap -> gw[n*K + k] (C, C, 9); the
+    gradient at h, conv1 transposed (w1t) of dz1 plus the residual's g -> dh[n*K + k]."""
+    pid = tl.program_id(0)
+    k = pid % K
+    p = tl.arange(0, BLOCK)
+    row, col, inside = p // S, p % S, p < S * S
+    c = tl.arange(0, CPAD)
+    mask = (c[:, None] < C) & inside[None, :]
+    base = pid.to(tl.int64) * C * S * S
+    plane = c[:, None] * S * S + p[None, :]
+    da = tl.load(da_ptr + base + plane, mask=mask, other=0.0)
+    dz = _bn_input_grad(coef_ptr + k * 4 * C, c, da, tl.load(z1_ptr + base + plane, mask=mask, other=0.0), mask, C)
+    tl.store(dz_ptr + base + plane, dz, mask=mask)
+    for i in tl.static_range(C):
+        for t in tl.static_range(9):
+            hv = _tap(h_ptr + base + i * S * S, S, 1, row, col, t, S, S, inside)
+            tl.store(gw_ptr + ((pid * C + c) * C + i) * 9 + t, tl.sum(dz * hv[None, :], axis=1), mask=c < C)
+    tl.debug_barrier()  # as in _basic_mid_grad_kernel
+    dh = _conv3x3(dz_ptr + base, S * S, S, 1, w1t_ptr + k * C * C * 9, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+    dh += _at_stride2(g_ptr + pid.to(tl.int64) * C * (S // 2) * (S // 2), c, row, col, mask, S)
+    tl.store(dh_ptr + base + plane, dh, mask=mask)
+
+
+def bn_input_grad_coef(sums, count, mean, rstd, scale):
+    """From each image's sums (N, K, 2, C) of g and g xhat (g: the gradient at a training BatchNorm's output):
+    its weight and bias gradients (K, C), and the coefficients (a, b, c, mean) of its input gradient
+    a g + b (z - mean) + c as one float32 (K, 4, C) tensor (computed in float64)."""
+    dbeta, dgamma = sums.double().sum(0).unbind(1)
+    coef = torch.stack([scale, -scale * rstd * dgamma / count, -scale * dbeta / count, mean], 1)
+    return dgamma.float(), dbeta.float(), coef.float().contiguous()
+
+
+class BasicBlockTrain(torch.autograd.Function):
+    """The Basic block in training mode (the running statistics updated in place, as F.batch_norm does) and Last's
+    1x1 stride-2 convolution after it: gradients for the block's input and every weight."""
+
+    @staticmethod
+    def forward(ctx, h, w1, gamma1, beta1, running_mean1, running_var1, w2, gamma2, beta2, running_mean2,
+                running_var2, wd):
+        n, k, c, side = h.shape[0], w1.shape[0], w1.shape[1], h.shape[-1]
+        pixels, grid = side * side, (n * k,)
+        meta = dict(C=c, S=side, CPAD=triton.next_power_of_2(c), BLOCK=_block(side, side))
+        z1, z2 = (torch.empty(n * k, c, side, side, device=h.device) for _ in range(2))
+        mom = torch.empty(n, k, 2, c, device=h.device)
+        _basic_conv_kernel[grid](h, w1, w1, w1, z1, mom, k, NORM=False, **meta)  # (w1 as a, b: not read)
+        mean1, rstd1, scale1, shift1 = batch_stats(mom, pixels, gamma1, beta1, running_mean1, running_var1)
+        a1, b1 = scale1.float().contiguous(), shift1.float().contiguous()
+        _basic_conv_kernel[grid](z1, w2, a1, b1, z2, mom, k, NORM=True, **meta)
+        mean2, rstd2, scale2, shift2 = batch_stats(mom, pixels, gamma2, beta2, running_mean2, running_var2)
+        a2, b2 = scale2.float().contiguous(), shift2.float().contiguous()
+        out = wd.shape[1]
+        d = torch.empty(n, k * out, side // 2, side // 2, device=h.device)
+        _basic_out_kernel[grid](h, z2, a2, b2, wd, d, k, C=c, OUT=out, S=side)
+        stats1, stats2 = (torch.stack([mean, rstd], 1).float().contiguous() for mean, rstd in ((mean1, rstd1),
+                                                                                              (mean2, rstd2)))
+        ctx.save_for_backward(h, w1, w2, wd, z1, z2, a1, b1, a2, b2, stats1, stats2, mean1, rstd1, scale1, mean2,
+                              rstd2, scale2)
+        return d
+
+    @staticmethod
+    def backward(ctx, dd):
+        h, w1, w2, wd, z1, z2, a1, b1, a2, b2, stats1, stats2, mean1, rstd1, scale1, mean2, rstd2, scale2 = \
+            ctx.saved_tensors
+        n, k, c, side = h.shape[0], w1.shape[0], w1.shape[1], h.shape[-1]
+        out, count, grid = wd.shape[1], n * side * side, (n * k,)
+        meta = dict(C=c, S=side, CPAD=triton.next_power_of_2(c), BLOCK=_block(side, side))
+        g = torch.empty(n * k, c, side // 2, side // 2, device=h.device)
+        sums = torch.empty(n, k, 2, c, device=h.device)
+        gwd = torch.empty(n, k, out, c, device=h.device)
+        _basic_out_grad_kernel[grid](h, z2, a2, b2, stats2, wd, dd.contiguous(), g, sums, gwd, k, C=c, OUT=out, S=side)
+        dgamma2, dbeta2, coef2 = bn_input_grad_coef(sums, count, mean2, rstd2, scale2)
+        dz, da = torch.empty_like(z1), torch.empty_like(z1)
+        gw1, gw2 = (torch.empty(n, k, c, c, TAPS, device=h.device) for _ in range(2))
+        w1t, w2t = (transposed_flipped(w.view(k * c, c, 3, 3), k).contiguous() for w in (w1, w2))
+        _basic_mid_grad_kernel[grid](z1, a1, b1, stats1, z2, g, coef2, w2t, dz, gw2, da, sums, k, **meta)
+        dgamma1, dbeta1, coef1 = bn_input_grad_coef(sums, count, mean1, rstd1, scale1)
+        dh = torch.empty_like(h)
+        _basic_in_grad_kernel[grid](h, z1, da, coef1, w1t, g, dz, gw1, dh, k, **meta)
+        return (dh, gw1.sum(0).view_as(w1), dgamma1, dbeta1, None, None, gw2.sum(0).view_as(w2), dgamma2, dbeta2,
+                None, None, gwd.sum(0).view_as(wd))
+
+
+@torch.compiler.disable  # as begin_block
+def basic_block_train(h, basic, last):
+    """Last's 1x1 stride-2 convolution (last['downsample.weight']) of net.basic_forward(h, basic, training=True),
+    by the kernels above: h (B, K*6, 14, 14) -> (B, K*12, 7, 7), what Last's BatchNorm reads; the Basic block's
+    running statistics updated. Float32."""
+    w1, w2, wd = basic['conv1.weight'], basic['conv2.weight'], last['downsample.weight']
+    float32_only('the fused Basic block', '--fused_basic', h, w1, w2, wd)
+    side = h.shape[-1]
+    if side > 16 or side % 2:
+        raise ValueError(f'the fused Basic block is written for even planes of at most 16x16 (got {side}x{side})')
+    if wd.shape[1] > 16:
+        raise ValueError(f'the fused Basic block is written for at most 16 channels out of Last\'s convolution '
+                         f'(got {wd.shape[1]})')
+    for i in (1, 2):
+        basic[f'bn{i}.num_batches_tracked'] += 1
+    bn = [basic[f'bn{i}.{name}'] for i in (1, 2) for name in ('weight', 'bias', 'running_mean', 'running_var')]
+    return BasicBlockTrain.apply(h.contiguous(), w1.contiguous(), *bn[:4], w2.contiguous(), *bn[4:],
+                                 wd.contiguous())
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import triton_conv as tc  # noqa: E402
 
 F32, I32, F, I64 = '*fp32', 'i32', 'fp32', '*i64'
 BEGIN = dict(x_ptr=F32, sn=I32, sk=I32, sh=I32, sw=I32, w_ptr=F32)
+BASIC = dict(C=6, S=14, CPAD=8, BLOCK=256)
+BASIC_CONV = dict(x_ptr=F32, w_ptr=F32, a_ptr=F32, b_ptr=F32, z_ptr=F32, mom_ptr=F32, K=I32)
 # kernel -> (argument types, constexprs) at generation's shapes
 KERNELS = {
     'conv3x3 forward 1->6 28x28': (tc._conv3x3_kernel, dict(x_ptr=F32, w_ptr=F32, y_ptr=F32, groups=I32),
@@ -39,6 +41,22 @@ KERNELS = {
     'fused Begin: backward': (tc._begin_grad_kernel, dict(**BEGIN, scale_ptr=F32, shift_ptr=F32, mean_ptr=F32,
                                                           rstd_ptr=F32, dy_ptr=F32, sums_ptr=F32, gx_ptr=F32, K=I32),
                               dict(C=6, H=28, W=28, CPAD=8, BLOCK=256)),
+    'fused Basic: conv1': (tc._basic_conv_kernel, BASIC_CONV, dict(NORM=False, **BASIC)),
+    'fused Basic: BN1, ReLU, conv2': (tc._basic_conv_kernel, BASIC_CONV, dict(NORM=True, **BASIC)),
+    'fused Basic: output, Last conv': (tc._basic_out_kernel, dict(h_ptr=F32, z_ptr=F32, a_ptr=F32, b_ptr=F32,
+                                                                   wd_ptr=F32, d_ptr=F32, K=I32),
+                                       dict(C=6, OUT=12, S=14)),
+    'fused Basic: back to BN2': (tc._basic_out_grad_kernel, dict(h_ptr=F32, z_ptr=F32, a_ptr=F32, b_ptr=F32,
+                                                                 stats_ptr=F32, wd_ptr=F32, dd_ptr=F32, g_ptr=F32,
+                                                                 sums_ptr=F32, gwd_ptr=F32, K=I32),
+                                 dict(C=6, OUT=12, S=14)),
+    'fused Basic: back to BN1': (tc._basic_mid_grad_kernel, dict(z1_ptr=F32, a_ptr=F32, b_ptr=F32, stats_ptr=F32,
+                                                                 z2_ptr=F32, g_ptr=F32, coef_ptr=F32, w2t_ptr=F32,
+                                                                 dz_ptr=F32, gw_ptr=F32, da_ptr=F32, sums_ptr=F32,
+                                                                 K=I32), BASIC),
+    'fused Basic: back to input': (tc._basic_in_grad_kernel, dict(h_ptr=F32, z1_ptr=F32, da_ptr=F32, coef_ptr=F32,
+                                                                  w1t_ptr=F32, g_ptr=F32, dz_ptr=F32, gw_ptr=F32,
+                                                                  dh_ptr=F32, K=I32), BASIC),
     'fused small step': (tc._small_step_kernel, dict(h_ptr=F32, off_ptr=I64, label_ptr=I64, w1_ptr=F32, w2_ptr=F32,
                                                      dw_ptr=F32, scale_ptr=F32, shift_ptr=F32, fcw_ptr=F32,
                                                      fcb_ptr=F32, loss_ptr=F32, g1_ptr=F32, g2_ptr=F32, hid_ptr=F32,

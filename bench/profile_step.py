@@ -4,7 +4,8 @@ Without --k: one nn.Module network on the CPU (the original's structure). With -
 (construct_train.make_step) of K networks side by side, on --device, with any of its speed flags, e.g.
 
     python bench/profile_step.py
-    python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--fused_begin] [--compile]
+    python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--fused_begin] [--fused_basic]
+        [--compile]
 """
 import argparse
 

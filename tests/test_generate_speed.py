@@ -126,8 +126,8 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
         construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
 
 
-@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_small'],
-                                   ['--conv', 'triton', '--fused_begin', '--fused_small']])
+@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_basic'], ['--fused_small'],
+                                   ['--conv', 'triton', '--fused_begin', '--fused_basic', '--fused_small']])
 def test_triton_kernels_are_refused_where_they_cannot_run(monkeypatch, flags):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     with pytest.raises(utils.UserError, match='TRITON_INTERPRET=1'):

@@ -143,6 +143,52 @@ def jittered(block, k, gen):
     return {n: t + 0.2 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for n, t in s.items()}
 
 
+def basic_run(forward, h, basic, last, dtype, device):
+    """Output, gradients (of the input, then of the trainable tensors of basic and of Last's convolution, for a
+    fixed random output gradient) and the Basic block's state after one training forward on copies (on device),
+    all on the CPU."""
+    basic = {n: t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True) for n, t in basic.items()}
+    last = {n: t.to(device, dtype, copy=True) for n, t in last.items()}
+    h = h.to(device, dtype, copy=True).requires_grad_()
+    params = [h] + construct_train.trainable(basic) + [last['downsample.weight'].requires_grad_()]
+    d = forward(h, basic, last)
+    d.backward(torch.randn(d.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(d))
+    return d.detach().cpu(), [p.grad.cpu() for p in params], {n: t.detach().cpu() for n, t in basic.items()}
+
+
+def basic_then_downsample(h, basic, last):
+    """The reference: Last's 1x1 stride-2 convolution of net.basic_forward in training mode."""
+    k = last['downsample.weight'].shape[0]
+    y = net.basic_forward(h, basic, training=True)
+    return F.conv2d(y, last['downsample.weight'].flatten(0, 1), stride=2, groups=k)
+
+
+@pytest.mark.parametrize('n, k', [(3, 2), (5, 1)])
+def test_fused_basic_equals_autograd(triton_conv, n, k):
+    gen = torch.Generator().manual_seed(n)
+    basic, last = jittered('basic', k, gen), jittered('last', k, gen)
+    for i in (1, 2):
+        basic[f'bn{i}.running_var'] = basic[f'bn{i}.running_var'].abs() + 0.5
+    h = torch.randn(n, k * net.PLANES, 14, 14, generator=gen).relu()  # a Begin output: ReLU'd
+    d_ref, grads_ref, s_ref = basic_run(basic_then_downsample, h, basic, last, torch.float64, 'cpu')  # exact
+    d, grads, s_out = basic_run(triton_conv.basic_block_train, h, basic, last, torch.float32, DEVICE)
+    torch.testing.assert_close(d, d_ref.float(), atol=1e-5, rtol=1e-5, msg='output')
+    names = ['input'] + [n for n in basic if 'running' not in n and 'num_batches' not in n] + ['downsample.weight']
+    for name, got, ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-5, msg=f'gradient of {name}')
+    for name, ref in s_ref.items():  # running statistics and batch counts, as F.batch_norm updates them
+        torch.testing.assert_close(s_out[name], ref.to(s_out[name].dtype), atol=1e-6, rtol=1e-6, msg=name)
+    assert torch.equal(s_out['bn1.num_batches_tracked'], basic['bn1.num_batches_tracked'] + 1)
+
+
+def test_fused_basic_refuses_what_it_cannot_do(triton_conv):
+    basic, last = net.fresh_states('basic', [0]), net.fresh_states('last', [0])
+    with pytest.raises(TypeError, match='float32 only'):
+        triton_conv.basic_block_train(torch.zeros(1, 6, 14, 14, dtype=torch.bfloat16), basic, last)
+    with pytest.raises(ValueError, match='even planes of at most 16x16'):
+        triton_conv.basic_block_train(torch.zeros(1, 6, 15, 15), basic, last)
+
+
 @pytest.mark.parametrize('layout', ['batch', 'cache'])
 def test_fused_small_step_equals_autograd(triton_conv, layout):
     k, n, images = 2, 3, 5
@@ -182,9 +228,10 @@ def test_fused_small_step_equals_autograd(triton_conv, layout):
         triton_conv.small_step_loss(h, offsets, labels.T, s32, last32)
 
 
-@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_small'],
+# the last: compiled around the kernels
+@pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_basic'], ['--fused_small'],
                                    ['--fused_small', '--begin_cache', 'off'],
-                                   ['--fused_begin', '--fused_small', '--compile']])  # compiled around the kernels
+                                   ['--fused_begin', '--fused_basic', '--fused_small', '--compile']])
 def test_generation_with_triton_kernels_is_close(triton_conv, interpreted, flags):
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
