@@ -619,6 +619,11 @@ def bn_input_grad_coef(sums, count, mean, rstd, scale):
     return dgamma.float(), dbeta.float(), coef.float().contiguous()
 
 
+def _plane_meta(c, side):
+    """The constexprs of the fused Basic's whole-plane kernels, for c channels of (side, side) planes."""
+    return dict(C=c, S=side, CPAD=triton.next_power_of_2(c), BLOCK=_block(side, side))
+
+
 class BasicBlockTrain(torch.autograd.Function):
     """The Basic block in training mode (the running statistics updated in place, as F.batch_norm does) and Last's
     1x1 stride-2 convolution after it: gradients for the block's input and every weight."""
@@ -628,7 +633,7 @@ class BasicBlockTrain(torch.autograd.Function):
                 running_var2, wd):
         n, k, c, side = h.shape[0], w1.shape[0], w1.shape[1], h.shape[-1]
         pixels, grid = side * side, (n * k,)
-        meta = dict(C=c, S=side, CPAD=triton.next_power_of_2(c), BLOCK=_block(side, side))
+        meta = _plane_meta(c, side)
         z1, z2 = (torch.empty(n * k, c, side, side, device=h.device) for _ in range(2))
         mom = torch.empty(n, k, 2, c, device=h.device)
         _basic_conv_kernel[grid](h, w1, w1, w1, z1, mom, k, NORM=False, **meta)  # (w1 as a, b: not read)
@@ -640,19 +645,16 @@ class BasicBlockTrain(torch.autograd.Function):
         out = wd.shape[1]
         d = torch.empty(n, k * out, side // 2, side // 2, device=h.device)
         _basic_out_kernel[grid](h, z2, a2, b2, wd, d, k, C=c, OUT=out, S=side)
-        stats1, stats2 = (torch.stack([mean, rstd], 1).float().contiguous() for mean, rstd in ((mean1, rstd1),
-                                                                                              (mean2, rstd2)))
-        ctx.save_for_backward(h, w1, w2, wd, z1, z2, a1, b1, a2, b2, stats1, stats2, mean1, rstd1, scale1, mean2,
-                              rstd2, scale2)
+        ctx.save_for_backward(h, w1, w2, wd, z1, z2, a1, b1, a2, b2, mean1, rstd1, scale1, mean2, rstd2, scale2)
         return d
 
     @staticmethod
     def backward(ctx, dd):
-        h, w1, w2, wd, z1, z2, a1, b1, a2, b2, stats1, stats2, mean1, rstd1, scale1, mean2, rstd2, scale2 = \
-            ctx.saved_tensors
+        h, w1, w2, wd, z1, z2, a1, b1, a2, b2, mean1, rstd1, scale1, mean2, rstd2, scale2 = ctx.saved_tensors
+        stats1, stats2 = (torch.stack(s, 1).float().contiguous() for s in ((mean1, rstd1), (mean2, rstd2)))
         n, k, c, side = h.shape[0], w1.shape[0], w1.shape[1], h.shape[-1]
         out, count, grid = wd.shape[1], n * side * side, (n * k,)
-        meta = dict(C=c, S=side, CPAD=triton.next_power_of_2(c), BLOCK=_block(side, side))
+        meta = _plane_meta(c, side)
         g = torch.empty(n * k, c, side // 2, side // 2, device=h.device)
         sums = torch.empty(n, k, 2, c, device=h.device)
         gwd = torch.empty(n, k, out, c, device=h.device)
