@@ -173,7 +173,8 @@ def test_fused_basic_equals_autograd(triton_conv, n, k):
     d_ref, grads_ref, s_ref = basic_run(basic_then_downsample, h, basic, last, torch.float64, 'cpu')  # exact
     d, grads, s_out = basic_run(triton_conv.basic_block_train, h, basic, last, torch.float32, DEVICE)
     torch.testing.assert_close(d, d_ref.float(), atol=1e-5, rtol=1e-5, msg='output')
-    names = ['input'] + [n for n in basic if 'running' not in n and 'num_batches' not in n] + ['downsample.weight']
+    trained = [name for name in basic if 'running' not in name and 'num_batches' not in name]
+    names = ['input'] + trained + ['downsample.weight']
     for name, got, ref in zip(names, grads, grads_ref, strict=True):
         torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-5, msg=f'gradient of {name}')
     for name, ref in s_ref.items():  # running statistics and batch counts, as F.batch_norm updates them
