@@ -49,7 +49,8 @@ else
   # the fused kernels first (the likeliest to pay), in a process of their own (a kernel fault would end the
   # process's CUDA context), then each other option alone; each beside the plain step at K = 128, compiling last
   BENCH_FUSED="--num_images 12800 --k 128 --rows 128:fused_begin+fused_basic+fused_small 128:fused_begin+fused_small
-    512:no_cache+fused_begin+fused_basic+fused_small 128:fused_begin 128:fused_basic 128:fused_small
+    512:no_cache+fused_begin+fused_basic+fused_small 1024:no_cache+fused_begin+fused_basic+fused_small
+    128:fused_begin 128:fused_basic 128:fused_small
     128:fused_begin+fused_basic+fused_small+cuda_graphs"
   BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 512:no_cache 128:bf16 128:triton
     512:no_cache+triton 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
