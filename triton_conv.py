@@ -439,6 +439,19 @@ def begin_block(x, s, training=False):
 
 
 @triton.jit
+def _plane_program(K, C: tl.constexpr, S: tl.constexpr, CPAD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's index n*K + k (image n of network k) and k; its pixels' rows, columns and which lie inside the
+    (S, S) plane; the channels c (padded to CPAD), where (c, pixel) is real; the start of its C planes in an
+    (N*K, C, S, S) tensor and each (c, pixel)'s offset from there."""
+    pid = tl.program_id(0)
+    p = tl.arange(0, BLOCK)
+    inside = p < S * S
+    c = tl.arange(0, CPAD)
+    return (pid, pid % K, p // S, p % S, inside, c, (c[:, None] < C) & inside[None, :], pid.to(tl.int64) * C * S * S,
+            c[:, None] * S * S + p[None, :])
+
+
+@triton.jit
 def _stride2_pixels(S: tl.constexpr):
     """The (S/2)^2 pixels (2i, 2j) a stride-2 1x1 convolution reads: their index s, offset in the (S, S) plane
     and which are real (s is padded to 64)."""
@@ -480,19 +493,14 @@ def _basic_conv_kernel(x_ptr, w_ptr, a_ptr, b_ptr, z_ptr, mom_ptr, K, NORM: tl.c
     """z = conv(x) of image n of network k (program n*K + k; x, z: (N*K, C, S, S), w: (K, C, C, 3, 3)), or with
     NORM conv(relu(a x + b)) (a, b: (K, C), the previous BatchNorm's affine map); each channel's mean over the plane
     and sum of squared deviations -> mom[n*K + k, 0:2]."""
-    pid = tl.program_id(0)
-    k = pid % K
-    p = tl.arange(0, BLOCK)
-    row, col, inside = p // S, p % S, p < S * S
-    c = tl.arange(0, CPAD)
-    x = x_ptr + pid.to(tl.int64) * C * S * S
+    pid, k, row, col, inside, c, mask, base, plane = _plane_program(K, C, S, CPAD, BLOCK)
     w = w_ptr + k * C * C * 9
     if NORM:
-        z = _conv3x3_bn_relu(x, w, a_ptr + k * C, b_ptr + k * C, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+        z = _conv3x3_bn_relu(x_ptr + base, w, a_ptr + k * C, b_ptr + k * C, c, row, col, inside, C, C, S, S, CPAD,
+                             BLOCK)
     else:
-        z = _conv3x3(x, S * S, S, 1, w, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
-    mask = (c[:, None] < C) & inside[None, :]
-    tl.store(z_ptr + pid.to(tl.int64) * C * S * S + c[:, None] * S * S + p[None, :], z, mask=mask)
+        z = _conv3x3(x_ptr + base, S * S, S, 1, w, c, row, col, inside, C, C, S, S, CPAD, BLOCK)
+    tl.store(z_ptr + base + plane, z, mask=mask)
     mean = tl.sum(z, axis=1) / (S * S)  # z is 0 outside the plane
     dev = tl.where(mask, z - mean[:, None], 0.0)
     tl.store(mom_ptr + pid * 2 * C + c, mean, mask=c < C)
@@ -554,14 +562,7 @@ def _basic_mid_grad_kernel(z1_ptr, a_ptr, b_ptr, stats_ptr, z2_ptr, g_ptr, coef_
     C), bn_input_grad_coef's) -> dz[n*K + k]; conv2's weight gradient, dz2 against the hidden activation relu(a z1
     + b) shifted by each tap -> gw[n*K + k] (C, C, 9); da1, the gradient at conv1's output (conv2 transposed, w2t,
     then the ReLU) -> da[n*K + k], and its sums for BatchNorm 1 (stats: its mean and rstd) -> sums[n*K + k, 0:2]."""
-    pid = tl.program_id(0)
-    k = pid % K
-    p = tl.arange(0, BLOCK)
-    row, col, inside = p // S, p % S, p < S * S
-    c = tl.arange(0, CPAD)
-    mask = (c[:, None] < C) & inside[None, :]
-    base = pid.to(tl.int64) * C * S * S
-    plane = c[:, None] * S * S + p[None, :]
+    pid, k, row, col, inside, c, mask, base, plane = _plane_program(K, C, S, CPAD, BLOCK)
     g = _at_stride2(g_ptr + pid.to(tl.int64) * C * (S // 2) * (S // 2), c, row, col, mask, S)
     dz = _bn_input_grad(coef_ptr + k * 4 * C, c, g, tl.load(z2_ptr + base + plane, mask=mask, other=0.0), mask, C)
     tl.store(dz_ptr + base + plane, dz, mask=mask)
@@ -589,14 +590,7 @@ def _basic_in_grad_kernel(h_ptr, z1_ptr, da_ptr, coef_ptr, w1t_ptr, g_ptr, dz_pt
     """Back through BatchNorm 1 and conv1 for image n of network k: dz1, BatchNorm 1's input gradient -> dz[n*K +
     k]; conv1's weight gradient, dz1 against the block's input h shifted by each tap -> gw[n*K + k] (C, C, 9); the
     gradient at h, conv1 transposed (w1t) of dz1 plus the residual's g -> dh[n*K + k]."""
-    pid = tl.program_id(0)
-    k = pid % K
-    p = tl.arange(0, BLOCK)
-    row, col, inside = p // S, p % S, p < S * S
-    c = tl.arange(0, CPAD)
-    mask = (c[:, None] < C) & inside[None, :]
-    base = pid.to(tl.int64) * C * S * S
-    plane = c[:, None] * S * S + p[None, :]
+    pid, k, row, col, inside, c, mask, base, plane = _plane_program(K, C, S, CPAD, BLOCK)
     da = tl.load(da_ptr + base + plane, mask=mask, other=0.0)
     dz = _bn_input_grad(coef_ptr + k * 4 * C, c, da, tl.load(z1_ptr + base + plane, mask=mask, other=0.0), mask, C)
     tl.store(dz_ptr + base + plane, dz, mask=mask)
