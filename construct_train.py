@@ -62,6 +62,10 @@ def get_args(kind='train', argv=None):
                    choices=('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
                    help='torch.compile the whole SGD step (forward, backward, update); MODE reduce-overhead adds '
                         'CUDA graphs (GPU; the first steps compile: a minute)')
+    p.add_argument('--cuda_graph', action='store_true',
+                   help='replay each phase\'s whole SGD step (forward, backward, update, the Triton kernels included) '
+                        'from a CUDA graph, captured at its second batch of a shape: the same steps without their '
+                        'launches from Python (GPU)')
     p.add_argument('--channels_last', action='store_true',
                    help='channels-last activations (NHWC: other cuDNN kernels for the grouped convolutions)')
     p.add_argument('--amp', default='none', choices=('none', 'bf16'),
@@ -106,6 +110,9 @@ def get_args(kind='train', argv=None):
         raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
     if args.models_per_step < 0 or args.num_threads < 0:
         raise utils.UserError('--models_per_step and --num_threads must be >= 0')
+    if args.cuda_graph and args.compile:
+        raise utils.UserError('--cuda_graph and --compile: one or the other (--compile reduce-overhead makes its own '
+                              'CUDA graphs, of the compiled parts only)')
     kernels = triton_flags(args)
     if args.amp == 'bf16' and kernels:
         raise utils.UserError(f'{kernels}: float32 only; drop --amp bf16 or {kernels}')
@@ -184,7 +191,8 @@ def cross_entropy(logits_fn, labels, args):
 def make_step(params, loss_fn, args):
     """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
     trainable tensors are `params`, loss_fn(idx, flip) their loss (cross_entropy); reset() zeroes the momentum
-    for new networks in the same tensors. With --compile the forward + backward and the update are compiled."""
+    for new networks in the same tensors. With --compile the forward + backward and the update are compiled;
+    with --cuda_graph the whole step is replayed from a CUDA graph."""
     bufs = [torch.zeros_like(p) for p in params]
     update = sgd_update
     if args.compile:
@@ -200,7 +208,52 @@ def make_step(params, loss_fn, args):
     def reset():
         for b in bufs:
             b.zero_()
+    if args.cuda_graph:
+        if params[0].device.type != 'cuda':
+            raise utils.UserError(f'--cuda_graph: CUDA graphs need a CUDA GPU (device here: {params[0].device})')
+        step = cuda_graphed(step)
     return step, reset
+
+
+def cuda_graphed(step):
+    """step(idx, flip) replayed from a CUDA graph, one per shape of idx: the first step of a shape runs eagerly on a
+    side stream (the warm-up a capture needs: Triton's compilation, cuDNN's choice of algorithms, autograd's
+    buffers), the second is captured and then replayed, every later one replayed, its idx and flip copied into the
+    graph's own tensors. The same steps in the same order, so the same networks. The step's tensors must keep their
+    addresses (the Workspace's do), and it must not synchronise with the CPU."""
+    graphs = {}  # idx's shape -> None after the warm-up, then (the graph's replay, its idx, its flip)
+
+    def run(idx, flip):
+        shape = tuple(idx.shape)
+        if shape not in graphs:
+            graphs[shape] = None
+            return on_side_stream(lambda: step(idx, flip))
+        if graphs[shape] is None:
+            inputs = idx.clone(), flip.clone()
+            graphs[shape] = (captured(lambda: step(*inputs)), *inputs)  # recorded, not run: replayed below
+        replay, graph_idx, graph_flip = graphs[shape]
+        graph_idx.copy_(idx)
+        graph_flip.copy_(flip)
+        replay()
+    return run
+
+
+def on_side_stream(fn):
+    """Run fn on a new CUDA stream, ordered after and before the current one's work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def captured(fn):
+    """fn's GPU work recorded in a CUDA graph, not run: the graph's replay."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the thread that draws the next epoch's orders may copy them to the GPU during the capture
+    with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+        fn()
+    return graph.replay
 
 
 def mark_static(tensors):
@@ -544,6 +597,7 @@ def generate(args):
     logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
                  f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
                  f'step {"compiled (" + args.compile + ")" if args.compile else "eager"}'
+                 f'{", CUDA graph" if args.cuda_graph else ""}'
                  f'{", channels-last" if args.channels_last else ""}{", bf16 autocast" if args.amp == "bf16" else ""}'
                  f'{", Triton convolutions" if args.conv == "triton" else ""}'
                  f'{", fused Begin" if args.fused_begin else ""}{", fused Basic" if args.fused_basic else ""}'

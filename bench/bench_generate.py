@@ -97,7 +97,7 @@ def original_structure(args, mnist, workers):
 
 # The faster options of construct_train.py, by the names --rows uses.
 VARIANTS = {'channels_last': ['--channels_last'], 'compile': ['--compile'],
-            'cuda_graphs': ['--compile', 'reduce-overhead'], 'bf16': ['--amp', 'bf16'],
+            'cuda_graphs': ['--compile', 'reduce-overhead'], 'graphed': ['--cuda_graph'], 'bf16': ['--amp', 'bf16'],
             'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off'], 'triton': ['--conv', 'triton'],
             'fused_begin': ['--fused_begin'], 'fused_basic': ['--fused_basic'], 'fused_small': ['--fused_small']}
 

@@ -38,8 +38,8 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
-  BENCH_FUSED="--num_images 1280 --k 2 --rows 2:fused_begin+fused_basic+fused_small"
-  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs"
+  BENCH_FUSED="--num_images 1280 --k 2 --rows 2:fused_begin+fused_basic+fused_small 2:fused_begin+fused_basic+fused_small+graphed"
+  BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs 2:graphed"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
   BENCH_EVAL="--quick --num_nets 4 --num_images 500 --no_sweep"
   DATA_RECIPE="--num_epochs 1 --num_train_images 1280 --num_test_images 500 --models_per_step 4"; NUM_VAL=8; NUM_TRAIN=16
@@ -50,10 +50,10 @@ else
   # process's CUDA context), then each other option alone; each beside the plain step at K = 128, compiling last
   BENCH_FUSED="--num_images 12800 --k 128 --rows 128:fused_begin+fused_basic+fused_small 128:fused_begin+fused_small
     512:no_cache+fused_begin+fused_basic+fused_small 1024:no_cache+fused_begin+fused_basic+fused_small
-    128:fused_begin 128:fused_basic 128:fused_small
-    128:fused_begin+fused_basic+fused_small+cuda_graphs"
+    128:fused_begin 128:fused_basic 128:fused_small 128:fused_begin+fused_basic+fused_small+graphed
+    512:no_cache+fused_begin+fused_basic+fused_small+graphed"
   BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 512:no_cache 128:bf16 128:triton
-    512:no_cache+triton 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
+    512:no_cache+triton 128:graphed 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
   BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 40 --warmup 2 --iters 3 --repeats 3"
   PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
@@ -81,9 +81,9 @@ step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --o
 step bench_draw 20 python bench/bench_draw.py --k 128 512
 # the Triton kernels compiled on the GPU against float64 references first (tests/test_triton_conv.py; they compile
 # every kernel cold, about 90 s on the 2-core CI machine; the test that compiles them for sm_90 without a GPU is
-# left out: here they compile for the GPU itself)
+# left out: here they compile for the GPU itself), and --cuda_graph against the eager step
 step triton_kernels 120 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_triton_conv.py \
-  -k "not compiles_for_a_gpu"
+  tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps -k "not compiles_for_a_gpu"
 step bench_generate_fused 150 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
   --out "$WORK/generate_fused.json"
 step profile_generate_fused_basic 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin --fused_basic

@@ -135,3 +135,54 @@ def test_triton_kernels_are_refused_where_they_cannot_run(monkeypatch, flags):
     with pytest.raises(utils.UserError, match='float32 only'):
         tiny_args(*flags, '--amp', 'bf16')
     assert net.CONV3X3 is None and net.BEGIN is None
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(mnist):
+    with pytest.raises(utils.UserError, match='one or the other'):
+        tiny_args('--cuda_graph', '--compile')
+    with pytest.raises(utils.UserError, match='CUDA graphs need a CUDA GPU'):
+        construct_train.make_pairs(range(1), tiny_args('--cuda_graph'), mnist, torch.device('cpu'))
+
+
+def test_cuda_graph_runs_every_step_once(monkeypatch, mnist):
+    # on the CPU, with stand-ins: a "capture" that records without running (as CUDA's does) and a replay that runs.
+    # Each step must then run exactly once, on its own batch, whether it meets the warm-up, the capture or a replay.
+    captures = []
+    monkeypatch.setattr(construct_train, 'on_side_stream', lambda fn: fn())
+    monkeypatch.setattr(construct_train, 'captured', lambda fn: captures.append(fn) or fn)
+    args = tiny_args('--num_epochs', '2')  # batches of 128, 128, 44: each shape warmed up, captured, replayed
+    plain = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
+    eager_make_step = construct_train.make_step
+
+    def graphed_make_step(params, loss_fn, args):
+        step, reset = eager_make_step(params, loss_fn, args)
+        return construct_train.cuda_graphed(step), reset
+    monkeypatch.setattr(construct_train, 'make_step', graphed_make_step)
+    graphed = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
+    assert len(captures) == 4  # 2 shapes x 2 phases
+    assert max_diff(plain, graphed) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU (experiments/gpu_session.sh)')
+@pytest.mark.parametrize('flags', [[], ['--fused_begin', '--fused_basic', '--fused_small']])
+def test_cuda_graph_replays_the_same_steps(flags):
+    if flags and os.environ.get('TRITON_INTERPRET') == '1':
+        pytest.skip('the Triton kernels compiled for the GPU: set TRITON_INTERPRET=0')
+    # 2 epochs of batches 128, 128, 44: every shape warms up, is captured and is replayed; two step groups of the
+    # same workspace: the second replays the graphs on new networks
+    argv = ['--num_epochs', '2', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cuda', *flags]
+    device = torch.device('cuda')
+    plain_args, graph_args = (construct_train.get_args('train', argv + extra) for extra in ([], ['--cuda_graph']))
+    construct_train.use_kernels(plain_args, device)
+    try:
+        mnist = construct_train.load_mnist_to(device, plain_args)
+        shards = {}
+        for name, args in (('plain', plain_args), ('graph', graph_args)):
+            workspaces = {}
+            shards[name] = [construct_train.make_pairs(range(a, a + 2), args, mnist, device, workspaces=workspaces)
+                            for a in (0, 2)]
+    finally:
+        net.set_kernels()
+    for plain, graph in zip(shards['plain'], shards['graph']):
+        assert max_diff(plain, graph) < 1e-5
+        assert torch.equal(plain['acc_large'], graph['acc_large'])
