@@ -1,5 +1,5 @@
 """The faster generation paths against the plain one: the SGD update, the reused workspace, torch.compile,
-channels-last, bf16 autocast and the Begin-cache flag."""
+channels-last, bf16 autocast, the Begin-cache flag and CUDA graphs."""
 import json
 import os
 import sys
@@ -164,7 +164,7 @@ def test_cuda_graph_runs_every_step_once(monkeypatch, mnist):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU (experiments/gpu_session.sh)')
-@pytest.mark.parametrize('flags', [[], ['--fused_begin', '--fused_basic', '--fused_small']])
+@pytest.mark.parametrize('flags', [[], ['--amp', 'bf16'], ['--fused_begin', '--fused_basic', '--fused_small']])
 def test_cuda_graph_replays_the_same_steps(flags):
     if flags and os.environ.get('TRITON_INTERPRET') == '1':
         pytest.skip('the Triton kernels compiled for the GPU: set TRITON_INTERPRET=0')
