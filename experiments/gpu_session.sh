@@ -7,8 +7,8 @@
 #      the plain step at K = 128 against the fused Triton kernels (the Begin block, the Basic block and Last's
 #      convolution, the small-block step),
 #      channels-last, the Begin cache, larger K without it, bf16 autocast, the Triton convolutions, the whole
-#      step compiled with CUDA graphs (bench_generate.py --rows; each row's accuracies and small-block phase's
-#      share too), and where a step's time goes (profile_step.py);
+#      step compiled with CUDA graphs or captured in one (--cuda_graph) (bench_generate.py --rows; each row's
+#      accuracies and small-block phase's share too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile (blocks and whole model) fp32 and bf16, peak memory;
 #   3. evaluation of 100 networks on 10,000 test images;
