@@ -469,11 +469,22 @@ def _at_stride2(g, c, row, col, mask, S: tl.constexpr):
 
 
 @triton.jit
-def _block_output(h, z, a, b, pix, valid):
-    """One channel of the Basic block's output, relu(a z + b + h) (BatchNorm 2's affine map a, b on conv2's
-    output z, the residual h), at pixels pix; 0 where not valid."""
-    u = a * tl.load(z + pix, mask=valid, other=0.0) + b + tl.load(h + pix, mask=valid, other=0.0)
-    return tl.where(valid, tl.maximum(u, 0.0), 0.0)
+def _stride2_program(h_ptr, z_ptr, K, C: tl.constexpr, S: tl.constexpr):
+    """This program's index n*K + k (image n of network k) and k, _stride2_pixels, and the starts of its C planes
+    (S, S) in h and z, two (N*K, C, S, S) tensors."""
+    pid = tl.program_id(0)
+    s, pix, sin = _stride2_pixels(S)
+    start = pid.to(tl.int64) * C * S * S
+    return pid, pid % K, s, pix, sin, h_ptr + start, z_ptr + start
+
+
+@triton.jit
+def _block_output(h, z, a, b, o, S: tl.constexpr, pix, valid):
+    """Channel o of the Basic block's output, relu(a[o] z[o] + b[o] + h[o]) (BatchNorm 2's affine map a, b on
+    conv2's output z, the residual h; h, z: C planes (S, S) one after another), at pixels pix; 0 where not valid."""
+    at = o * S * S + pix
+    zv, hv = tl.load(z + at, mask=valid, other=0.0), tl.load(h + at, mask=valid, other=0.0)
+    return tl.where(valid, tl.maximum(tl.load(a + o) * zv + tl.load(b + o) + hv, 0.0), 0.0)
 
 
 @triton.jit
@@ -512,15 +523,11 @@ def _basic_out_kernel(h_ptr, z_ptr, a_ptr, b_ptr, wd_ptr, d_ptr, K, C: tl.conste
                       S: tl.constexpr):
     """d[n*K + k] (OUT, S/2, S/2) = Last's 1x1 stride-2 convolution wd (K, OUT, C) of the block's output for image
     n of network k, relu(a z + b + h) (z: conv2's output, a, b: BatchNorm 2's affine map), at the pixels it reads."""
-    pid = tl.program_id(0)
-    k = pid % K
-    s, pix, sin = _stride2_pixels(S)
+    pid, k, s, pix, sin, h, z = _stride2_program(h_ptr, z_ptr, K, C, S)
     m = tl.arange(0, 16)
-    h, z = h_ptr + pid.to(tl.int64) * C * S * S, z_ptr + pid.to(tl.int64) * C * S * S
     d = tl.zeros((16, 64), dtype=tl.float32)
     for o in tl.static_range(C):
-        u = _block_output(h + o * S * S, z + o * S * S, tl.load(a_ptr + k * C + o), tl.load(b_ptr + k * C + o), pix,
-                          sin)
+        u = _block_output(h, z, a_ptr + k * C, b_ptr + k * C, o, S, pix, sin)
         d += tl.load(wd_ptr + (k * OUT + m) * C + o, mask=m < OUT, other=0.0)[:, None] * u[None, :]
     out = d_ptr + (pid.to(tl.int64) * OUT + m[:, None]) * (S // 2) * (S // 2) + s[None, :]
     tl.store(out, d, mask=(m[:, None] < OUT) & sin[None, :])
@@ -533,17 +540,13 @@ def _basic_out_grad_kernel(h_ptr, z_ptr, a_ptr, b_ptr, stats_ptr, wd_ptr, dd_ptr
     2's output and at the residual, at the pixels Last reads (through its convolution and the block's ReLU) ->
     g[n*K + k] (C, S/2, S/2); sum g and sum g xhat per channel (stats: (K, 2, C), BatchNorm 2's mean and rstd)
     -> sums[n*K + k, 0:2]; Last's convolution's weight gradient -> gwd[n*K + k] (OUT, C)."""
-    pid = tl.program_id(0)
-    k = pid % K
-    s, pix, sin = _stride2_pixels(S)
+    pid, k, s, pix, sin, h, z = _stride2_program(h_ptr, z_ptr, K, C, S)
     m = tl.arange(0, 16)
-    h, z = h_ptr + pid.to(tl.int64) * C * S * S, z_ptr + pid.to(tl.int64) * C * S * S
     msin = (m[:, None] < OUT) & sin[None, :]
     dd = tl.load(dd_ptr + (pid.to(tl.int64) * OUT + m[:, None]) * (S // 2) * (S // 2) + s[None, :], mask=msin,
                  other=0.0)
     for o in tl.static_range(C):
-        u = _block_output(h + o * S * S, z + o * S * S, tl.load(a_ptr + k * C + o), tl.load(b_ptr + k * C + o), pix,
-                          sin)
+        u = _block_output(h, z, a_ptr + k * C, b_ptr + k * C, o, S, pix, sin)
         tl.store(gwd_ptr + (pid * OUT + m) * C + o, tl.sum(dd * u[None, :], axis=1), mask=m < OUT)
         wd = tl.load(wd_ptr + (k * OUT + m) * C + o, mask=m < OUT, other=0.0)
         g = tl.where(u > 0, tl.sum(wd[:, None] * dd, axis=0), 0.0)
