@@ -80,7 +80,7 @@ grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loade
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
 # the Triton kernels compiled on the GPU against float64 references first (tests/test_triton_conv.py; they compile
-# every kernel cold: 90 to 100 s on the 2-core CI machine, results/bench_cpu/kernel_compile_cold.log; the test that
+# every kernel cold: 102 s on the 2-core CI machine, results/bench_cpu/kernel_compile_cold.log; the test that
 # compiles them for sm_90 without a GPU is left out: here they compile for the GPU itself), and --cuda_graph
 # against the eager step
 step triton_kernels 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_triton_conv.py \
