@@ -67,7 +67,8 @@ def process_slices(args):
 def command(args, gpu, num, start):
     """The generation command of one process."""
     script = 'construct_val.py' if args.val else 'construct_train.py'
-    cmd = f'python {script} --gpu_id {gpu} --num_data {num} --start_index {start} --data_root {shlex.quote(args.data_root)}'
+    cmd = (f'python {script} --gpu_id {gpu} --num_data {num} --start_index {start} '
+           f'--data_root {shlex.quote(args.data_root)}')
     if args.num_gpus == 0:
         threads = max(1, args.num_cpus // args.num_processes_each_gpu)
         cmd += f' --device cpu --num_threads {threads}'

@@ -353,8 +353,8 @@ class ValDataset(_PairData):
     original_dirs = ORIGINAL_DIRS['val']
     original_required = ('begin', 'basic', 'last')
 
-    def __init__(self, base_path, num):
-        super().__init__(base_path, num, ('begin', 'basic', 'last', 'simple'))
+    def __init__(self, base_path, num, start=0):
+        super().__init__(base_path, num, ('begin', 'basic', 'last', 'simple'), start)
         self.require('begin', 'validation')
         self.require('last', 'validation')
 

@@ -322,7 +322,8 @@ def permute_network(begin, basic, last, simple, p, q):
     """State dicts of the same networks with residual channels permuted by p and hidden ones by q."""
     bn = ('weight', 'bias', 'running_mean', 'running_var')
     begin = dict(begin, **{'conv.weight': begin['conv.weight'][p]}, **{f'bn.{n}': begin[f'bn.{n}'][p] for n in bn})
-    basic = dict(basic, **{'conv1.weight': basic['conv1.weight'][q][:, p], 'conv2.weight': basic['conv2.weight'][p][:, q]},
+    basic = dict(basic, **{'conv1.weight': basic['conv1.weight'][q][:, p],
+                           'conv2.weight': basic['conv2.weight'][p][:, q]},
                  **{f'bn1.{n}': basic[f'bn1.{n}'][q] for n in bn}, **{f'bn2.{n}': basic[f'bn2.{n}'][p] for n in bn})
     last = dict(last, **{'downsample.weight': last['downsample.weight'][:, p]})
     simple = {'conv1.weight': simple['conv1.weight'][:, p], 'conv2.weight': simple['conv2.weight'][p]}

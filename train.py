@@ -141,9 +141,9 @@ def make_parser():
     s.add_argument('--stop_after_epoch', type=int, default=None,
                    help='stop after this epoch as if killed, leaving last.pth for --resume (for tests)')
     s.add_argument('--compile', nargs='?', const='model', default=None, choices=('model', 'blocks'),
-                   help='torch.compile the translator for training: model (bare --compile) as one graph (first steps '
-                        'compile: minutes on a CPU), blocks each mixing MLP on its own (its 48 identical blocks compile '
-                        'once: seconds); checkpoints hold the plain translator either way')
+                   help='torch.compile the translator for training: model (bare --compile) as one graph (first '
+                        'steps compile: minutes on a CPU), blocks each mixing MLP on its own (its 48 identical blocks '
+                        'compile once: seconds); checkpoints hold the plain translator either way')
     s.add_argument('--flagfile', metavar='FILE',
                    help='read flags from FILE, one --flag=value a line (as @FILE; every run writes its own '
                         'flagfile.txt)')

@@ -1,18 +1,23 @@
 """Compress one trained network with a trained translator: BasicBlock in, SimpleBlock_NoBn out.
 
-    python translate.py --ckpt T.pth --complex basic_block.pth --out simple_block.pth [--begin begin.pth --last last.pth]
+    python translate.py --ckpt T.pth --complex basic.pth --out simple.pth [--begin begin.pth --last last.pth]
+    python translate.py --ckpt T.pth --data_root data/val --index 7 --out simple.pth
 
 --ckpt is a checkpoint of train.py (it carries its configuration) or a bare state dict of the original
 implementation (then --num_layers/--s_dim/--c_dim/--hidden_s_dim/--hidden_c_dim give the configuration,
 defaulting to train.py's). With --begin and --last it also prints the MNIST test accuracy of the network
-before (BasicBlock) and after (translated SimpleBlock_NoBn) compression.
+before (BasicBlock) and after (translated SimpleBlock_NoBn) compression. --data_root/--index take the whole
+network from a dataset of construct_train.py or construct_val.py instead (shards or the original layout) and
+also score the dataset's own small block when it has one (the pair's target, or the retrained block).
 """
 import argparse
 import inspect
+import os
 
 import torch
 
 import evaluate
+import loader
 import mnist
 import net
 import utils
@@ -29,18 +34,30 @@ def get_args(argv=None):
     """Parse the flags."""
     p = argparse.ArgumentParser(description='Translate a BasicBlock state dict into a SimpleBlock_NoBn one.')
     p.add_argument('--ckpt', required=True, help="translator: train.py's checkpoint or the original's state dict")
-    p.add_argument('--complex', required=True, help='BasicBlock state dict (the original format)')
+    p.add_argument('--complex', help='BasicBlock state dict (the original format)')
     p.add_argument('--out', required=True, help='where to write the SimpleBlock_NoBn state dict')
     p.add_argument('--begin', help='BeginBlock state dict of the same network (with --last: report accuracy)')
     p.add_argument('--last', help='LastBlock state dict of the same network')
+    p.add_argument('--data_root', help='instead of --complex/--begin/--last: a dataset of construct_train.py or '
+                                       'construct_val.py, whose network --index is translated and scored')
+    p.add_argument('--index', type=int, default=None, help='which network of --data_root')
     for flag, (_, default) in SIZE_FLAGS.items():
         p.add_argument(f'--{flag}', type=int, default=None,
-                       help=f'translator size for a bare state dict (default {default}); checked against a train.py checkpoint')
+                       help=f'translator size for a bare state dict (default {default}); '
+                            'checked against a train.py checkpoint')
     p.add_argument('--device', default=None, help='e.g. cpu or cuda (default: CUDA if present)')
     p.add_argument('--gpu_id', type=int, default=0)
     p.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
     p.add_argument('--num_test_images', type=int, default=10000, help='score on the first N test images (for tests)')
     args = p.parse_args(argv)
+    if (args.complex is None) == (args.data_root is None):
+        raise UserError('give the block to translate either as --complex FILE or as --data_root DIR --index I')
+    if args.data_root is not None and (args.index is None or args.begin or args.last):
+        raise UserError('--data_root takes --index I (which network) and no --begin/--last: they come from the dataset')
+    if args.data_root is None and args.index is not None:
+        raise UserError('--index I picks a network of --data_root DIR; with --complex it has no meaning')
+    if args.index is not None and args.index < 0:
+        raise UserError(f'--index {args.index} must be >= 0')
     if (args.begin is None) != (args.last is None):
         raise UserError('--begin and --last go together: give both to measure the accuracy, or neither')
     if not 1 <= args.num_test_images <= 10000:
@@ -74,7 +91,7 @@ def load_translator(args):
     model = MLPMixer(**config)
     try:
         model.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError):
         try:
             hint = f'; its shapes say {flags_of(config_from_state_dict(state))}'
         except (KeyError, IndexError, AttributeError):
@@ -97,28 +114,50 @@ def load_block(path, block, what):
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
+def read_network(root, index):
+    """Network `index` of a dataset as plain float32 state dicts: begin, basic, last, and simple if it has one."""
+    if os.path.isdir(os.path.join(root, loader.ORIGINAL_DIRS['train']['basic'])):  # the original train layout
+        data = loader.TrainDataset(root, 1, with_networks=True, start=index)
+    else:  # shards of either kind, or the original val layout
+        data = loader.ValDataset(root, 1, start=index)
+    data.require('begin', f'scoring network {index}')
+    data.require('last', f'scoring network {index}')
+    return {name: net.unstack_state(getattr(data, name), 0)
+            for name in ('begin', 'basic', 'last', 'simple') if getattr(data, name) is not None}
+
+
 def main(argv=None):
     args = get_args(argv)
     model = load_translator(args)
-    basic = load_block(args.complex, 'basic', 'BasicBlock')
+    if args.data_root is not None:
+        network = read_network(args.data_root, args.index)
+    else:
+        network = {'basic': load_block(args.complex, 'basic', 'BasicBlock')}
+        if args.begin is not None:
+            network['begin'] = load_block(args.begin, 'begin', 'BeginBlock')
+            network['last'] = load_block(args.last, 'last', 'LastBlock')
+    basic = network['basic']
     translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])
     simple = {k: t[0].contiguous() for k, t in translated.items()}
     net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
     utils.atomic_save(simple, args.out)
     print(f'wrote {args.out}: SimpleBlock_NoBn, conv1 {tuple(simple["conv1.weight"].shape)}, '
           f'conv2 {tuple(simple["conv2.weight"].shape)}')
-    if args.begin is None:
+    if 'begin' not in network:
         return
     device = utils.get_device(args.gpu_id, args.device)
-    begin, last = load_block(args.begin, 'begin', 'BeginBlock'), load_block(args.last, 'last', 'LastBlock')
     images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
-    stacked = {name: {k: v[None].to(device) for k, v in sd.items()}
-               for name, sd in (('begin', begin), ('basic', basic), ('simple', simple), ('last', last))}
+    blocks = dict(network, translated=simple)
+    stacked = {name: {k: v[None].to(device) for k, v in sd.items()} for name, sd in blocks.items()}
     score = evaluate.Scorer(images, labels, stacked['begin'], stacked['last'])
-    accs = {kind: score(stacked[kind], kind)[0].item() for kind in ('basic', 'simple')}
-    print(f'test accuracy on {len(images)} MNIST test images: large (BasicBlock) {accs["basic"]:.2f}%, '
-          f'compressed (translated SimpleBlock_NoBn) {accs["simple"]:.2f}%')
+    accs = {name: score(stacked[name], 'basic' if name == 'basic' else 'simple')[0].item()
+            for name in ('basic', 'translated', 'simple') if name in stacked}
+    line = (f'test accuracy on {len(images)} MNIST test images: large (BasicBlock) {accs["basic"]:.2f}%, '
+            f'compressed (translated SimpleBlock_NoBn) {accs["translated"]:.2f}%')
+    if 'simple' in accs:
+        line += f', the dataset\'s own SimpleBlock_NoBn {accs["simple"]:.2f}%'
+    print(line)
 
 
 if __name__ == '__main__':

@@ -139,4 +139,5 @@ def load_file(path, what='file', hint=''):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'{what} {path} cannot be read ({type(e).__name__}: {e}): corrupt or not a torch file{hint}') from None
+        raise UserError(f'{what} {path} cannot be read ({type(e).__name__}: {e}): '
+                        f'corrupt or not a torch file{hint}') from None

@@ -25,7 +25,6 @@ import torch.nn as nn
 import common
 import evaluate
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
-import loader
 import mnist
 import net
 

@@ -251,7 +251,8 @@ def main():
     for label, r in rows.items():
         r['pairs_per_hour'] = 3600 / r['pair_s']
         r['ratio_vs_a'] = base / r['pair_s']
-        print(f"| {label} | {r['train_s']:.2f} | {r['pair_s']:.1f} | {r['pairs_per_hour']:.1f} | {r['ratio_vs_a']:.2f}x |")
+        print(f"| {label} | {r['train_s']:.2f} | {r['pair_s']:.1f} | {r['pairs_per_hour']:.1f} "
+              f"| {r['ratio_vs_a']:.2f}x |")
     with tempfile.TemporaryDirectory() as tmp:
         storage = storage_per_1000(tmp)
     print(f"\nper 1,000 pairs: original layout {storage['original_bytes'] / 1e6:.1f} MB in 4,000 files; "

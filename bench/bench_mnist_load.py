@@ -9,6 +9,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mnist  # noqa: E402
 
 src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'MNIST', 'raw')
 with tempfile.TemporaryDirectory() as tmp:

@@ -108,7 +108,6 @@ def test_functional_loss_equals_per_network_modules(train_networks):
                            '--mnist_root', MNIST])
     convs = (train_networks.basic['conv1.weight'], train_networks.basic['conv2.weight'])
     objective = losses.Objective(args, train_networks, torch.device('cpu'))
-    fl = objective.functional
     idx = torch.tensor([7, 2, 10])
     small = [(train_networks.simple[k][idx] + 0.05).requires_grad_() for k in ('conv1.weight', 'conv2.weight')]
     gen = torch.Generator().manual_seed(5)

@@ -222,8 +222,9 @@ def test_loss_is_mean_of_the_two_mses():
 
 
 def test_original_readme_command_parses():
-    args = train.get_args('--gpu_id 0 --num_epochs 1000 --batch_size 4096 --lr 1e-3 --optimizer adam --log_step 10 '
-                          '--train_data_length 300000 --num_layers 24 --scheduler cos --mask_target t --prob 0.'.split())
+    args = train.get_args('--gpu_id 0 --num_epochs 1000 --batch_size 4096 --lr 1e-3 --optimizer adam '
+                          '--log_step 10 --train_data_length 300000 --num_layers 24 --scheduler cos '
+                          '--mask_target t --prob 0.'.split())
     train.check_args(args)
     assert train.translator_config(args) == dict(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256,
                                                  hidden_C_dim=512, dropout=0.)
@@ -255,6 +256,35 @@ def test_translate_round_trip(finished_run, pair_sets, tmp_path, capsys):
     want = summary['rows']['KT (best)']['accs'][k]
     assert f'compressed (translated SimpleBlock_NoBn) {want:.2f}%' in printed
     assert f'large (BasicBlock) {summary["rows"]["Large (BasicBlock)"]["accs"][k]:.2f}%' in printed
+
+
+def test_translate_takes_a_network_from_a_dataset(finished_run, pair_sets, tmp_path, capsys):
+    summary = json.load(open(os.path.join(run_dirs(finished_run)[0], 'summary.json')))
+    common = ['--ckpt', summary['checkpoint'], '--num_test_images', '200', '--device', 'cpu']
+    k = 2
+    translate.main(common + ['--data_root', pair_sets['val'], '--index', str(k), '--out', str(tmp_path / 'k.pth')])
+    printed = capsys.readouterr().out
+    rows = summary['rows']
+    assert (f'large (BasicBlock) {rows["Large (BasicBlock)"]["accs"][k]:.2f}%, compressed (translated '
+            f'SimpleBlock_NoBn) {rows["KT (best)"]["accs"][k]:.2f}%, the dataset\'s own SimpleBlock_NoBn '
+            f'{rows["Retrained"]["accs"][k]:.2f}%') in printed
+    # the original layouts: train (the pair's small block is scored too) and val (it has none)
+    pairs = {split: write_original(tmp_path / split, 3, split, seed=5) for split in ('train', 'val')}
+    ckpt = torch.load(summary['checkpoint'], weights_only=True)
+    model = MLPMixer(**ckpt['config']).eval()
+    model.load_state_dict(ckpt['model'])
+    for split, own in (('train', True), ('val', False)):
+        out = tmp_path / f'{split}.pth'
+        translate.main(common + ['--data_root', str(tmp_path / split), '--index', '1', '--out', str(out)])
+        want = evaluate.translate(model, pairs[split]['basic']['conv1.weight'][1:2],
+                                  pairs[split]['basic']['conv2.weight'][1:2])
+        assert torch.equal(torch.load(out, weights_only=True)['conv2.weight'], want['conv2.weight'][0])
+        assert ('dataset\'s own' in capsys.readouterr().out) == own
+    for flags, message in ((['--data_root', pair_sets['val']], '--data_root takes --index I'),
+                           (['--data_root', pair_sets['val'], '--index', '3'], 'missing indices: 3'),
+                           (['--index', '0'], 'either as --complex FILE or as --data_root DIR --index I')):
+        expect_user_error(capsys, translate.main, common + flags + ['--out', str(tmp_path / 'x.pth')], message)
+    assert not os.path.exists(tmp_path / 'x.pth')
 
 
 def test_translate_reads_original_state_dicts(tmp_path, capsys):
