@@ -1,5 +1,6 @@
 """The one definition of "KT beats a baseline" and the tables built on it (report.py, experiments/tables.py)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,13 @@ def test_verdict_and_side_by_side(tmp_path):
     out = subprocess.run([sys.executable, 'report.py', str(tmp_path / 'win.json'), str(tmp_path / 'other.json'),
                           '--side_by_side', 'A', 'C'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and 'C: scored on other validation networks' in out.stderr
+
+
+@pytest.mark.parametrize('script, committed', [('experiments/tables.py', 'results/tables.md'),
+                                               ('experiments/dataset_accuracies.py', 'results/dataset_accuracies.txt')])
+def test_committed_tables_regenerate(script, committed):
+    """RESULTS.md's tables and quoted accuracies come out of the committed runs and data, unchanged."""
+    run = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(os.path.join(ROOT, committed)) as f:
+        assert run.stdout == f.read()
