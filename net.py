@@ -19,6 +19,7 @@ PLANES = 6  # residual channels: Begin's output and the BasicBlock's width
 HIDDEN = PLANES // 2  # SimpleBlock_NoBn's hidden channels
 FEATURE = (PLANES, 14, 14)  # Begin's output for one 28x28 image
 FEATURE_NUMEL = PLANES * 14 * 14
+CPU_CHUNK_BYTES = 8 << 20  # Begin's pre-pool activations per chunk on a CPU: 2.6x faster than 500 images at K = 100
 BASIC_SHAPES = {'conv1.weight': (PLANES, PLANES, 3, 3), 'conv2.weight': (PLANES, PLANES, 3, 3),
                 **{f'bn{i}.{n}': (PLANES,) for i in (1, 2) for n in ('weight', 'bias', 'running_mean', 'running_var')}}
 SIMPLE_SHAPES = {'conv1.weight': (HIDDEN, PLANES, 3, 3), 'conv2.weight': (PLANES, HIDDEN, 3, 3)}
@@ -271,6 +272,8 @@ def stacked_logits(x, begin, middle, last, middle_kind):
 def begin_outputs(images, begin, chunk_images=1000, out=None):
     """Eval-mode Begin output of K networks on the same images (N, 28, 28): (K, N, 6, 14, 14)."""
     k = begin['conv.weight'].shape[0]
+    if images.device.type == 'cpu':  # a chunk's K*6 channels of 28x28 activations stay in the CPU's caches
+        chunk_images = max(1, min(chunk_images, CPU_CHUNK_BYTES // (k * PLANES * 28 * 28 * 4)))
     if out is None:
         out = torch.empty(k, len(images), *FEATURE, device=images.device)
     for i0 in range(0, len(images), chunk_images):

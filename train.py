@@ -452,10 +452,11 @@ def main(argv=None):
     objective = losses.Objective(args, train_set, device)
     images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
+    load_time, t0 = time.time() - t0, time.time()
     score = evaluate.Scorer(images, labels, val_set.begin, val_set.last, ctx)
     score_holdout = evaluate.Scorer(images, labels, holdout.begin, holdout.last, ctx) if holdout else None
     v1, v2 = val_set.basic['conv1.weight'], val_set.basic['conv2.weight']
-    load_time = time.time() - t0
+    cache_time = time.time() - t0
 
     # Run directory, logs, and the state of a killed run.
     run = run_name(args)
@@ -471,6 +472,8 @@ def main(argv=None):
     log.info(f'{len(train_set)} training pairs ({train_set.layout}) from {args.train_path}, '
              f'{len(val_set)} validation networks ({val_set.layout}) from {args.val_path}, '
              f'{len(images)} test images; loaded in {load_time:.1f} s')
+    if score.begin_out is not None:
+        log.info(f'the validation networks\' Begin outputs on the test images cached in {cache_time:.1f} s')
     if holdout:
         log.info(f'the best epoch is picked on {len(holdout)} held-out training networks '
                  f'({args.train_data_length}..{args.train_data_length + len(holdout) - 1}), not on the val networks')

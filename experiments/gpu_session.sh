@@ -73,7 +73,7 @@ TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.
   $TRANSLATOR $PATHS --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
 killed train_paths_killed $TORCHRUN
 step train_paths_resumed 90 $TORCHRUN --resume
-grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in\|cached in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
 
 # 3. evaluation; 1. generation with the fused kernels and its profile; 2. the translator step; 1. generation's
 # other options; where the plain step's time goes

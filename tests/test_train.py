@@ -78,7 +78,8 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     assert ckpt_dir.endswith(os.path.join('adam_lr0.001_bs5_wd0_clip-1_cos_wu0_cyc1_ep4', 'L1_S72_C16_hs16_hc16_do0',
                                           'mask-t0_noise-t0_n12_seed0'))
     log_text = open(os.path.join(log_dir, 'train.log')).read()
-    for row in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'counts per 5% bin', 'flags:'):
+    for row in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'counts per 5% bin', 'flags:',
+                'Begin outputs on the test images cached in'):
         assert row in log_text
     assert json.load(open(os.path.join(log_dir, 'args.json')))['num_epochs'] == 4
     metrics = read_metrics(log_dir)
