@@ -19,7 +19,7 @@ PLANES = 6  # residual channels: Begin's output and the BasicBlock's width
 HIDDEN = PLANES // 2  # SimpleBlock_NoBn's hidden channels
 FEATURE = (PLANES, 14, 14)  # Begin's output for one 28x28 image
 FEATURE_NUMEL = PLANES * 14 * 14
-CPU_CHUNK_BYTES = 8 << 20  # Begin's pre-pool activations per chunk on a CPU: 2.6x faster than 500 images at K = 100
+CPU_CHUNK_BYTES = 8 << 20  # Begin's activations per chunk on a CPU: 2.3x faster at K = 100 (bench_begin_cache.py)
 BASIC_SHAPES = {'conv1.weight': (PLANES, PLANES, 3, 3), 'conv2.weight': (PLANES, PLANES, 3, 3),
                 **{f'bn{i}.{n}': (PLANES,) for i in (1, 2) for n in ('weight', 'bias', 'running_mean', 'running_var')}}
 SIMPLE_SHAPES = {'conv1.weight': (HIDDEN, PLANES, 3, 3), 'conv2.weight': (PLANES, HIDDEN, 3, 3)}

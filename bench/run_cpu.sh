@@ -19,6 +19,7 @@ TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python bench/bench_translator_step.py --bat
   --repeats 3 --iters 1 --compile on --compile_timeout 1200 --out $OUT/translator_step_compile.json 2>&1 | tee $OUT/translator_step_compile.log
 python bench/bench_eval.py --no_sweep --repeats 1 --out $OUT/eval.json 2>&1 | tee $OUT/eval.log
 python bench/bench_mnist_load.py 2>&1 | tee $OUT/mnist_load.log
+python bench/bench_begin_cache.py 2>&1 | tee $OUT/begin_cache.log
 python bench/profile_step.py 2>&1 | tee $OUT/profile_step.log
 if python -c 'import triton' 2>/dev/null; then  # triton is not a dependency: compiles the kernels for sm_90
   python bench/kernel_resources.py 2>&1 | tee $OUT/kernel_resources.log

@@ -10,6 +10,8 @@ import pytest
 from conftest import ROOT
 
 BENCHES = {  # script -> (tiny flags, a line its report must print); OUT and TMP stand for files of the test
+    'bench_begin_cache.py': (['--k', '4', '--num_images', '64', '--caps_mib', '0.1', '0', '--repeats', '1'],
+                             '| 4 x 64 | '),
     'bench_draw.py': (['--k', '8', '--repeats', '1'], 'K = 8: '),
     'bench_eval.py': (['--quick', '--num_nets', '2', '--num_images', '200', '--no_sweep', '--repeats', '1',
                        '--out', 'OUT'], '| (c) train.py: evaluate.Scorer'),
