@@ -118,10 +118,10 @@ def read_network(root, index):
     """Network `index` of a dataset as plain float32 state dicts: begin, basic, last, and simple if it has one."""
     if os.path.isdir(os.path.join(root, loader.ORIGINAL_DIRS['train']['basic'])):  # the original train layout
         data = loader.TrainDataset(root, 1, with_networks=True, start=index)
+        data.require('begin', f'scoring network {index}')  # optional in a training set, ValDataset requires them
+        data.require('last', f'scoring network {index}')
     else:  # shards of either kind, or the original val layout
         data = loader.ValDataset(root, 1, start=index)
-    data.require('begin', f'scoring network {index}')
-    data.require('last', f'scoring network {index}')
     return {name: net.unstack_state(getattr(data, name), 0)
             for name in ('begin', 'basic', 'last', 'simple') if getattr(data, name) is not None}
 

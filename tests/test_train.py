@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -281,6 +282,9 @@ def test_translate_takes_a_network_from_a_dataset(finished_run, pair_sets, tmp_p
                                   pairs[split]['basic']['conv2.weight'][1:2])
         assert torch.equal(torch.load(out, weights_only=True)['conv2.weight'], want['conv2.weight'][0])
         assert ('dataset\'s own' in capsys.readouterr().out) == own
+    shutil.rmtree(tmp_path / 'train' / 'backup_begin')  # optional in a training set, needed to score one
+    expect_user_error(capsys, translate.main, common + ['--data_root', str(tmp_path / 'train'), '--index', '1',
+                                                        '--out', str(tmp_path / 'x.pth')], 'holds no Begin blocks')
     for flags, message in ((['--data_root', pair_sets['val']], '--data_root takes --index I'),
                            (['--data_root', pair_sets['val'], '--index', '3'], 'missing indices: 3'),
                            (['--index', '0'], 'either as --complex FILE or as --data_root DIR --index I')):
