@@ -398,7 +398,7 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
     """Train the networks `indices` side by side; return their shard (CPU tensors).
 
     workspaces: a dict (K -> Workspace) kept across calls, so that groups of the same size reuse one
-    workspace and its (compiled) steps."""
+    workspace and its (compiled) steps; it holds one K at a time (each workspace holds a Begin cache)."""
     train_x, train_y, test_x, test_y = mnist
     k = len(indices)
     seeds = [utils.seed_for(args.seed, args.kind, i) for i in indices]
@@ -406,6 +406,8 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
     states = {block: net.stack_states([sd[j] for sd in sds]) for j, block in enumerate(PAIR_BLOCKS)}
     ws = (workspaces or {}).get(k)
     if ws is None or ws.mnist is not mnist:
+        if workspaces is not None:
+            workspaces.clear()  # free the previous K's workspace before this one is allocated
         ws = Workspace({b: {n: t.to(device) for n, t in s.items()} for b, s in states.items()}, args, mnist)
         if workspaces is not None:
             workspaces[k] = ws
@@ -524,9 +526,14 @@ def made_indices(args):
 
 
 def save_pairs(args, shard):
-    """Write one step group's networks in args.layout, every file atomically."""
+    """Write one step group's networks in args.layout, every file atomically (the original layout has no
+    place for the test accuracies: they go to the log, a line per network)."""
     if args.layout == 'original':
         loader.write_original(args.data_root, shard, original_dirs(args))
+        for j, i in enumerate(shard['index'].tolist()):
+            small = (f', small at init {shard["acc_small_init"][j]:.2f}%, small trained {shard["acc_small"][j]:.2f}%'
+                     if args.train_small else '')
+            logging.info(f'network {i}: test accuracy large {shard["acc_large"][j]:.2f}%{small}')
     else:
         loader.write_shard(args.data_root, shard)
 
@@ -584,12 +591,13 @@ def generate(args):
     check_writable(args.data_root)
     utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
     check_layout(args)
-    loader.claim_root(args.data_root, recipe_of(args))
-    stop = args.start_index + args.num_data
-    todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
     share = gpu_share(device, args.processes_per_gpu)
     k = args.models_per_step or default_models_per_step(device, share)
     cache_begin = use_begin_cache(args, k, share)
+    mnist = load_mnist_to(device, args)  # before the root is claimed: bad input leaves no recipe.json behind
+    loader.claim_root(args.data_root, recipe_of(args))
+    stop = args.start_index + args.num_data
+    todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
     groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
     total = sum(b - a for a, b in groups)
     memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
@@ -603,7 +611,6 @@ def generate(args):
                  f'{", fused Begin" if args.fused_begin else ""}{", fused Basic" if args.fused_basic else ""}'
                  f'{", fused small step" if args.fused_small else ""}, '
                  f'recipe {recipe_of(args)}')
-    mnist = load_mnist_to(device, args)
     made, workspaces, t0 = [], {}, time.time()
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
         for a, b in groups:
@@ -617,9 +624,10 @@ def generate(args):
         hours = (time.time() - t0) / 3600
         means = {key: torch.cat([s[key] for s in made]).mean().item()
                  for key in ('acc_large', 'acc_small_init', 'acc_small')}
+        small = (f', small at init {means["acc_small_init"]:.2f}%, small trained {means["acc_small"]:.2f}%'
+                 if args.train_small else '')
         logging.info(f'made {total} networks in {hours * 3600:.1f} s ({total / hours:.1f} per hour); mean test '
-                     f'accuracy: large {means["acc_large"]:.2f}%, small at init {means["acc_small_init"]:.2f}%, '
-                     f'small trained {means["acc_small"]:.2f}%')
+                     f'accuracy: large {means["acc_large"]:.2f}%{small}')
     else:
         logging.info('nothing to do: every index of the range exists')
     return made

@@ -45,7 +45,7 @@ OMP_NUM_THREADS=1 python train.py $FLAGS --num_epochs 100 --log_step 50 --loss f
 wait $FAITHFUL || { tail -5 $OUT/faithful.log; exit 1; }
 wait $! || { tail -5 $OUT/functional_perm.log; exit 1; }
 summary() { ls -t $(find $OUT/ckpts -name summary.json -path "*$1") | head -1; }
-cp "$(summary seed0/summary.json)" $OUT/summary.json
+cp "$(summary '_ep300/*/*/summary.json')" $OUT/summary.json
 cp "$(summary functional-w1-ce0-img32/summary.json)" $OUT/summary_functional_perm.json
 echo
 echo "== results (test accuracy in % over the validation networks; also in $OUT/table.md)"

@@ -40,12 +40,16 @@ class Context:
             t /= self.world
         return t
 
+    def network_share(self, k):
+        """This rank's contiguous share of range(k) networks (all of them outside torchrun)."""
+        size = -(-k // self.world)
+        return slice(min(self.rank * size, k), min((self.rank + 1) * size, k))
+
     def gather(self, k, score):
-        """score(part) for every rank's contiguous share `part` of range(k), all-gathered into (k,) float64."""
+        """score(part) for every rank's share `part` of range(k) (network_share), all-gathered into (k,) float64."""
         if not self.distributed:
             return score(slice(0, k))
-        size = -(-k // self.world)
-        part = slice(min(self.rank * size, k), min((self.rank + 1) * size, k))
+        size, part = -(-k // self.world), self.network_share(k)
         mine = torch.zeros(size, dtype=torch.float64, device=self.device)
         if part.stop > part.start:
             mine[:part.stop - part.start] = score(part)
@@ -122,7 +126,7 @@ def setup(device_flag=None, gpu_id=0):
 
 def rank_device(device_flag, local_rank):
     """Under torchrun: cuda:LOCAL_RANK (modulo the visible GPUs) unless --device cpu; --gpu_id is ignored."""
-    kind = torch.device(device_flag).type if device_flag else ('cuda' if torch.cuda.is_available() else 'cpu')
+    kind = utils.check_device(device_flag).type if device_flag else ('cuda' if torch.cuda.is_available() else 'cpu')
     if kind == 'cpu':
         return torch.device('cpu')
     if kind != 'cuda' or not torch.cuda.is_available():

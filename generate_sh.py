@@ -7,7 +7,8 @@ Edit the constants below (or override them with flags), then
 Each process makes a contiguous, disjoint index range. num_gpus = 0 runs CPU processes that
 share the cores. With --num_nodes N --node_rank R every machine writes the run.sh of its own
 slice of the index range (node R starts at start_index + R * the pairs of one node).
---slurm writes a SLURM array script instead (one array task per process slice).
+--slurm writes a SLURM array script instead: one array task per process slice, each a single process on
+a GPU of its own (the G x P slices of G GPUs with P processes each become G x P tasks of one GPU).
 """
 import argparse
 import os
@@ -41,10 +42,10 @@ def get_args(argv=None):
     p.add_argument('--extra', type=str, default='',
                    help='extra flags for every process, e.g. "--seed 1 --num_epochs 10"')
     p.add_argument('--out', type=str, default='run.sh', help='script to write')
-    p.add_argument('--slurm', action='store_true', help='write a SLURM array script instead of run.sh')
-    p.add_argument('--gpus_per_task', type=int, default=1, help='GPUs per SLURM array task (--slurm)')
+    p.add_argument('--slurm', action='store_true',
+                   help='write a SLURM array script instead of run.sh: a task per process slice, one GPU each')
     args = p.parse_args(argv)
-    for flag in ('num_processes_each_gpu', 'num_data_each_process', 'num_nodes', 'num_cpus', 'gpus_per_task'):
+    for flag in ('num_processes_each_gpu', 'num_data_each_process', 'num_nodes', 'num_cpus'):
         if getattr(args, flag) <= 0:
             raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
     if args.num_gpus < 0 or args.start_index < 0:
@@ -89,7 +90,7 @@ def slurm_sh(args):
     num_tasks = max(args.num_gpus, 1) * args.num_processes_each_gpu * args.num_nodes
     n = args.num_data_each_process
     script = 'construct_val.py' if args.val else 'construct_train.py'
-    gres = f'#SBATCH --gres=gpu:{args.gpus_per_task}' if args.num_gpus else '#SBATCH --cpus-per-task=1'
+    gres = '#SBATCH --gres=gpu:1' if args.num_gpus else '#SBATCH --cpus-per-task=1'  # a process uses one GPU
     device = '' if args.num_gpus else ' --device cpu --num_threads 1'
     return '\n'.join([
         '#!/bin/bash', '#SBATCH --job-name=kt-pairs', f'#SBATCH --array=0-{num_tasks - 1}', gres,

@@ -80,21 +80,34 @@ def read_recipe(root):
     path = os.path.join(root, 'recipe.json')
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f'{path}: not a readable recipe ({e}); generation writes it before the first shard: '
+                        f'delete it if the folder holds no pairs yet') from None
+
+
+def holds_pairs(root):
+    """Whether root holds any network: a shard, or a file of the original layout."""
+    folders = {d for dirs in ORIGINAL_DIRS.values() for d in dirs.values()}
+    return bool(list_shards(root)) or any(os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d))
+                                          for d in folders)
 
 
 def claim_root(root, recipe):
-    """Make root/recipe.json hold `recipe`; refuse a root made with another recipe."""
+    """Make root/recipe.json hold `recipe`; refuse a root holding networks made with another recipe (a
+    recipe.json left by a run that made none is replaced)."""
     os.makedirs(root, exist_ok=True)
     old = read_recipe(root)
+    if old is not None and old != recipe and not holds_pairs(root):
+        old = None
     if old is not None and old != recipe:
         diff = {k: (old.get(k), recipe.get(k)) for k in set(old) | set(recipe) if old.get(k) != recipe.get(k)}
         raise UserError(f'{root} holds pairs made with another recipe (stored vs asked: {diff}); '
                         f'use another --data_root or the same settings')
     if old is None:
-        path = os.path.join(root, 'recipe.json')
-        atomic_write(path, json.dumps(recipe, indent=1, sort_keys=True) + '\n')
+        atomic_write(os.path.join(root, 'recipe.json'), json.dumps(recipe, indent=1, sort_keys=True) + '\n')
 
 
 def write_shard(root, shard):
@@ -134,6 +147,9 @@ def read_pairs(root, num, blocks=None, start=0):
         if a >= end:
             break
         shard = load_shard(path)
+        if not torch.equal(shard['index'], torch.arange(a, b)):
+            raise UserError(f'{path}: its networks are not {a}..{b - 1} as its name says (a renamed or copied '
+                            f'shard?); regenerate it')
         if recipe is not None and shard.get('recipe') != recipe:
             raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
         recipe = shard.get('recipe')
@@ -329,15 +345,17 @@ class TrainDataset(_PairData):
     targets [conv1.weight, conv2.weight] of the SimpleBlock_NoBn.
 
     Attributes (stacked tensors, leading axis = pair): basic and simple (dicts by state-dict key; simple is
-    None without small blocks), begin and last (None unless with_networks=True and present: training
-    never needs them and at 300k pairs Last alone is 7 GB), acc_large / acc_small_init / acc_small
+    None without small blocks), begin and last (None unless with_networks names them, or is True for both,
+    and present: the weight MSE never needs them and at 300k pairs Last alone is 7 GB), acc_large / acc_small_init
+    / acc_small
     ((num,) float64 in %, None in the original layout), recipe (dict or None), layout. start: the index of
     the first pair read (pairs start .. start + num - 1)."""
     original_dirs = ORIGINAL_DIRS['train']
     original_required = ('basic',)
 
     def __init__(self, base_path, num, with_networks=False, start=0):
-        super().__init__(base_path, num, ('basic', 'simple') + (('begin', 'last') if with_networks else ()), start)
+        networks = ('begin', 'last') if with_networks is True else tuple(with_networks or ())
+        super().__init__(base_path, num, ('basic', 'simple') + networks, start)
 
     def __getitem__(self, i):
         self.require('simple', 'MSE targets')

@@ -22,7 +22,8 @@ MNIST_HELP = ('put the four MNIST IDX files (.gz or uncompressed) in <mnist_root
 def mnist_raw_dir(root):
     """The folder holding the IDX files: <root>/MNIST/raw, or root itself if the files are there."""
     raw = os.path.join(root, 'MNIST', 'raw')
-    if not os.path.isdir(raw) and any(os.path.exists(os.path.join(root, n + '.gz')) for n in MNIST_FILES):
+    if not os.path.isdir(raw) and any(os.path.exists(os.path.join(root, n + ext))
+                                      for n in MNIST_FILES for ext in ('.gz', '')):
         return root
     return raw
 

@@ -14,6 +14,7 @@ from evaluate import BASELINES, verdict  # noqa: F401  (BASELINES: for the table
 
 ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'KT (best)', 'KT (last)',
          'Retrained']
+NETWORK_ROWS = ('Large (BasicBlock)', 'Weight selection', 'Retrained')  # fixed by the val networks and test images
 
 
 def load_summary(path):
@@ -42,18 +43,22 @@ def table(summary, hist=False):
 
 
 def side_by_side(summaries, labels):
-    """One table of runs on the same validation networks: the reference rows once, then each run's KT rows,
+    """One table of runs on the same validation networks: the reference rows they share once, then each
+    run's own rows (KT, and Random Init or Mean target where its seed or training set makes them differ),
     and each run's verdict."""
     first = summaries[0]['rows']
     for s, label in zip(summaries[1:], labels[1:]):
-        same = [n for n in first if not n.startswith('KT') and n in s['rows'] and n != 'Mean target']
-        if any(s['rows'][n]['accs'] != first[n]['accs'] for n in same):
+        if any(s['rows'][n]['accs'] != first[n]['accs'] for n in NETWORK_ROWS if n in first and n in s['rows']):
             raise utils.UserError(f'{label}: scored on other validation networks or test images than {labels[0]}; '
                                   f'--side_by_side needs runs on the same ones')
+    present = dict.fromkeys(n for s in summaries for n in s['rows'])
+    names = [n for n in ORDER if n in present] + [n for n in present if n not in ORDER]
+    shared = [n for n in names if not n.startswith('KT') and n in first and all(
+        n in s['rows'] and s['rows'][n]['accs'] == first[n]['accs'] for s in summaries)]
+    own = [n for n in names if n not in shared]
     lines = ['| row | mean | min | max |', '| --- | --- | --- | --- |']
-    refs = [n for n in ORDER if n in first and not n.startswith('KT')]
-    for name, r in [(n, first[n]) for n in refs] + [(f'{kt}, {label}', s['rows'][kt]) for s, label in
-                                                     zip(summaries, labels) for kt in ('KT (best)', 'KT (last)')]:
+    for name, r in [(n, first[n]) for n in shared] + [(f'{n}, {label}', s['rows'][n]) for s, label in
+                                                       zip(summaries, labels) for n in own if n in s['rows']]:
         lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
     lines.append('')
     lines += [f'{label}: ' + verdict(s['rows']) for s, label in zip(summaries, labels)]

@@ -22,8 +22,8 @@ summary.json: {"run", "checkpoint" (path of the best translator), "config" (MLPM
 "best_step", "steps_per_epoch", "num_epochs", "selection" ("val" or "holdout <N>"), "num_val",
 "num_test_images", "train_pairs", "rows": {name: {"mean", "min", "max", "histogram" (20 counts, 5% bins),
 "accs" (per val network)}}} with rows "Large (BasicBlock)", "Random Init", "Mean target" (if the train set
-has small blocks), "Weight selection", "Retrained" (if the val set has retrained small blocks), "KT (best)",
-"KT (last)"; accuracies in % on the MNIST test set.
+has small blocks), "Mean canonical target" (with --canonical_targets), "Weight selection", "Retrained" (if the
+val set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set.
 """
 import argparse
 import csv
@@ -51,6 +51,7 @@ from utils import UserError
 
 log = logging.getLogger(__name__)
 METRICS = ('epoch', 'loss', 'lr', 'mean', 'min', 'max')
+BEST_NAME = re.compile(r'\d+\.\d\d\.pth')  # <best val mean accuracy>.pth
 
 
 # ---------------------------------------------------------------------------------------- flags
@@ -121,7 +122,8 @@ def make_parser():
                         'training, instead of on the validation networks (the original picks on the validation '
                         'networks); N=0: the original')
     e.add_argument('--tf32', action='store_true',
-                   help='CUDA: TF32 matmuls (faster, lower precision than the fp32 the paper used)')
+                   help='CUDA: TF32 matmuls and cuDNN convolutions (faster, lower precision); without it both '
+                        'stay float32')
     e.add_argument('--amp', default='none', choices=['none', 'bf16'],
                    help='bf16: the training forward under torch.autocast to bfloat16 (CUDA; CPU autocast is '
                         'allowed too, but only CPUs with bf16 units gain), loss in float32; evaluation stays '
@@ -131,7 +133,9 @@ def make_parser():
                    help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
                         'original); when it is already set (SLURM, ...), the K-th GPU it makes visible (cuda:K). '
                         'Ignored under torchrun (each process takes cuda:LOCAL_RANK)')
-    s.add_argument('--device', default=None, help='e.g. cpu, cuda, cuda:1; None: CUDA if present, else CPU')
+    s.add_argument('--device', default=None,
+                   help='e.g. cpu, cuda, cuda:1; None: CUDA if present, else CPU (on --resume: the same kind of '
+                        'device as the run, whose random streams are that kind\'s)')
     s.add_argument('--train_path', default='./data/train', help='training pairs (shards or the original layout)')
     s.add_argument('--val_path', default='./data/val', help='validation networks (shards or the original layout)')
     s.add_argument('--ckpt_path', default='./ckpts/nobn', help='run directories with checkpoints go under this')
@@ -256,10 +260,14 @@ def run_name(args):
 
 
 def research_suffix(args):
-    """What non-default options add to the last sub-directory: nothing for the original's runs, else
-    _hold<N>, _perm, _canon, _hinv and, with a functional term,
+    """What non-default options beyond the original add to the last sub-directory: nothing for the original's
+    runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv and, with a functional term,
     _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64."""
-    parts = ([f'hold{args.holdout_networks}'] if args.holdout_networks else []) + \
+    default = PARSER.get_default
+    parts = ([f'val{args.val_data_length}'] if args.val_data_length != default('val_data_length') else []) + \
+        ([f'test{args.num_test_images}'] if args.num_test_images != default('num_test_images') else []) + \
+        (['tf32'] if args.tf32 else []) + ([args.amp] if args.amp != 'none' else []) + \
+        ([f'hold{args.holdout_networks}'] if args.holdout_networks else []) + \
         (['perm'] if args.perm_aug else []) + (['canon'] if args.canonical_targets else []) + \
         (['hinv'] if args.hidden_invariant_loss else [])
     if args.loss != 'mse':
@@ -277,8 +285,8 @@ def flagfile_text(args):
     """The flags of a run, one --flag=value a line (switches that are on as --flag), for @flagfile.txt."""
     lines = []
     for key, value in sorted(vars(args).items()):
-        if key == 'flagfile' or value is None or value is False:
-            continue
+        if key in ('flagfile', 'resume', 'stop_after_epoch') or value is None or value is False:
+            continue  # the file repeats the run from its start
         lines.append(f'--{key}' if value is True else f'--{key}={value}')
     return '\n'.join(lines) + '\n'
 
@@ -343,12 +351,16 @@ def train_step(model, optimizer, objective, batch, gen, weight=1.0, grad_clip=-1
 
 def load_data(args, device):
     """(training set, validation set on the device, held-out training networks on the device or None)."""
-    functional = args.loss != 'mse'  # needs each training network's Begin (and Last for --ce_weight)
-    train_set = loader.TrainDataset(args.train_path, args.train_data_length, with_networks=functional)
+    # the functional term needs each training network's Begin, and its Last only for --ce_weight (7 GB at 300k)
+    networks = (('begin',) + (('last',) if args.ce_weight > 0 else ())) if args.loss != 'mse' else ()
+    train_set = loader.TrainDataset(args.train_path, args.train_data_length, with_networks=networks)
     losses.check_data(args, train_set)
-    if functional and args.ce_weight == 0:
-        train_set.last = None  # not needed: free it (7 GB at 300k pairs)
     val_set = loader.ValDataset(args.val_path, args.val_data_length).to(device)
+    for flag, data, kind in (('--train_path', train_set, 'train'), ('--val_path', val_set, 'val')):
+        made = (data.recipe or {}).get('kind', kind)
+        if made != kind:  # training on validation networks, or picking epochs on training ones, leaks
+            raise UserError(f'{flag} {data.base_path} holds {made} networks (construct_{made}.py); '
+                            f'it takes {kind} networks from construct_{kind}.py')
     holdout = None
     if args.holdout_networks:
         holdout = loader.TrainDataset(args.train_path, args.holdout_networks, with_networks=True,
@@ -378,7 +390,7 @@ def tensorboard_writer(log_dir):
 
 def rng_state(gen, device):
     """Every random state a resumed run needs: torch's (dropout, init), CUDA's, and the batch generator's."""
-    state = {'torch': torch.get_rng_state(), 'gen': gen.get_state()}
+    state = {'torch': torch.get_rng_state(), 'gen': gen.get_state(), 'gen_device': device.type}
     if device.type == 'cuda':
         state['cuda'] = torch.cuda.get_rng_state(device)
     return state
@@ -392,8 +404,17 @@ def set_rng_state(state, gen, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def load_resume_state(args, path):
-    """last.pth of the run when --resume finds one, else None; refused if written with other flags."""
+def data_fingerprint(train_set, val_set):
+    """Counts and float64 sums of the training pairs' and validation networks' BasicBlocks: what a resumed run
+    checks so that it reads the data it started on (the folders may move)."""
+    def total(blocks):
+        return sum(t.sum(dtype=torch.float64).item() for t in blocks.values())
+    return {'train': [len(train_set), total(train_set.basic)], 'val': [len(val_set), total(val_set.basic)]}
+
+
+def load_resume_state(args, path, fingerprint, device):
+    """last.pth of the run when --resume finds one, else None; refused if written with other flags or data,
+    or on another kind of device."""
     if not (args.resume and os.path.exists(path)):
         return None
     state = utils.load_file(path, 'resume checkpoint', '; delete it to start the run afresh')
@@ -402,6 +423,16 @@ def load_resume_state(args, path):
     if changed:
         raise UserError(f'{path} was written with other flags (stored vs given: {changed}); '
                         f'resume with the same flags or drop --resume')
+    for split, flag in (('train', '--train_path'), ('val', '--val_path')):
+        (n0, s0), (n1, s1) = state.get('data', fingerprint)[split], fingerprint[split]
+        if n0 != n1 or not math.isclose(s0, s1, rel_tol=1e-9, abs_tol=1e-6):
+            raise UserError(f'{path}: the run was started on other {split} networks than {flag} '
+                            f'{getattr(args, flag[2:])} holds now; point {flag} at the data it started on, '
+                            f'or drop --resume')
+    made_on = state['rng'].get('gen_device', device.type)
+    if made_on != device.type:
+        raise UserError(f'{path}: the run was started on a {made_on} device and its random streams continue only '
+                        f'there; resume with --device {made_on}')
     return state
 
 
@@ -443,6 +474,7 @@ def main(argv=None):
     ctx = distributed.setup(args.device, args.gpu_id)  # rank 0 of 1 outside torchrun
     device = ctx.device
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32  # torch's default lets cuDNN convolutions (scoring) use TF32
     torch.manual_seed(args.seed)
 
     # Data first, so that bad input fails before a run directory is made. Everything stays on the
@@ -462,7 +494,8 @@ def main(argv=None):
     run = run_name(args)
     ckpt_dir, log_dir = os.path.join(args.ckpt_path, run), os.path.join(args.log_path, run)
     last_path = os.path.join(ckpt_dir, 'last.pth')
-    state = load_resume_state(args, last_path)
+    fingerprint = data_fingerprint(train_set, val_set)
+    state = load_resume_state(args, last_path, fingerprint, device)
     if ctx.is_main:  # under torchrun only rank 0 logs and writes files
         open_run(args, ctx, ckpt_dir, log_dir)
     if args.resume and state is None:
@@ -558,8 +591,11 @@ def main(argv=None):
             if pick > best['mean']:
                 best = {'mean': pick, 'epoch': epoch, 'accs': last_accs,
                         'model': {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                log.info(f'Update Best Mean Accuracy {pick:.2f}%')
-            message += f'  test acc {utils.acc_summary(last_accs)}  (best mean {best["mean"]:.2f} at {best["epoch"]})'
+                # the original's line, with the val mean as there
+                log.info(f'Update Best Mean Accuracy {row["mean"]:.2f}%' +
+                         (f' (picked on the held-out mean {pick:.2f}%)' if holdout else ''))
+            message += (f'  test acc {utils.acc_summary(last_accs)}  (best {"held-out " if holdout else ""}mean '
+                        f'{best["mean"]:.2f} at {best["epoch"]})')
             message += f'\n  counts per 5% bin: {utils.acc_histogram(last_accs)}'
         log.info(message + f'  [{time.time() - t0:.1f} s]')
         metrics.append(row)
@@ -570,7 +606,7 @@ def main(argv=None):
             utils.atomic_save({'config': config, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                'scheduler': scheduler.state_dict() if scheduler is not None else None,
                                'epoch': epoch + 1, 'best': best, 'metrics': metrics, 'last_accs': last_accs,
-                               'refs': refs, 'rng': rng, 'args': vars(args)}, last_path)
+                               'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)}, last_path)
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             log.info(f'--stop_after_epoch {args.stop_after_epoch}: stopping; continue with --resume')
             stopped = True
@@ -584,6 +620,10 @@ def main(argv=None):
     best_path = os.path.join(ckpt_dir, f'{best_val:.2f}.pth')
     utils.atomic_save({'config': config, 'model': best['model'], 'epoch': best['epoch'],
                        'mean_acc': best_val, 'args': vars(args)}, best_path)
+    for name in os.listdir(ckpt_dir):  # an earlier run of these flags left its best translator here
+        if BEST_NAME.fullmatch(name) and name != os.path.basename(best_path):
+            os.remove(os.path.join(ckpt_dir, name))
+            log.info(f'removed {name}, the best translator of an earlier run in {ckpt_dir}')
     final = {**refs, 'KT (best)': best['accs'], 'KT (last)': last_accs}
     summary = {'run': run, 'checkpoint': best_path, 'config': config, 'best_epoch': best['epoch'],
                'best_step': (best['epoch'] + 1) * iters, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
@@ -591,7 +631,8 @@ def main(argv=None):
                'num_test_images': len(images), 'train_pairs': len(train_set),
                'rows': {name: evaluate.acc_row(accs) for name, accs in final.items()}}
     utils.atomic_write(os.path.join(ckpt_dir, 'summary.json'), json.dumps(summary, indent=1))
-    log.info(f'Best Mean Accuracy {best["mean"]:.2f}%')
+    log.info(f'Best Mean Accuracy {best_val:.2f}%' + (f' (picked on the held-out mean {best["mean"]:.2f}%)'
+                                                      if holdout else ''))
     log.info(f'Accuracy Distribution {utils.acc_histogram(best["accs"])}')
     log.info(f'summary (test accuracy in %, {len(val_set)} validation networks):')
     for name, accs in final.items():

@@ -136,6 +136,9 @@ def main(argv=None):
         if args.begin is not None:
             network['begin'] = load_block(args.begin, 'begin', 'BeginBlock')
             network['last'] = load_block(args.last, 'last', 'LastBlock')
+    if 'begin' in network:  # a bad --device or --mnist_root fails before --out is written
+        device = utils.get_device(args.gpu_id, args.device)
+        images, labels = mnist.load_mnist(args.mnist_root, train=False)
     basic = network['basic']
     translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])
     simple = {k: t[0].contiguous() for k, t in translated.items()}
@@ -145,8 +148,6 @@ def main(argv=None):
           f'conv2 {tuple(simple["conv2.weight"].shape)}')
     if 'begin' not in network:
         return
-    device = utils.get_device(args.gpu_id, args.device)
-    images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
     blocks = dict(network, translated=simple)
     stacked = {name: {k: v[None].to(device) for k, v in sd.items()} for name, sd in blocks.items()}

@@ -67,7 +67,7 @@ def get_device(gpu_id=0, device=None):
     """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU."""
     global _own_pin
     if device:
-        return torch.device(device)
+        return check_device(device)
     environ = dict(os.environ)
     if _own_pin is not None and environ.get('CUDA_VISIBLE_DEVICES') == _own_pin:
         del environ['CUDA_VISIBLE_DEVICES']  # set by an earlier call of this process, not by a scheduler
@@ -76,6 +76,22 @@ def get_device(gpu_id=0, device=None):
         os.environ['CUDA_VISIBLE_DEVICES'] = _own_pin = pin
     num_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return torch.device(choose_gpu(gpu_id, environ, num_visible))
+
+
+def check_device(name):
+    """torch.device(name); a UserError naming --device if it is malformed or a GPU this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f'--device {name}: not a device ({e}); use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f'--device {name}: no CUDA GPU is visible to torch {torch.__version__} here; '
+                            f'use --device cpu')
+        if device.index is not None and device.index >= n:
+            raise UserError(f'--device {name}: {n} GPU(s) are visible, cuda:0..cuda:{n - 1}')
+    return device
 
 
 def fits_in_memory(nbytes, device, fraction=0.3):
@@ -94,6 +110,8 @@ def seed_for(seed, split, index):
 def atomic_write(path, data):
     """Write `data` (bytes, str, or a function that writes to a binary file object) to path through a
     temporary file in the same folder and os.replace: never a half-written file."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder; give a file name to write')
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix=os.path.splitext(path)[1])

@@ -1,5 +1,6 @@
 """TrainDataset / ValDataset: both layouts, the item API, stacked attributes and clear errors."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,17 @@ def test_corrupt_file_is_named(tmp_path):
         f.write(b'\x00' * 10)
     with pytest.raises(UserError, match=bad):
         loader.ValDataset(str(tmp_path / 'o'), 3)
+
+
+def test_renamed_shard_and_corrupt_recipe_are_named(tmp_path):
+    root = tmp_path / 's'
+    write_shards(root, 8, shard_size=4)
+    shutil.copy(loader.shard_path(str(root), 0, 4), loader.shard_path(str(root), 4, 8))  # networks 0..3 as 4..7
+    with pytest.raises(UserError, match='its networks are not 4..7 as its name says'):
+        loader.TrainDataset(str(root), 8)
+    (root / 'recipe.json').write_text('{"seed": ')
+    with pytest.raises(UserError, match='recipe.json: not a readable recipe'):
+        loader.TrainDataset(str(root), 4)
 
 
 def test_empty_or_wrong_folders(tmp_path):

@@ -214,9 +214,16 @@ def test_set_logger_no_duplicates(tmp_path, capsys):
     assert capsys.readouterr().err.count('hello once') == 1
 
 
-def test_device_helper():
+def test_device_helper(tmp_path):
     assert utils.get_device(0, 'cpu') == torch.device('cpu')
     assert utils.get_device(0).type in ('cpu', 'cuda')
+    with pytest.raises(utils.UserError, match='--device foo: not a device'):
+        utils.get_device(0, 'foo')
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(utils.UserError, match=f'--device cuda:{gpus}: ' + ('no CUDA GPU' if not gpus else 'GPU')):
+        utils.get_device(0, f'cuda:{gpus}')
+    with pytest.raises(utils.UserError, match='is a folder'):  # nothing is written in its place
+        utils.atomic_write(str(tmp_path), 'text')
 
 
 def test_seeds_and_histogram():

@@ -149,6 +149,11 @@ def test_same_seed_same_shards_and_split_independent(tmp_path):
 
 
 def test_other_recipe_is_refused(tmp_path):
+    # a run that fails before making a network claims nothing; one that made none leaves a recipe to replace
+    with pytest.raises(utils.UserError, match='MNIST file missing'):
+        construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--mnist_root', str(tmp_path / 'none')))
+    assert not os.path.exists(tmp_path / 'recipe.json')
+    loader.claim_root(str(tmp_path), {'seed': 5})
     construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
     with pytest.raises(utils.UserError, match='another recipe.*seed'):
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))
@@ -221,6 +226,7 @@ def test_run_sh_content():
     slurm = generate_sh.slurm_sh(generate_sh.get_args(['--num_gpus', '8', '--num_processes_each_gpu', '5',
                                                        '--slurm', '--num_nodes', '2']))
     assert '#SBATCH --array=0-79' in slurm and 'SLURM_ARRAY_TASK_ID * 7500' in slurm
+    assert '#SBATCH --gres=gpu:1' in slurm and slurm.count('python ') == 1  # one process, one GPU per task
     with pytest.raises(utils.UserError, match='--node_rank'):
         generate_sh.get_args(['--num_nodes', '2', '--node_rank', '2'])
 

@@ -146,6 +146,11 @@ def test_original_layout_round_trip_equals_shards(tmp_path):
     b = loader.TrainDataset(str(shards), 3, with_networks=True)
     assert a.layout == 'original' and b.layout == 'shards'
     _assert_same_sets(a, b, ('basic', 'simple', 'begin', 'last'))
+    # the layout has no place for the test accuracies: the log has them, a line per network
+    log = open(orig / 'logs' / 'train_0.log').read()
+    for i in range(3):
+        assert (f'network {i}: test accuracy large {b.acc_large[i]:.2f}%, small at init {b.acc_small_init[i]:.2f}%, '
+                f'small trained {b.acc_small[i]:.2f}%') in log
     # plain state dicts, each file holding only its own network (not a view of the stacked storage)
     for folder, block in (('inputs', net.BasicBlock), ('labels', net.SimpleBlock_NoBn),
                           ('backup_begin', net.BeginBlock), ('backup_last', net.LastBlock)):
@@ -168,6 +173,9 @@ def test_original_val_layout_and_skip_simple(tmp_path):
     skip = tmp_path / 'skip'
     construct_train.generate(tiny_args(skip, '--num_data', '1', '--skip_simple', '--layout', 'original'))
     assert not (skip / 'labels').exists() and loader.TrainDataset(str(skip), 1).simple is None
+    log = open(skip / 'logs' / 'train_0.log').read()
+    assert 'network 0: test accuracy large ' in log and 'small' not in log.split('network 0:')[1].splitlines()[0]
+    assert 'nan' not in log
 
 
 def test_partial_original_root_resumes(tmp_path):

@@ -46,9 +46,21 @@ def test_verdict_and_side_by_side(tmp_path):
     assert sum(line.startswith('| Random Init |') for line in lines) == 1  # the reference rows once
     assert '| KT (best), A | 27.00 | 12.00 | 42.00 |' in lines and any(x.startswith('| KT (last), B |') for x in lines)
     assert any(x.startswith('A: KT (best epoch) beat') for x in lines)
+    # another translator seed draws another Random Init: its row is shown per run, not refused
+    seed1 = summary(lose['rows']['KT (best)']['accs'], **{'Random Init': [11.0, 19.0, 31.0, 41.0],
+                                                          'Mean target': base, 'Weight selection': base})
+    with open(tmp_path / 'seed1.json', 'w') as f:
+        json.dump(seed1, f)
+    out = subprocess.run([sys.executable, 'report.py', str(tmp_path / 'win.json'), str(tmp_path / 'seed1.json'),
+                          '--side_by_side', 'A', 'S'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert '| Random Init, A | 25.00 | 10.00 | 40.00 |' in lines and '| Random Init, S | 25.50 | 11.00 | 41.00 |' in lines
+    assert sum(line.startswith('| Weight selection |') for line in lines) == 1
+    assert any(x.startswith('S: KT (best epoch) did NOT beat Random Init') for x in lines)
     # runs on other validation networks are refused
-    other = summary(win['rows']['KT (best)']['accs'], **{'Random Init': [1.0, 2.0, 3.0, 4.0], 'Mean target': base,
-                                                         'Weight selection': base})
+    other = summary(win['rows']['KT (best)']['accs'], **{'Random Init': base, 'Mean target': base,
+                                                         'Weight selection': [1.0, 2.0, 3.0, 4.0]})
     with open(tmp_path / 'other.json', 'w') as f:
         json.dump(other, f)
     out = subprocess.run([sys.executable, 'report.py', str(tmp_path / 'win.json'), str(tmp_path / 'other.json'),

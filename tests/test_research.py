@@ -161,7 +161,7 @@ def test_resume_exact_with_research_options(pair_sets, tmp_path):
     train.main(broken + ['--stop_after_epoch', '0'])
     train.main(broken + ['--resume'])
     (ckpt_a, log_a), (ckpt_b, log_b) = run_dirs(straight), run_dirs(broken)
-    assert ckpt_a.endswith('_seed0_perm_hinv_mse+functional-w1-ce0.5-img16')
+    assert ckpt_a.endswith('_seed0_val3_test200_perm_hinv_mse+functional-w1-ce0.5-img16')
     assert open(os.path.join(log_a, 'metrics.csv')).read() == open(os.path.join(log_b, 'metrics.csv')).read()
     a, b = (torch.load(os.path.join(d, 'last.pth'), weights_only=True)['model'] for d in (ckpt_a, ckpt_b))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -208,7 +208,7 @@ def test_canonical_targets_and_holdout_selection(pair_sets, tmp_path):
                       '--holdout_networks', '3', '--log_step', '1')
     train.main(argv)
     ckpt_dir, log_dir = run_dirs(argv)
-    assert ckpt_dir.endswith('_n9_seed0_hold3_canon')
+    assert ckpt_dir.endswith('_n9_seed0_val3_test200_hold3_canon')
     summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
     assert summary['selection'] == 'holdout 3' and summary['train_pairs'] == 9
     assert {'Mean target', 'Mean canonical target'} <= set(summary['rows'])
@@ -217,6 +217,10 @@ def test_canonical_targets_and_holdout_selection(pair_sets, tmp_path):
     assert summary['best_epoch'] == int(best['epoch'])
     assert summary['best_step'] == (int(best['epoch']) + 1) * summary['steps_per_epoch']
     assert summary['rows']['KT (best)']['mean'] == pytest.approx(float(best['mean']))
+    # the original's log line names the val mean, as the checkpoint does; the held-out mean that picked it beside
+    log_text = open(os.path.join(log_dir, 'train.log')).read()
+    assert (f"Best Mean Accuracy {float(best['mean']):.2f}% (picked on the held-out mean "
+            f"{float(best['holdout']):.2f}%)") in log_text
     # the objective's targets are the canonical forms of pairs 0..8 (not the held-out 9..11)
     data = loader.TrainDataset(pair_sets['train'], 9)
     objective = losses.Objective(train.get_args(argv), data, torch.device('cpu'))

@@ -77,7 +77,7 @@ def finished_run(pair_sets, tmp_path_factory):
 def test_end_to_end_outputs(finished_run, pair_sets):
     ckpt_dir, log_dir = run_dirs(finished_run)
     assert ckpt_dir.endswith(os.path.join('adam_lr0.001_bs5_wd0_clip-1_cos_wu0_cyc1_ep4', 'L1_S72_C16_hs16_hc16_do0',
-                                          'mask-t0_noise-t0_n12_seed0'))
+                                          'mask-t0_noise-t0_n12_seed0_val3_test200'))
     log_text = open(os.path.join(log_dir, 'train.log')).read()
     for row in ('Random Init', 'Mean target', 'Weight selection', 'Retrained', 'counts per 5% bin', 'flags:',
                 'Begin outputs on the test images cached in'):
@@ -143,7 +143,30 @@ def test_resume_equals_uninterrupted(pair_sets, tmp_path, capsys):
     assert sa['rows'] == sb['rows']
     # resuming with flags that change the results is refused
     capsys.readouterr()
-    expect_user_error(capsys, train.main, broken + ['--resume', '--val_data_length', '2'], 'other flags')
+    expect_user_error(capsys, train.main, broken + ['--resume', '--log_step', '3'], 'other flags')
+
+
+def test_resume_refuses_other_data_and_another_device_kind(pair_sets, tmp_path, capsys):
+    argv = train_argv(pair_sets, tmp_path, '--num_epochs', '2')
+    train.main(argv + ['--stop_after_epoch', '0'])
+    capsys.readouterr()
+    # the same flags on other validation networks (a system flag may change, the data may not)
+    write_shards(tmp_path / 'other_val', 3, shard_size=3, seed=3)
+    other = train_argv({**pair_sets, 'val': str(tmp_path / 'other_val')}, tmp_path, '--num_epochs', '2')
+    expect_user_error(capsys, train.main, other + ['--resume'], 'the run was started on other val networks')
+    # the same data moved to another folder resumes
+    shutil.copytree(pair_sets['train'], tmp_path / 'moved_train')
+    moved = train_argv({**pair_sets, 'train': str(tmp_path / 'moved_train')}, tmp_path, '--num_epochs', '2')
+    last = os.path.join(run_dirs(argv)[0], 'last.pth')
+    state = torch.load(last, weights_only=True)
+    state['rng']['gen_device'] = 'cuda'  # as if written on a GPU: its batch generator's state is CUDA's
+    torch.save(state, last)
+    expect_user_error(capsys, train.main, moved + ['--resume'], 'resume with --device cuda')
+    state['rng']['gen_device'] = 'cpu'
+    torch.save(state, last)
+    train.main(moved + ['--resume'])
+    assert 'resumed from' in open(os.path.join(run_dirs(argv)[1], 'train.log')).read()
+    assert os.path.exists(os.path.join(run_dirs(argv)[0], 'summary.json'))
 
 
 def lrs_of(pair_sets, out, *extra):
@@ -287,7 +310,8 @@ def test_translate_takes_a_network_from_a_dataset(finished_run, pair_sets, tmp_p
                                                         '--out', str(tmp_path / 'x.pth')], 'holds no Begin blocks')
     for flags, message in ((['--data_root', pair_sets['val']], '--data_root takes --index I'),
                            (['--data_root', pair_sets['val'], '--index', '3'], 'missing indices: 3'),
-                           (['--index', '0'], 'either as --complex FILE or as --data_root DIR --index I')):
+                           (['--index', '0'], 'either as --complex FILE or as --data_root DIR --index I'),
+                           (['--data_root', pair_sets['val'], '--index', '0', '--device', 'foo'], '--device foo')):
         expect_user_error(capsys, translate.main, common + flags + ['--out', str(tmp_path / 'x.pth')], message)
     assert not os.path.exists(tmp_path / 'x.pth')
 
@@ -326,6 +350,35 @@ def test_translate_reads_original_state_dicts(tmp_path, capsys):
 ])
 def test_bad_train_flags(pair_sets, tmp_path, capsys, flags, message):
     expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, *flags), message)
+
+
+def test_a_rerun_of_the_same_flags_replaces_the_earlier_best_translator(finished_run, pair_sets, tmp_path):
+    argv = list(finished_run)
+    ckpt_dir, log_dir = run_dirs(argv)
+    stale = os.path.join(ckpt_dir, '99.99.pth')
+    shutil.copy(os.path.join(ckpt_dir, 'last.pth'), stale)
+    keep = os.path.join(ckpt_dir, '99.99.pth.bak')  # not a best checkpoint's name: left alone
+    shutil.copy(stale, keep)
+    train.main(argv)
+    summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
+    assert not os.path.exists(stale) and os.path.exists(keep) and os.path.exists(summary['checkpoint'])
+    assert 'removed 99.99.pth, the best translator of an earlier run' in open(os.path.join(log_dir, 'train.log')).read()
+    # the flagfile repeats the run from its start: it never holds --resume or --stop_after_epoch
+    train.main(argv + ['--resume', '--stop_after_epoch', '9'])
+    flags = open(os.path.join(log_dir, 'flagfile.txt')).read().splitlines()
+    assert '--num_epochs=4' in flags and not any(f.startswith(('--resume', '--stop_after_epoch')) for f in flags)
+
+
+def test_train_and_val_sets_are_not_swapped(pair_sets, tmp_path, capsys, monkeypatch):
+    import conftest
+    monkeypatch.setattr(conftest, 'TEST_RECIPE', dict(conftest.TEST_RECIPE, kind='val'))
+    write_shards(tmp_path / 'val_kind', 12, seed=1)
+    monkeypatch.setattr(conftest, 'TEST_RECIPE', dict(conftest.TEST_RECIPE, kind='train'))
+    write_shards(tmp_path / 'train_kind', 3, seed=2)
+    expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, '--train_path', str(tmp_path / 'val_kind')),
+                      'holds val networks (construct_val.py); it takes train networks from construct_train.py')
+    expect_user_error(capsys, train.main, train_argv(pair_sets, tmp_path, '--val_path', str(tmp_path / 'train_kind')),
+                      'holds train networks (construct_train.py); it takes val networks from construct_val.py')
 
 
 def test_bad_train_data(pair_sets, tmp_path, capsys):
