@@ -38,7 +38,8 @@ study canon --canonical_targets
 study hinv --hidden_invariant_loss
 study perm --perm_aug
 study functional_perm --loss functional --functional_images 32 --perm_aug
+TRANSLATORS=$(find "$WORK/study" -name "[0-9]*.pth")  # none if every study step ran out of time
 step identifiability 120 python experiments/identifiability.py --device "$DEVICE" --data_root "$WORK/val" $IDENT \
-  --translators $(find "$WORK/study" -name "[0-9]*.pth") --out "$WORK/identifiability"
+  ${TRANSLATORS:+--translators $TRANSLATORS} --out "$WORK/identifiability"
 python report.py "$WORK"/study_*.json > "$WORK/study_tables.md" 2>&1
 finish

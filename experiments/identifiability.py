@@ -142,7 +142,9 @@ def retrain_all(data, args, rargs, mnist, device, cache_path):
     k, r = args.num_networks, args.num_inits
     jobs = [(i, j) for i in range(k) for j in range(r)]
     seeds = [utils.seed_for(args.seed, f'{SPLIT}/init{j}', i) for i, j in jobs]
-    recipe = {key: getattr(rargs, key) for key in ('num_epochs', 'lr', 'batch_size', 'num_train_images')}
+    # the blocks' test accuracies are kept too: the test images are part of the key
+    recipe = {key: getattr(rargs, key) for key in ('num_epochs', 'lr', 'batch_size', 'num_train_images',
+                                                    'num_test_images')}
     cache = utils.load_file(cache_path, 'retrained blocks') if os.path.exists(cache_path) else {}
     done = cache.get('blocks', {}) if cache.get('recipe') == recipe and cache.get('data_root') == args.data_root else {}
     # one at a time on a CPU (grouped convolutions are slower there, BENCHMARKS.md); all at once on a GPU
@@ -191,7 +193,8 @@ def pair_cosines(a, b, pairs):
 
 
 def summary(values):
-    """mean, standard error of the mean, n, min, max and the values of a 1-d tensor."""
+    """mean, standard error of the mean (the values taken as independent), n, min, max and the values of a 1-d
+    tensor."""
     v = values.double()
     se = (v.std() / len(v) ** 0.5).item() if len(v) > 1 else float('nan')
     return {'mean': v.mean().item(), 'se': se, 'n': len(v), 'min': v.min().item(), 'max': v.max().item(),

@@ -171,8 +171,10 @@ def main():
         means = [f"{name}: {s['rows']['Mean target']['mean']:.2f}" for name in names
                  if (s := load(name)) and 'Mean target' in s['rows']]
         print(f"\nMean target (depends on the pairs used): {', '.join(means) or 'n/a'}")
-    metrics = [os.path.join(root, 'metrics.csv') for root, _, files in os.walk(os.path.join(RESULTS, 'demo', 'logs'))
-               if 'metrics.csv' in files]
+    # the faithful run of demo.sh (300 epochs); its functional run (100 epochs) sits beside it
+    metrics = sorted(os.path.join(root, 'metrics.csv')
+                     for root, _, files in os.walk(os.path.join(RESULTS, 'demo', 'logs'))
+                     if 'metrics.csv' in files and '_ep300' + os.sep in root + os.sep and root.endswith('_seed0'))
     if metrics:
         print('\n#### Inside the main job (256 pairs, cosine schedule over 300 epochs): evaluations\n')
         print('| epoch | training loss | KT mean | KT min | KT max |\n| --- | --- | --- | --- | --- |')

@@ -5,6 +5,7 @@ train_run() {
   local dir=$1; shift
   [ -f "$dir/summary.json" ] && { echo "skip $dir (done)"; return; }
   local tmp=/tmp/kt_results/$dir
+  rm -rf "$tmp"  # an earlier, unfinished attempt would leave a second run to copy from
   mkdir -p "$dir"
   echo "python train.py $*" | tee "$dir/command.txt"
   python train.py "$@" --ckpt_path "$tmp/ckpts" --log_path "$tmp/logs" > "$dir/stdout.log" 2>&1

@@ -96,11 +96,11 @@ def test_recipe_pieces(mnist):
     assert shard['seed'].tolist() == [utils.seed_for(0, 'train', i) for i in range(2)]
 
 
-def test_begin_cache_is_exact(mnist):
+def test_begin_cache_trains_the_same_small_blocks(mnist):
     args = tiny_args('unused', '--num_epochs', '2')
     a = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=True)
     b = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=False)
-    for name in a['simple']:
+    for name in a['simple']:  # up to float rounding: the cache runs Begin on other batch shapes
         torch.testing.assert_close(a['simple'][name], b['simple'][name], atol=1e-5, rtol=1e-4)
 
 

@@ -66,6 +66,18 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
     with open(out + '.json') as f:
         again = json.load(f)
     assert os.path.getmtime(out + '.blocks.pt') == stamp and again['cosine'] == report['cosine']
+    # the 'target' row pairs retraining (i, s) with network i's own stored block
+    val = loader.ValDataset(val_root, 2)
+    trained = {tuple(b['job']): b['trained'] for b in blocks.values()}
+    want = [net.best_order_cosine((trained[(i, s)]['conv1.weight'], trained[(i, s)]['conv2.weight']),
+                                  (val.simple['conv1.weight'][i:i + 1], val.simple['conv2.weight'][i:i + 1])).item()
+            for i in range(2) for s in range(2)]
+    assert report['cosine']['target']['values'] == pytest.approx(want, abs=1e-6)
+    # other test images: the kept blocks' accuracies are not reused (they were scored on 100 images)
+    identifiability.main(['--data_root', val_root, '-K', '2', '-R', '2', '--out', out, '--num_test_images', '50'])
+    with open(out + '.json') as f:
+        fifty = json.load(f)
+    assert all((v * 50 / 100) == round(v * 50 / 100) for v in fifty['acc']['retrained']['values'])
 
 
 def test_retraining_is_the_recipe(val_root, one_thread):

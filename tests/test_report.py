@@ -55,7 +55,8 @@ def test_verdict_and_side_by_side(tmp_path):
                           '--side_by_side', 'A', 'S'], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert '| Random Init, A | 25.00 | 10.00 | 40.00 |' in lines and '| Random Init, S | 25.50 | 11.00 | 41.00 |' in lines
+    assert '| Random Init, A | 25.00 | 10.00 | 40.00 |' in lines
+    assert '| Random Init, S | 25.50 | 11.00 | 41.00 |' in lines
     assert sum(line.startswith('| Weight selection |') for line in lines) == 1
     assert any(x.startswith('S: KT (best epoch) did NOT beat Random Init') for x in lines)
     # runs on other validation networks are refused

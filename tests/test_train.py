@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import mnist
 import net
 import train
 import translate
+import utils
 from conftest import ROOT, write_original, write_shards
 from mixer import MLPMixer
 
@@ -55,7 +57,6 @@ def run_cli(code, *argv):
 
 def expect_user_error(capsys, main, argv, message):
     """main(argv) under utils.run_main exits with status 2 and prints `message` on stderr."""
-    import utils
     with pytest.raises(SystemExit) as exc:
         utils.run_main(lambda: main(argv))
     assert exc.value.code == 2
@@ -105,9 +106,22 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     middle = evaluate.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
     accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, 'simple')
     assert [round(a, 4) for a in accs.tolist()] == best['accs']
-    # reference rows are what they claim to be
-    retrained = net.stacked_accuracy(images[:200], labels[:200], val.begin, val.simple, val.last, 'simple')
-    assert [round(a, 4) for a in retrained.tolist()] == summary['rows']['Retrained']['accs']
+    # reference rows are what they claim to be, each built here from its definition
+    train_simple = loader.TrainDataset(pair_sets['train'], 12).simple
+    c1, c2 = val.basic['conv1.weight'], val.basic['conv2.weight']
+    with torch.random.fork_rng(devices=[]):  # Random Init: a default SimpleBlock_NoBn per network, seeded
+        random_init = []
+        for i in range(3):
+            torch.manual_seed(utils.seed_for(0, 'random_init', i))
+            random_init.append(net.SimpleBlock_NoBn().state_dict())
+    rows = {'Large (BasicBlock)': (val.basic, 'basic'), 'Retrained': (val.simple, 'simple'),
+            'Mean target': ({k: t.mean(0, keepdim=True).expand(3, *t.shape[1:]) for k, t in train_simple.items()},
+                            'simple'),
+            'Weight selection': ({'conv1.weight': c1[:, :3], 'conv2.weight': c2[:, :, :3]}, 'simple'),
+            'Random Init': ({k: torch.stack([sd[k] for sd in random_init]) for k in random_init[0]}, 'simple')}
+    for name, (middle, kind) in rows.items():
+        accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, kind)
+        assert [round(a, 4) for a in accs.tolist()] == summary['rows'][name]['accs'], name
 
 
 def test_trains_on_the_original_layout(tmp_path):
@@ -229,6 +243,27 @@ def test_mask_and_noise_targets(target, hit_t, hit_s):
     for got, hit in ((ti, hit_t), (si, hit_s)):
         std = (got[1] - 1).std().item()
         assert (abs(std - 0.5) < 0.01) if hit else std == 0
+
+
+def test_optimizers_and_gradient_clipping():
+    """The original's --optimizer sgd (momentum 0.9), --wd and --grad_clip, against torch itself."""
+    model = torch.nn.Linear(4, 3)
+    sgd = train.make_optimizer(model, train.get_args(['--optimizer', 'sgd', '--lr', '0.5', '--wd', '0.01']))
+    assert isinstance(sgd, torch.optim.SGD) and (sgd.defaults['lr'], sgd.defaults['momentum'],
+                                                 sgd.defaults['weight_decay']) == (0.5, 0.9, 0.01)
+    adam = train.make_optimizer(model, train.get_args(['--wd', '0.02']))
+    assert isinstance(adam, torch.optim.Adam) and (adam.defaults['lr'], adam.defaults['weight_decay']) == (1e-3, 0.02)
+
+    class Objective:
+        def loss(self, out, batch, gen):
+            return (100 * out).sum()
+
+    batch = types.SimpleNamespace(inputs=torch.randn(5, 4, generator=torch.Generator().manual_seed(0)))
+    for clip in (0.25, -1.):  # plain SGD at lr 1: the first step moves the parameters by the (clipped) gradient
+        before = [p.detach().clone() for p in model.parameters()]
+        train.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), Objective(), batch, None, grad_clip=clip)
+        moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]).norm().item()
+        assert moved == pytest.approx(0.25, rel=1e-5) if clip > 0 else moved > 100
 
 
 def test_augmentation_is_fresh_per_batch_and_free_when_off():
