@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-WORK=${WORK:-/tmp/kt_gpu}
+WORK=${WORK:-$(mktemp -d /tmp/kt_gpu.XXXXXX)}  # fresh: a second session on a warm machine must not reuse the first's data
 DEADLINE=$(( $(date +%s) + ${BUDGET:-560} ))
 mkdir -p "$OUT" "$WORK/logs"
 LOG="$OUT/session.log"
