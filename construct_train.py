@@ -599,6 +599,7 @@ def generate(args):
     stop = args.start_index + args.num_data
     todo = loader.missing_ranges(made_indices(args), args.start_index, stop)
     groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
+    groups.sort(key=lambda g: g[0] - g[1])  # full groups first: one workspace per K (their networks stay the same)
     total = sum(b - a for a, b in groups)
     memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
                                        f'free memory less 1 GiB), Begin cache {"on" if cache_begin else "off"}')

@@ -96,16 +96,16 @@ def holds_pairs(root):
 
 
 def claim_root(root, recipe):
-    """Make root/recipe.json hold `recipe`; refuse a root holding networks made with another recipe (a
-    recipe.json left by a run that made none is replaced)."""
+    """Make root/recipe.json hold `recipe`; refuse a root claimed with another recipe (another process of
+    the same job may be making its first networks there)."""
     os.makedirs(root, exist_ok=True)
     old = read_recipe(root)
-    if old is not None and old != recipe and not holds_pairs(root):
-        old = None
     if old is not None and old != recipe:
         diff = {k: (old.get(k), recipe.get(k)) for k in set(old) | set(recipe) if old.get(k) != recipe.get(k)}
+        hint = ('; it holds no networks yet: if no other process is making them, delete its recipe.json'
+                if not holds_pairs(root) else '')
         raise UserError(f'{root} holds pairs made with another recipe (stored vs asked: {diff}); '
-                        f'use another --data_root or the same settings')
+                        f'use another --data_root or the same settings{hint}')
     if old is None:
         atomic_write(os.path.join(root, 'recipe.json'), json.dumps(recipe, indent=1, sort_keys=True) + '\n')
 

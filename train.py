@@ -351,16 +351,16 @@ def train_step(model, optimizer, objective, batch, gen, weight=1.0, grad_clip=-1
 
 def load_data(args, device):
     """(training set, validation set on the device, held-out training networks on the device or None)."""
+    for flag, path, kind in (('--train_path', args.train_path, 'train'), ('--val_path', args.val_path, 'val')):
+        made = (loader.read_recipe(path) or {}).get('kind', kind)  # the original layout has no recipe.json
+        if made != kind:  # training on validation networks, or picking epochs on training ones, leaks
+            raise UserError(f'{flag} {path} holds {made} networks (construct_{made}.py); '
+                            f'it takes {kind} networks from construct_{kind}.py')
     # the functional term needs each training network's Begin, and its Last only for --ce_weight (7 GB at 300k)
     networks = (('begin',) + (('last',) if args.ce_weight > 0 else ())) if args.loss != 'mse' else ()
     train_set = loader.TrainDataset(args.train_path, args.train_data_length, with_networks=networks)
     losses.check_data(args, train_set)
     val_set = loader.ValDataset(args.val_path, args.val_data_length).to(device)
-    for flag, data, kind in (('--train_path', train_set, 'train'), ('--val_path', val_set, 'val')):
-        made = (data.recipe or {}).get('kind', kind)
-        if made != kind:  # training on validation networks, or picking epochs on training ones, leaks
-            raise UserError(f'{flag} {data.base_path} holds {made} networks (construct_{made}.py); '
-                            f'it takes {kind} networks from construct_{kind}.py')
     holdout = None
     if args.holdout_networks:
         holdout = loader.TrainDataset(args.train_path, args.holdout_networks, with_networks=True,
@@ -404,12 +404,14 @@ def set_rng_state(state, gen, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def data_fingerprint(train_set, val_set):
-    """Counts and float64 sums of the training pairs' and validation networks' BasicBlocks: what a resumed run
-    checks so that it reads the data it started on (the folders may move)."""
-    def total(blocks):
-        return sum(t.sum(dtype=torch.float64).item() for t in blocks.values())
-    return {'train': [len(train_set), total(train_set.basic)], 'val': [len(val_set), total(val_set.basic)]}
+def data_fingerprint(train_set, val_set, holdout=None):
+    """Counts and float64 sums of the blocks a run reads (training pairs and their targets, held-out and
+    validation networks): what a resumed run checks so that it reads the data it started on (folders may move)."""
+    def total(*sets):
+        return sum(t.sum(dtype=torch.float64).item() for s in sets if s is not None
+                   for blocks in (s.basic, s.simple) if blocks is not None for t in blocks.values())
+    return {'train': [len(train_set) + (len(holdout) if holdout else 0), total(train_set, holdout)],
+            'val': [len(val_set), total(val_set)]}
 
 
 def load_resume_state(args, path, fingerprint, device):
@@ -474,7 +476,8 @@ def main(argv=None):
     ctx = distributed.setup(args.device, args.gpu_id)  # rank 0 of 1 outside torchrun
     device = ctx.device
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32  # torch's default lets cuDNN convolutions (scoring) use TF32
+    # torch's default lets cuDNN convolutions (scoring, the functional loss's networks) use TF32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
 
     # Data first, so that bad input fails before a run directory is made. Everything stays on the
@@ -494,7 +497,7 @@ def main(argv=None):
     run = run_name(args)
     ckpt_dir, log_dir = os.path.join(args.ckpt_path, run), os.path.join(args.log_path, run)
     last_path = os.path.join(ckpt_dir, 'last.pth')
-    fingerprint = data_fingerprint(train_set, val_set)
+    fingerprint = data_fingerprint(train_set, val_set, holdout)
     state = load_resume_state(args, last_path, fingerprint, device)
     if ctx.is_main:  # under torchrun only rank 0 logs and writes files
         open_run(args, ctx, ckpt_dir, log_dir)

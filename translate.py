@@ -138,6 +138,7 @@ def main(argv=None):
             network['last'] = load_block(args.last, 'last', 'LastBlock')
     if 'begin' in network:  # a bad --device or --mnist_root fails before --out is written
         device = utils.get_device(args.gpu_id, args.device)
+        torch.backends.cudnn.allow_tf32 = False  # scored in float32, as train.py does without --tf32
         images, labels = mnist.load_mnist(args.mnist_root, train=False)
     basic = network['basic']
     translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])

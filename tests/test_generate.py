@@ -104,6 +104,14 @@ def test_begin_cache_trains_the_same_small_blocks(mnist):
         torch.testing.assert_close(a['simple'][name], b['simple'][name], atol=1e-5, rtol=1e-4)
 
 
+def test_one_workspace_at_a_time(mnist):
+    """Each workspace holds a Begin cache sized for its K: a new K replaces the old one."""
+    args, workspaces = tiny_args('unused'), {}
+    for indices in (range(2), range(2, 4), range(4, 5)):
+        construct_train.make_pairs(indices, args, mnist, torch.device('cpu'), True, workspaces)
+        assert list(workspaces) == [len(indices)]
+
+
 def test_flips_draw_half_and_keep_pixels():
     gens = [construct_train.data_generator(s) for s in (1, 2)]
     perm, flip = construct_train.draw_epoch(gens, 10000, torch.device('cpu'))
@@ -149,11 +157,14 @@ def test_same_seed_same_shards_and_split_independent(tmp_path):
 
 
 def test_other_recipe_is_refused(tmp_path):
-    # a run that fails before making a network claims nothing; one that made none leaves a recipe to replace
+    # a run that fails on its input claims nothing; a claim without networks yet says how to undo it
     with pytest.raises(utils.UserError, match='MNIST file missing'):
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--mnist_root', str(tmp_path / 'none')))
     assert not os.path.exists(tmp_path / 'recipe.json')
     loader.claim_root(str(tmp_path), {'seed': 5})
+    with pytest.raises(utils.UserError, match='holds no networks yet: .*delete its recipe.json'):
+        construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+    os.remove(tmp_path / 'recipe.json')
     construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
     with pytest.raises(utils.UserError, match='another recipe.*seed'):
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))

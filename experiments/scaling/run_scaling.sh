@@ -31,9 +31,11 @@ gen() {  # gen KIND START NUM [FLAGS...]: one generation process (resumes by its
 }
 
 source experiments/train_run.sh
-wait_all() {  # wait for every background job and fail if one failed (a bare wait returns 0 whatever they did)
+PIDS=()
+wait_all() {  # wait for the jobs in PIDS and fail if one failed (a bare wait returns 0 whatever they did)
   local pid status=0
-  for pid in $(jobs -p); do wait "$pid" || status=1; done
+  for pid in "${PIDS[@]}"; do wait "$pid" || status=1; done
+  PIDS=()
   return $status
 }
 run() {  # run VARIANT N FLAGS...: one translator run into runs/VARIANT_N$TAG, 600 steps at N networks
@@ -51,28 +53,28 @@ variants() {  # variants N QUEUE: this queue's share of the five variants at N n
 }
 
 echo "$(date -u +%T) generation of the validation networks and pairs 0..499"
-{ gen val 0 100 --train_simple; gen train 0 200; } &
-gen train 200 300 &
+{ gen val 0 100 --train_simple; gen train 0 200; } & PIDS+=($!)
+gen train 200 300 & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) translators at 50, 150, 500 networks"
-{ for n in 50 150 500; do variants $n 1; done; } &
-{ for n in 50 150 500; do variants $n 2; done; } &
+{ for n in 50 150 500; do variants $n 1; done; } & PIDS+=($!)
+{ for n in 50 150 500; do variants $n 2; done; } & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) generation of pairs 500..1999"
-gen train 500 750 &
-gen train 1250 750 &
+gen train 500 750 & PIDS+=($!)
+gen train 1250 750 & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) translators at 2,000 networks"
-variants 2000 1 &
-variants 2000 2 &
+variants 2000 1 & PIDS+=($!)
+variants 2000 2 & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) a second translator seed at 500 networks"
 TAG=_seed1 SEED="--seed 1"
-variants 500 1 &
-variants 500 2 &
+variants 500 1 & PIDS+=($!)
+variants 500 2 & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) a second translator seed of the functional variants at 50, 150 and 2,000 networks"
-{ for n in 50 150 2000; do run functional $n $FUNCTIONAL; done; } &
-{ for n in 50 150 2000; do run functional_perm $n $FUNCTIONAL --perm_aug; done; } &
+{ for n in 50 150 2000; do run functional $n $FUNCTIONAL; done; } & PIDS+=($!)
+{ for n in 50 150 2000; do run functional_perm $n $FUNCTIONAL --perm_aug; done; } & PIDS+=($!)
 wait_all
 echo "$(date -u +%T) done"
