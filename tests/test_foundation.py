@@ -62,9 +62,7 @@ def test_mnist_root_may_be_the_raw_folder(mnist_copy):
     _, raw = mnist_copy
     images, labels = _read_fresh(raw)
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
-    for name in ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):  # uncompressed files alone suffice too
-        (raw / (name + '.gz')).unlink()
-    for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
+    for name in mnist.MNIST_FILES:  # the uncompressed files (the test set's, cached by the read above) suffice too
         (raw / (name + '.gz')).unlink()
     again, _ = _read_fresh(raw)
     assert torch.equal(images, again)
