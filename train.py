@@ -379,13 +379,14 @@ def write_metrics(path, rows):
     utils.atomic_write(path, text.getvalue())
 
 
-def tensorboard_writer(log_dir):
-    """A SummaryWriter if tensorboard is installed, else None (it is never a dependency)."""
+def tensorboard_writer(log_dir, start_epoch):
+    """A SummaryWriter if tensorboard is installed, else None (it is never a dependency). TensorBoard hides the
+    directory's earlier events from start_epoch on: a rerun of the same flags or a resumed run shows each epoch once."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(log_dir)
+    return SummaryWriter(log_dir, purge_step=start_epoch)
 
 
 def rng_state(gen, device):
@@ -557,7 +558,7 @@ def main(argv=None):
     metrics_path = os.path.join(log_dir, 'metrics.csv')
     if ctx.is_main:
         write_metrics(metrics_path, metrics)
-    writer = tensorboard_writer(log_dir) if ctx.is_main else None
+    writer = tensorboard_writer(log_dir, start_epoch) if ctx.is_main else None
 
     for epoch in range(start_epoch, args.num_epochs):
         t0 = time.time()

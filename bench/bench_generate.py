@@ -133,18 +133,18 @@ def timing(module, name, device):
         setattr(module, name, fn)
 
 
-def ours(args, mnist, device, k, flags=()):
+def ours(args, mnist, device, k, flags=(), share=None):
     """Seconds per network of our make_pairs for K networks at once: training (its Begin cache included), the
     Begin cache's build and the 3 evaluations; the seconds of its warm-up run (cuDNN autotuning, and compiling
     with --compile), whether the Begin cache was used, and the networks' accuracies with the small-block
-    phase's share of the training time."""
+    phase's share of the training time. share: the process's GPU memory share measured before the first row."""
     assert len(mnist[0]) == args.num_images, 'the projection scales from --num_images'
     gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
                                                   str(args.num_images), '--device', str(device), *flags])
-    # the Begin cache as generation would choose it for the full recipe on this device (None: a CPU, which has
-    # the RAM for it)
+    # the Begin cache as a generation process would choose it for the full recipe on this device, from the memory
+    # free before the first row: earlier rows' memory stays in torch's cache (None: a CPU, which has the RAM for it)
     recipe = construct_train.get_args('train', ['--num_train_images', str(RECIPE_IMAGES), *flags])
-    cache = construct_train.use_begin_cache(recipe, k, construct_train.gpu_share(device, 1))
+    cache = construct_train.use_begin_cache(recipe, k, share)
     cache = True if cache is None else cache
     # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
     # cuDNN choices (evaluation shapes included) instead of counting them as training
@@ -209,6 +209,7 @@ def main():
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     ks = args.k or ([64, 128, 256] if device.type == 'cuda' else [4])
+    share = construct_train.gpu_share(device, 1)
     mnist = construct_train.load_mnist_to(device, construct_train.get_args(
         'train', ['--num_train_images', str(args.num_images)]))  # make_pairs trains on all it is given
     image_scale = RECIPE_IMAGES / args.num_images
@@ -223,7 +224,7 @@ def main():
     paths += [parse_row(spec) for spec in args.rows]
     for label, k, flags in paths:
         try:
-            t_train, t_cache, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags)
+            t_train, t_cache, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags, share)
         except Exception as e:  # a row that cannot run here (out of memory, no triton, ...) is reported, not fatal
             print(f'{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
             if device.type == 'cuda':

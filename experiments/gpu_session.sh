@@ -15,7 +15,8 @@
 #   4. every GPU path of train.py once: torchrun with NCCL + --amp bf16 + --compile + --tf32, killed with
 #      SIGKILL mid-run and resumed with --resume, on pairs made here with a short recipe (speed, not science).
 # They run in the order 4, 3, 1 (the fused kernels and their profile), 2, 1 (the other options), the other
-# profiles: when the time runs out, the last steps are the ones skipped.
+# profiles: when the time runs out, the last steps are the ones skipped. The Triton kernels' tests and compilation
+# (CPU work) run in the background beside 4, which keeps the GPU mostly idle; nothing is timed beside them.
 #
 #   OUT=/tmp/out bash experiments/gpu_session.sh
 # Dry run on a CPU at tiny sizes (the same commands): DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
@@ -24,6 +25,7 @@ source "$(dirname "$0")/session_lib.sh"
 PACKED="logs *.json train_logs val/logs train/logs"
 killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group once it has written a last.pth
   local name=$1 t=0 wait=$(( $(left) * 5 )); shift
+  chosen "$name" || return 0
   say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
   setsid "$@" > "$WORK/logs/$name.log" 2>&1 &
   local pid=$!
@@ -38,6 +40,7 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
 }
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
+  WARMUP="--num_images 1280 --k 2 --rows 2:fused_begin+fused_basic+fused_small+cache 2:triton"
   BENCH_FUSED="--num_images 1280 --k 2 --rows 2:fused_begin+fused_basic+fused_small 2:fused_begin+fused_basic+fused_small+graphed"
   BENCH_GEN="--num_images 1280 --k 2 --rows 2:channels_last 2:cache 4:no_cache 2:bf16 2:triton 2:cuda_graphs 2:graphed"
   BENCH_STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"; PROFILE_K=2
@@ -46,6 +49,10 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 500"
   PATHS="--num_epochs 40 --log_step 10 --batch_size 8"
 else
+  # Triton compiles a kernel for each class of its integer arguments (1, multiple of 16, other): the kernels of the
+  # rows below at K = 128, 512 and 1024 are those of this short run (its 1,280 images divide by 16 as 12,800 do)
+  WARMUP="--num_images 1280 --k 128 --rows 128:fused_begin+fused_basic+fused_small+cache
+    128:fused_begin+fused_basic+fused_small+no_cache 128:triton"
   # the fused kernels first (the likeliest to pay), in a process of their own (a kernel fault would end the
   # process's CUDA context), then each other option alone; each beside the plain step at K = 128, compiling last
   BENCH_FUSED="--num_images 12800 --k 128 --rows 128:fused_begin+fused_basic+fused_small 128:fused_begin+fused_small
@@ -64,6 +71,19 @@ fi
 
 machine
 
+# the Triton kernels compiled on the GPU and checked against float64 references (tests/test_triton_conv.py; the test
+# that compiles them for sm_90 without a GPU is left out: here they compile for the GPU itself), and --cuda_graph
+# against the eager step. Compiling is CPU work (102 s for the 13 kernels cold on the 2-core CI machine,
+# results/bench_cpu/kernel_compile_cold.log; the tests need each kernel in about two classes of arguments): the tests
+# run on half the cores, at most 8 (pytest-xdist, where the machine has it), the steps beside them keep the other
+# half. Beside them too, a short run of the fused rows compiles their kernels for the benchmark's K, so that
+# bench_generate_fused times its rows instead of compiling them.
+XDIST=$(python -c 'import xdist' 2>/dev/null && echo "-n $(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
+background triton_kernels 240 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider $XDIST \
+  tests/test_triton_conv.py tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps -k "not compiles_for_a_gpu"
+background triton_warmup 240 python bench/bench_generate.py --device "$DEVICE" --skip_original $WARMUP \
+  --out "$WORK/warmup.json"
+
 # the cheap, all-or-nothing items first; then the benchmarks, largest first; the profiles last
 # 4. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed
 step construct_val 40 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $DATA_RECIPE
@@ -74,17 +94,12 @@ TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.
 killed train_paths_killed $TORCHRUN
 step train_paths_resumed 90 $TORCHRUN --resume
 grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in\|cached in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+joined
 
 # 3. evaluation; 1. generation with the fused kernels and its profile; 2. the translator step; 1. generation's
 # other options; where the plain step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
-# the Triton kernels compiled on the GPU against float64 references first (tests/test_triton_conv.py; they compile
-# every kernel cold: 102 s on the 2-core CI machine, results/bench_cpu/kernel_compile_cold.log; the test that
-# compiles them for sm_90 without a GPU is left out: here they compile for the GPU itself), and --cuda_graph
-# against the eager step
-step triton_kernels 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider tests/test_triton_conv.py \
-  tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps -k "not compiles_for_a_gpu"
 step bench_generate_fused 150 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
   --out "$WORK/generate_fused.json"
 step profile_generate_fused_basic 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin --fused_basic

@@ -1,6 +1,8 @@
 # Helpers of the prepared GPU sessions (gpu_session.sh, gpu_study.sh), sourced by them: a session runs its
 # steps within BUDGET seconds (default 560), logs to $OUT/session.log and packs its logs into
 # $OUT/session.tar.gz after every step, so that a session cut short still brings back what it measured.
+# STEPS="name name ..." runs only the steps so named (e.g. those a session cut short did not reach; a step that
+# reads another's output needs that one too).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
@@ -16,16 +18,42 @@ left() { echo $(( DEADLINE - $(date +%s) - 10 )); }  # seconds left, 10 kept for
 pack() {  # everything so far into $OUT/session.tar.gz
   tar czf "$OUT/session.tar.gz" -C "$WORK" $(cd "$WORK" && ls -d $PACKED 2>/dev/null)
 }
-step() {  # step NAME SECONDS CMD...: run CMD under min(SECONDS, time left), its output in $WORK/logs/NAME.log
-  local name=$1 limit=$2; shift 2
+chosen() {  # chosen NAME: whether STEPS (when set) names this step
+  [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]] || { say "$1: skipped, not in STEPS"; return 1; }
+}
+limit_for() {  # limit_for NAME SECONDS: min(SECONDS, time left), or nothing when too little time is left
+  local limit=$2
   [ "$(left)" -lt "$limit" ] && limit=$(left)
-  if [ "$limit" -lt 15 ]; then say "$name: skipped, the session's time is spent"; return; fi
+  if [ "$limit" -lt 15 ]; then say "$1: skipped, the session's time is spent" >&2; return 1; fi
+  echo "$limit"
+}
+ended() {  # ended NAME RC: the end of a step's log and its exit status into the session's log
+  tr '\r' '\n' < "$WORK/logs/$1.log" | grep -v Warning | tail -n 4 | tee -a "$LOG"
+  say "$1: exit $2"
+  pack
+}
+step() {  # step NAME SECONDS CMD...: run CMD under min(SECONDS, time left), its output in $WORK/logs/NAME.log
+  local name=$1 limit; chosen "$name" && limit=$(limit_for "$name" "$2") || return 0
+  shift 2
   say "$name (limit ${limit}s): $*"
   timeout -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1  # TERM first: torchrun passes it on to its workers
-  local rc=$?
-  tr '\r' '\n' < "$WORK/logs/$name.log" | grep -v Warning | tail -n 4 | tee -a "$LOG"
-  say "$name: exit $rc"
-  pack
+  ended "$name" $?
+}
+BACKGROUND=()
+background() {  # background NAME SECONDS CMD...: as step, but CMD runs beside the next steps until joined()
+  local name=$1 limit; chosen "$name" && limit=$(limit_for "$name" "$2") || return 0
+  shift 2
+  say "$name (in the background, limit ${limit}s): $*"
+  { timeout -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1; echo $? > "$WORK/logs/$name.rc"; } &
+  BACKGROUND+=("$name:$!")
+}
+joined() {  # wait for the background steps, then report them
+  local job
+  for job in "${BACKGROUND[@]}"; do
+    wait "${job#*:}"
+    ended "${job%%:*}" "$(cat "$WORK/logs/${job%%:*}.rc" 2>/dev/null)"
+  done
+  BACKGROUND=()
 }
 machine() {  # the GPU and torch, into the log
   say "machine"

@@ -124,6 +124,29 @@ def test_end_to_end_outputs(finished_run, pair_sets):
         assert [round(a, 4) for a in accs.tolist()] == summary['rows'][name]['accs'], name
 
 
+def test_tensorboard_scalars_are_the_logged_ones(pair_sets, tmp_path):
+    """Where tensorboard is installed (never a dependency), a run's events hold the original's scalars, each epoch
+    once, also after a rerun of the same flags in the same folder and a resumed run."""
+    accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
+    argv = train_argv(pair_sets, tmp_path)
+    train.main(argv)
+    train.main(argv + ['--stop_after_epoch', '1'])  # a rerun, stopped after epoch 1
+    train.main(argv + ['--resume'])  # epochs 2 and 3 again
+    log_dir = run_dirs(argv)[1]
+    events = accumulator.EventAccumulator(log_dir)
+    events.Reload()
+    scalars = {tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
+               for tag in ('Loss', 'Lr', 'Mean_Accuracy')}
+    metrics = read_metrics(log_dir)
+    assert scalars['Loss'][0] == [0, 1, 2, 3]
+    assert scalars['Loss'][1] == pytest.approx([float(m['loss']) for m in metrics])
+    assert scalars['Mean_Accuracy'][0] == [2, 3]  # epoch % log_step == 0, and the last
+    assert scalars['Mean_Accuracy'][1] == pytest.approx([float(m['mean']) for m in metrics[2:]])
+    # Lr after the epoch's scheduler step: the next epoch's lr, and 0 at the cosine's end
+    assert scalars['Lr'][0] == [0, 1, 2, 3]
+    assert scalars['Lr'][1] == pytest.approx([float(m['lr']) for m in metrics[1:]] + [0], abs=1e-9)
+
+
 def test_trains_on_the_original_layout(tmp_path):
     write_original(tmp_path / 'train', 6, 'train', seed=7)
     write_original(tmp_path / 'val', 2, 'val', seed=8)
