@@ -195,6 +195,13 @@ def describe_failure(e):
     return f'{type(e).__name__}: {first}' if first else type(e).__name__
 
 
+def record(v):
+    """A row's measurements so far, as the JSON holds them."""
+    return {'name': v.name, 'batch': v.batch, 'optimizer': v.optimizer, 'precision': v.precision,
+            'compile': v.compile, 'skipped': v.skipped, 'step_s_all': v.times, 'first_step_s': v.first_s,
+            'compile_s': v.compile_s, 'peak_mem_gib': v.peak_mem / 2**30 if v.peak_mem else None}
+
+
 def build_variants(args, device):
     """The rows to time, and notes on batches left out."""
     cuda = device.type == 'cuda'
@@ -219,9 +226,9 @@ def build_variants(args, device):
               Variant(f'Adam(fused), bf16 autocast, batch {main}', main, device, args.config, 'fused', 'bf16'),
               Variant(f'Adam(fused), bf16 autocast, batch {2 * main}', 2 * main, device, args.config, 'fused',
                       'bf16')]
-    if args.compile:  # bf16 first: a run cut short by a time limit has set up the rows that matter most
+    if args.compile:  # bf16 and the whole model first: a run cut short has set up the rows that matter most
         for precision in (('bf16', 'fp32') if cuda else ('fp32',)):
-            for how in ('blocks', 'model'):  # --compile blocks, --compile (model)
+            for how in ('model', 'blocks'):  # --compile (model), --compile blocks
                 v.append(Variant(f'compile {how}, Adam(fused), {"bf16 autocast" if precision == "bf16" else "fp32"}, '
                                  f'batch {main}', main, device, args.config, 'fused', precision, compile=how))
     else:
@@ -247,9 +254,11 @@ def main(argv=None):
     print('dense matmul ' + ', '.join(f'{k} {v / 1e12:.3g} TFLOP/s' for k, v in peaks.items()) +
           f' (square {args.matmul_n})')
 
-    # set-up and warm-up (compilation happens here), one row at a time, and a first timing printed at once: a run
-    # cut short (a time limit) still shows every row it reached
+    # set-up and warm-up (compilation happens here), one row at a time, and a first timing printed and written at
+    # once: a run cut short (a time limit) still shows every row it reached
     step_flops_per_sample = mixer_flops(**args.config, backward=True)
+    started = {'script': 'bench_translator_step', 'machine': machine(device), 'device': str(device),
+               'config': args.config, 'matmul_flops_per_s': peaks, 'complete': False}
     for v in variants:
         try:
             v.setup()
@@ -278,6 +287,7 @@ def main(argv=None):
             first += f', peak memory {v.peak_mem / 2**30:.1f} GiB'
         print(f'  ready: {v.name}' + (f' (skipped: {v.skipped})' if v.skipped else '') +
               (f' (compiled in {v.compile_s:.0f} s)' if v.compile_s else '') + first, flush=True)
+        write_json(args.out, {**started, 'rows': [record(u) for u in variants[:variants.index(v) + 1]]})
 
     # timing, interleaved
     for r in range(args.repeats):
@@ -293,14 +303,12 @@ def main(argv=None):
                 if cuda:
                     torch.cuda.empty_cache()
         print(f'  repeat {r + 1}/{args.repeats} done', flush=True)
+        write_json(args.out, {**started, 'rows': [record(v) for v in variants]})
     torch.set_float32_matmul_precision('highest')
 
     rows = []
     for v in variants:
-        row = {'name': v.name, 'batch': v.batch, 'optimizer': v.optimizer, 'precision': v.precision,
-               'compile': v.compile, 'skipped': v.skipped, 'step_s_all': v.times, 'first_step_s': v.first_s,
-               'compile_s': v.compile_s,
-               'peak_mem_gib': v.peak_mem / 2**30 if v.peak_mem else None}
+        row = record(v)
         if v.times:
             step = median(v.times)
             sps = v.batch / step
@@ -348,7 +356,7 @@ def main(argv=None):
         'main_batch': main_batch, 'base': base['name'] if base else None, 'rows': rows, 'notes': notes,
         'saved_activation_bytes_per_pair': memory,
         'projection': {'pairs': README_PAIRS, 'epochs': README_EPOCHS, 'batch': README_BATCH,
-                       'original_claim': ORIGINAL_CLAIM}})
+                       'original_claim': ORIGINAL_CLAIM}, 'complete': True})
 
 
 if __name__ == '__main__':

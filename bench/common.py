@@ -12,6 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # the repository's modules are top-level files
     sys.path.insert(0, REPO)
 
+import utils  # noqa: E402
+
 
 def sync(device):
     """Wait for queued work on a CUDA device (no-op on the CPU)."""
@@ -86,11 +88,9 @@ def print_table(headers, rows):
 
 
 def write_json(path, obj):
-    """Write obj as indented JSON to path, creating the folder; prints where it went."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write('\n')
+    """Write obj as indented JSON to path, creating the folder, whole or not at all (a benchmark killed at its time
+    limit leaves its last complete write); prints where it went."""
+    utils.atomic_write(path, json.dumps(obj, indent=1, default=str) + '\n')
     print(f'\nwrote {path}')
 
 

@@ -61,7 +61,7 @@ else
     512:no_cache+fused_begin+fused_basic+fused_small+graphed"
   BENCH_GEN="--num_images 12800 --k 128 --rows 128:channels_last 128:cache 512:no_cache 128:bf16 128:triton
     512:no_cache+triton 128:graphed 128:cuda_graphs 512:no_cache+channels_last+cuda_graphs 512:no_cache+triton+cuda_graphs"
-  BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 40 --warmup 2 --iters 3 --repeats 3"
+  BENCH_STEP="--batches 4096 --main_batch 4096 --compile on --compile_timeout 60 --warmup 2 --iters 3 --repeats 3"
   PROFILE_K=128
   BENCH_EVAL="--no_sweep --repeats 2"
   DATA_RECIPE="--num_epochs 1 --num_train_images 12800 --models_per_step 128"; NUM_VAL=100; NUM_TRAIN=256
@@ -103,7 +103,7 @@ step bench_draw 20 python bench/bench_draw.py --k 128 512
 step bench_generate_fused 150 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
   --out "$WORK/generate_fused.json"
 step profile_generate_fused_basic 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin --fused_basic
-step bench_translator_step 170 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
+step bench_translator_step 200 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
 step bench_generate 180 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step profile_generate 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
 step profile_generate_fused 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin
