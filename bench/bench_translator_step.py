@@ -257,8 +257,10 @@ def main(argv=None):
     # set-up and warm-up (compilation happens here), one row at a time, and a first timing printed and written at
     # once: a run cut short (a time limit) still shows every row it reached
     step_flops_per_sample = mixer_flops(**args.config, backward=True)
-    started = {'script': 'bench_translator_step', 'machine': machine(device), 'device': str(device),
-               'config': args.config, 'matmul_flops_per_s': peaks, 'complete': False}
+    started = {'script': 'bench_translator_step', 'machine': machine(device), 'device': str(device), 'threads': threads,
+               'args': {k: v for k, v in vars(args).items() if k not in README_CONFIG}, 'config': args.config,
+               'flops_per_sample_step': step_flops_per_sample, 'matmul_flops_per_s': peaks, 'matmul_n': args.matmul_n,
+               'main_batch': main_batch, 'complete': False}
     for v in variants:
         try:
             v.setup()
@@ -349,12 +351,8 @@ def main(argv=None):
         f'{p} {b / 1e6:.2f} MB a pair, {b * README_BATCH / 2**30:.1f} GiB at batch {README_BATCH}'
         for p, b in memory.items()))
     write_json(args.out, {
-        'script': 'bench_translator_step', 'machine': machine(device), 'device': str(device), 'threads': threads,
-        'args': {k: v for k, v in vars(args).items() if k not in README_CONFIG}, 'config': args.config,
-        'readme_config': is_readme, 'flops_per_sample_forward': mixer_flops(**args.config),
-        'flops_per_sample_step': step_flops_per_sample, 'matmul_flops_per_s': peaks, 'matmul_n': args.matmul_n,
-        'main_batch': main_batch, 'base': base['name'] if base else None, 'rows': rows, 'notes': notes,
-        'saved_activation_bytes_per_pair': memory,
+        **started, 'readme_config': is_readme, 'flops_per_sample_forward': mixer_flops(**args.config),
+        'base': base['name'] if base else None, 'rows': rows, 'notes': notes, 'saved_activation_bytes_per_pair': memory,
         'projection': {'pairs': README_PAIRS, 'epochs': README_EPOCHS, 'batch': README_BATCH,
                        'original_claim': ORIGINAL_CLAIM}, 'complete': True})
 
