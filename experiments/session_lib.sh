@@ -28,7 +28,7 @@ limit_for() {  # limit_for NAME SECONDS: min(SECONDS, time left), or nothing whe
   echo "$limit"
 }
 ended() {  # ended NAME RC: the end of a step's log and its exit status into the session's log
-  tr '\r' '\n' < "$WORK/logs/$1.log" | grep -v Warning | tail -n 4 | tee -a "$LOG"
+  tr '\r' '\n' < "$WORK/logs/$1.log" | grep -v -e Warning -e '^wrote ' -e '^$' | tail -n 4 | tee -a "$LOG"
   say "$1: exit $2"
   pack
 }

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -129,9 +130,10 @@ def test_tensorboard_scalars_are_the_logged_ones(pair_sets, tmp_path):
     once, also after a rerun of the same flags in the same folder and a resumed run."""
     accumulator = pytest.importorskip('tensorboard.backend.event_processing.event_accumulator')
     argv = train_argv(pair_sets, tmp_path)
-    train.main(argv)
-    train.main(argv + ['--stop_after_epoch', '1'])  # a rerun, stopped after epoch 1
-    train.main(argv + ['--resume'])  # epochs 2 and 3 again
+    # TensorBoard reads a folder's event files in name order: whole seconds first, so each run in a second of its own
+    for extra in ([], ['--stop_after_epoch', '1'], ['--resume']):  # a run, a rerun stopped after epoch 1, its resume
+        time.sleep(1.01 - time.time() % 1)
+        train.main(argv + extra)
     log_dir = run_dirs(argv)[1]
     events = accumulator.EventAccumulator(log_dir)
     events.Reload()
