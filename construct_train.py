@@ -525,15 +525,22 @@ def made_indices(args):
     return loader.covered_indices(args.data_root)
 
 
+def accuracy_text(acc, train_small):
+    """'large …%' and, when small blocks are trained, the small block's at init and trained: acc maps the shard's
+    acc_* keys to numbers."""
+    small = (f', small at init {acc["acc_small_init"]:.2f}%, small trained {acc["acc_small"]:.2f}%'
+             if train_small else '')
+    return f'large {acc["acc_large"]:.2f}%{small}'
+
+
 def save_pairs(args, shard):
     """Write one step group's networks in args.layout, every file atomically (the original layout has no
     place for the test accuracies: they go to the log, a line per network)."""
     if args.layout == 'original':
         loader.write_original(args.data_root, shard, original_dirs(args))
         for j, i in enumerate(shard['index'].tolist()):
-            small = (f', small at init {shard["acc_small_init"][j]:.2f}%, small trained {shard["acc_small"][j]:.2f}%'
-                     if args.train_small else '')
-            logging.info(f'network {i}: test accuracy large {shard["acc_large"][j]:.2f}%{small}')
+            acc = {key: shard[key][j].item() for key in ('acc_large', 'acc_small_init', 'acc_small')}
+            logging.info(f'network {i}: test accuracy {accuracy_text(acc, args.train_small)}')
     else:
         loader.write_shard(args.data_root, shard)
 
@@ -625,10 +632,8 @@ def generate(args):
         hours = (time.time() - t0) / 3600
         means = {key: torch.cat([s[key] for s in made]).mean().item()
                  for key in ('acc_large', 'acc_small_init', 'acc_small')}
-        small = (f', small at init {means["acc_small_init"]:.2f}%, small trained {means["acc_small"]:.2f}%'
-                 if args.train_small else '')
         logging.info(f'made {total} networks in {hours * 3600:.1f} s ({total / hours:.1f} per hour); mean test '
-                     f'accuracy: large {means["acc_large"]:.2f}%{small}')
+                     f'accuracy: {accuracy_text(means, args.train_small)}')
     else:
         logging.info('nothing to do: every index of the range exists')
     return made

@@ -133,7 +133,7 @@ def timing(module, name, device):
         setattr(module, name, fn)
 
 
-def ours(args, mnist, device, k, flags=(), share=None):
+def ours(args, mnist, device, k, flags, share):
     """Seconds per network of our make_pairs for K networks at once: training (its Begin cache included), the
     Begin cache's build and the 3 evaluations; the seconds of its warm-up run (cuDNN autotuning, and compiling
     with --compile), whether the Begin cache was used, and the networks' accuracies with the small-block

@@ -261,7 +261,7 @@ def main(argv=None):
                'args': {k: v for k, v in vars(args).items() if k not in README_CONFIG}, 'config': args.config,
                'flops_per_sample_step': step_flops_per_sample, 'matmul_flops_per_s': peaks, 'matmul_n': args.matmul_n,
                'main_batch': main_batch, 'complete': False}
-    for v in variants:
+    for i, v in enumerate(variants):
         try:
             v.setup()
             if cuda:
@@ -289,7 +289,7 @@ def main(argv=None):
             first += f', peak memory {v.peak_mem / 2**30:.1f} GiB'
         print(f'  ready: {v.name}' + (f' (skipped: {v.skipped})' if v.skipped else '') +
               (f' (compiled in {v.compile_s:.0f} s)' if v.compile_s else '') + first, flush=True)
-        write_json(args.out, {**started, 'rows': [record(u) for u in variants[:variants.index(v) + 1]]})
+        write_json(args.out, {**started, 'rows': [record(u) for u in variants[:i + 1]]})
 
     # timing, interleaved
     for r in range(args.repeats):
