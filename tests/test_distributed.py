@@ -36,17 +36,28 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(nproc, argv):
+def torchrun(nproc, argv, timeout=180):
     """`python -m torch.distributed.run --nproc_per_node nproc train.py argv` on loopback; asserts success."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MASTER_ADDR='127.0.0.1')
     if any(name == 'lo' for _, name in socket.if_nameindex()):
         env['GLOO_SOCKET_IFNAME'] = 'lo'  # offline machines: keep gloo off other interfaces
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-                        '--master_addr', '127.0.0.1', '--master_port', str(free_port()),
-                        '--monitor_interval', '0.1', 'train.py', *argv],  # the default 5 s polls end late
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=180)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
+                             '--master_addr', '127.0.0.1', '--master_port', str(free_port()),
+                             '--monitor_interval', '0.1', 'train.py', *argv],  # the default 5 s polls end late
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, which torchrun passes on to its workers (they run in sessions of their own, so a SIGKILL
+        # of the launcher would leave them running); the output so far says where it hung
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        pytest.fail(f'torchrun did not end within {timeout} s; its output:\n{out[-6000:]}')
+    assert proc.returncode == 0, out[-6000:]
 
 
 def read_rows(log_dir):
