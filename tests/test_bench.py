@@ -2,6 +2,7 @@
 change that breaks one shows here rather than in the next GPU session (kernel_resources.py needs triton's compiler,
 and tests/test_triton_conv.py covers it)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -40,4 +41,16 @@ def test_benchmark_runs(script, tmp_path):
         result = json.load(open(out))
         assert result['rows']
         if script == 'bench_eval.py':  # the fast evaluator scores every network as the plain one does
-            assert result['accuracies_identical'] is True
+            assert result['accuracies_identical'] is True and result['disagreements'] == []
+
+
+def test_bench_eval_stops_on_a_cpu_when_the_paths_disagree(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, 'bench'))
+    import bench_eval
+    import net
+    stacked_logits = net.stacked_logits
+    monkeypatch.setattr(net, 'stacked_logits', lambda *a, **k: stacked_logits(*a, **k) + 1e-3)
+    with pytest.raises(AssertionError, match='logits of network 0'):
+        bench_eval.main(['--quick', '--num_nets', '2', '--num_images', '200', '--no_sweep', '--repeats', '1',
+                         '--device', 'cpu', '--out', str(tmp_path / 'result.json')])
+    assert not (tmp_path / 'result.json').exists()
