@@ -184,7 +184,7 @@ def main(argv=None):
         print(f'WARNING: {d}')
     print(f'accuracies {"identical" if max_diff == 0 else f"within {max_diff} image(s)"} on all {len(results)} '
           f'rows (mean {reference.mean():.2f}%), logits of networks 0-{min(k, 3) - 1} '
-          f'{"differ: see the warnings" if disagreements else "match"}')
+          f'{"checked: see the warnings above" if disagreements else "match"}')
 
     for r in range(args.repeats):
         for name, (_, fn) in rows.items():
