@@ -404,13 +404,12 @@ def make_pairs(indices, args, mnist, device, cache_begin=None, workspaces=None):
     seeds = [utils.seed_for(args.seed, args.kind, i) for i in indices]
     sds = [init_pair(s) for s in seeds]
     states = {block: net.stack_states([sd[j] for sd in sds]) for j, block in enumerate(PAIR_BLOCKS)}
-    ws = (workspaces or {}).get(k)
+    workspaces = {} if workspaces is None else workspaces  # None: a workspace for this call only
+    ws = workspaces.get(k)
     if ws is None or ws.mnist is not mnist:
-        if workspaces is not None:
-            workspaces.clear()  # free the previous K's workspace before this one is allocated
-        ws = Workspace({b: {n: t.to(device) for n, t in s.items()} for b, s in states.items()}, args, mnist)
-        if workspaces is not None:
-            workspaces[k] = ws
+        workspaces.clear()  # free the previous K's workspace before this one is allocated
+        ws = workspaces[k] = Workspace({b: {n: t.to(device) for n, t in s.items()} for b, s in states.items()},
+                                       args, mnist)
     else:
         ws.load(states)
     begin, basic, last, simple = (ws.states[b] for b in PAIR_BLOCKS)
