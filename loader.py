@@ -102,10 +102,10 @@ def claim_root(root, recipe):
     old = read_recipe(root)
     if old is not None and old != recipe:
         diff = {k: (old.get(k), recipe.get(k)) for k in set(old) | set(recipe) if old.get(k) != recipe.get(k)}
-        hint = ('; it holds no networks yet: if no other process is making them, delete its recipe.json'
-                if not holds_pairs(root) else '')
-        raise UserError(f'{root} holds pairs made with another recipe (stored vs asked: {diff}); '
-                        f'use another --data_root or the same settings{hint}')
+        made = holds_pairs(root)
+        hint = '' if made else '; it holds no networks yet: if no other process is making them, delete its recipe.json'
+        raise UserError(f'{root} {"holds pairs made" if made else "was claimed"} with another recipe (stored vs asked: '
+                        f'{diff}); use another --data_root or the same settings{hint}')
     if old is None:
         atomic_write(os.path.join(root, 'recipe.json'), json.dumps(recipe, indent=1, sort_keys=True) + '\n')
 

@@ -162,12 +162,14 @@ def test_other_recipe_is_refused(tmp_path):
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--mnist_root', str(tmp_path / 'none')))
     assert not os.path.exists(tmp_path / 'recipe.json')
     loader.claim_root(str(tmp_path), {'seed': 5})
-    with pytest.raises(utils.UserError, match='holds no networks yet: .*delete its recipe.json'):
+    with pytest.raises(utils.UserError,
+                       match='was claimed with another recipe.*holds no networks yet: .*delete its recipe.json'):
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
     os.remove(tmp_path / 'recipe.json')
     construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
-    with pytest.raises(utils.UserError, match='another recipe.*seed'):
+    with pytest.raises(utils.UserError, match='holds pairs made with another recipe.*seed') as refused:
         construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))
+    assert 'delete its recipe.json' not in str(refused.value)
     assert len(loader.list_shards(tmp_path)) == 1
 
 
