@@ -4,6 +4,7 @@ A network is scored by its MNIST test accuracy (in %) with a middle block (its o
 translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
 """
 import logging
+import time
 
 import torch
 
@@ -133,3 +134,84 @@ def verdict(rows, kt='KT (best)'):
         parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
     return ('KT (best epoch) ' + ', '.join(parts) + '. (Beat: the margin, paired over the same validation '
             'networks, is above two standard errors.)')
+
+
+# ---------------------------------------------------------------------------------------- a training run's evaluation
+
+def log_original(prefix, accs, distribution=False):
+    """The original train.py's accuracy line, and its 'Accuracy Distribution' line where it writes one."""
+    log.info(original_line(prefix, accs))
+    if distribution:
+        log.info(f'Accuracy Distribution {utils.acc_histogram(accs)}')
+
+
+def run_references(score, networks, objective, args, state=None):
+    """A run's reference rows, measured once (a resumed run reads them back from its state) and logged."""
+    if state is not None:
+        refs = state['refs']
+    else:
+        t0 = time.time()
+        refs = reference_rows(score, networks, objective.raw_targets, args.seed)
+        if args.canonical_targets:
+            refs['Mean canonical target'] = score(mean_block(objective.targets, len(networks)))
+        log.info(f'reference rows measured in {time.time() - t0:.1f} s')
+    for name, accs in refs.items():
+        log_row(name, accs)
+    log_original('Random Init', refs['Random Init'], distribution=True)
+    return refs
+
+
+class BestEpoch:
+    """A run's evaluations: scores the translator on the val networks at an epoch and keeps the best epoch,
+    picked on the val mean (the original) or on held-out training networks (--holdout_networks)."""
+
+    def __init__(self, score, networks, batch_size, score_holdout=None, holdout=None, state=None):
+        self.score, self.score_holdout, self.batch_size = score, score_holdout, batch_size
+        convs = ('conv1.weight', 'conv2.weight')
+        self.val_convs = [networks.basic[k] for k in convs]
+        self.holdout_convs = [holdout.basic[k] for k in convs] if holdout else None
+        self.best = {'mean': -1.0, 'epoch': -1, 'model': None, 'accs': None}
+        self.last_accs = None
+        if state is not None:
+            self.best, self.last_accs = state['best'], state['last_accs']
+
+    def __call__(self, model, epoch, row):
+        """Score `model` at `epoch` into row (mean, min, max, holdout), log the original's lines; the tail of
+        our epoch line."""
+        accs = self.last_accs = self.score(translate(model, *self.val_convs, self.batch_size))
+        row.update(mean=accs.mean().item(), min=accs.min().item(), max=accs.max().item())
+        log_original(f'Epoch {epoch}', accs)
+        pick, message = row['mean'], ''
+        if self.holdout_convs is not None:
+            pick = self.score_holdout(translate(model, *self.holdout_convs, self.batch_size)).mean().item()
+            row['holdout'] = pick
+            message += f'  held-out mean {pick:.2f}'
+        held = ' (picked on the held-out mean {:.2f}%)' if self.holdout_convs is not None else ''
+        if pick > self.best['mean']:
+            self.best = {'mean': pick, 'epoch': epoch, 'accs': accs,
+                         'model': {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            # the original's line, with the val mean as there
+            log.info(f'Update Best Mean Accuracy {row["mean"]:.2f}%' + held.format(pick))
+        message += (f'  test acc {utils.acc_summary(accs)}  (best {"held-out " if held else ""}mean '
+                    f'{self.best["mean"]:.2f} at {self.best["epoch"]})')
+        return message + f'\n  counts per 5% bin: {utils.acc_histogram(accs)}'
+
+    def state(self):
+        """What last.pth keeps of the evaluations."""
+        return {'best': self.best, 'last_accs': self.last_accs}
+
+    def best_val(self):
+        """The val mean of the best epoch (the selection's own mean with --holdout_networks is self.best['mean'])."""
+        return self.best['accs'].mean().item()
+
+    def log_final(self, rows, checkpoint, best_step):
+        """The original's closing lines, then every row of the run and where the best translator went."""
+        best_val, held = self.best_val(), self.holdout_convs is not None
+        log.info(f'Best Mean Accuracy {best_val:.2f}%' +
+                 (f' (picked on the held-out mean {self.best["mean"]:.2f}%)' if held else ''))
+        log.info(f'Accuracy Distribution {utils.acc_histogram(self.best["accs"])}')
+        log.info(f'summary (test accuracy in %, {len(self.best["accs"])} validation networks):')
+        for name, accs in rows.items():
+            log_row(name, accs)
+        log.info(f'best translator (epoch {self.best["epoch"]}, step {best_step}, val mean {best_val:.2f}) '
+                 f'saved to {checkpoint}')

@@ -12,28 +12,12 @@ The original README's command runs verbatim:
 Several processes: `torchrun --nproc_per_node N train.py <the same flags>` (distributed.py): --batch_size
 stays the global batch. A run is repeated with `python train.py @<log dir>/flagfile.txt`.
 
-Outputs go to a run directory named after the hyper-parameters (run_name):
-    <ckpt_path>/<run>/  last.pth (resume state, every epoch), <best mean acc>.pth (the best translator,
-                        at the end), summary.json (accuracy rows for report.py)
-    <log_path>/<run>/   train.log (our lines and the original's), flagfile.txt, args.json, metrics.csv,
-                        TensorBoard events (if installed; the original's tags Loss, Lr, Mean_Accuracy)
-
-summary.json: {"run", "checkpoint" (path of the best translator), "config" (MLPMixer kwargs), "best_epoch",
-"best_step", "steps_per_epoch", "num_epochs", "selection" ("val" or "holdout <N>"), "num_val",
-"num_test_images", "train_pairs", "rows": {name: {"mean", "min", "max", "histogram" (20 counts, 5% bins),
-"accs" (per val network)}}} with rows "Large (BasicBlock)", "Random Init", "Mean target" (if the train set
-has small blocks), "Mean canonical target" (with --canonical_targets), "Weight selection", "Retrained" (if the
-val set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set.
+Outputs go to a run directory named after the hyper-parameters (runs.py: last.pth, the best translator as the
+original names it, <mean>.pth, with <mean>.json beside it, summary.json, train.log, flagfile.txt, metrics.csv...).
 """
 import argparse
-import csv
-import io
-import json
 import logging
 import math
-import os
-import re
-import sys
 import time
 
 import torch
@@ -45,45 +29,20 @@ import loader
 import losses
 import mnist
 import net
+import runs
 import utils
 from mixer import NUM_TOKENS, MLPMixer
 from utils import UserError
 
 log = logging.getLogger(__name__)
-METRICS = ('epoch', 'loss', 'lr', 'mean', 'min', 'max')
-BEST_NAME = re.compile(r'\d+\.\d\d\.pth')  # <best val mean accuracy>.pth
 
 
 # ---------------------------------------------------------------------------------------- flags
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reads every number form absl accepted as a value (`--grad_clip -1.`, `-.5`, `-1e-3`),
-    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars='@', **kwargs)
-        self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$')
-
-    def convert_arg_line_to_args(self, line):
-        line = line.strip()
-        return [] if not line or line.startswith('#') else [line]
-
-    def parse_args(self, args=None, namespace=None):
-        args, out = list(sys.argv[1:] if args is None else args), []
-        while args:  # --flagfile FILE and --flagfile=FILE mean @FILE
-            a = args.pop(0)
-            if a == '--flagfile' and args:
-                a = '@' + args.pop(0)
-            elif a.startswith('--flagfile='):
-                a = '@' + a.split('=', 1)[1]
-            out.append(a)
-        return super().parse_args(out, namespace)
-
-
 def make_parser():
     """The flags in four groups: the original's (its names and defaults), additions that change results,
     system flags (may change on --resume), and research options (off by default)."""
-    p = Parser(description='Train the Knowledge Translation translator (MLP-Mixer) on MNIST weight pairs.',
+    p = utils.FlagParser(description='Train the Knowledge Translation translator (MLP-Mixer) on MNIST weight pairs.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     f = p.add_argument_group('faithful', "the original train.py's flags and defaults")
     f.add_argument('--num_epochs', type=int, default=300, help='training epochs')
@@ -94,7 +53,11 @@ def make_parser():
     f.add_argument('--grad_clip', type=float, default=-1, help='clip the global gradient norm to this if > 0')
     f.add_argument('--warmup', type=int, default=0,
                    help='epochs of linear warm-up: iteration j (from 0) runs at lr x j / (warmup x iterations '
-                        'per epoch), then the scheduler takes over per epoch')
+                        'per epoch), then the scheduler takes over per epoch; at or above --num_epochs the whole '
+                        'run is warm-up, as in the original')
+    f.add_argument('--warmup_iters', type=int, default=0,
+                   help='ignored: the original declares it and overwrites it with warmup x iterations per epoch; '
+                        'accepted so that its flagfile.txt replays')
     f.add_argument('--batch_size', type=int, default=4096, help='pairs per step')
     f.add_argument('--scheduler', default='cos',
                    help='after warm-up, stepped once per epoch: cos, linear, constant, or reduce_<factor> '
@@ -129,18 +92,14 @@ def make_parser():
                         'allowed too, but only CPUs with bf16 units gain), loss in float32; evaluation stays '
                         'float32')
     s = p.add_argument_group('system', 'where and how the run executes; these may change on --resume')
-    s.add_argument('--gpu_id', type=int, default=0, metavar='K',
-                   help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
-                        'original); when it is already set (SLURM, ...), the K-th GPU it makes visible (cuda:K). '
-                        'Ignored under torchrun (each process takes cuda:LOCAL_RANK)')
-    s.add_argument('--device', default=None,
-                   help='e.g. cpu, cuda, cuda:1; None: CUDA if present, else CPU (on --resume: the same kind of '
-                        'device as the run, whose random streams are that kind\'s)')
+    utils.add_shared_flags(s, 'gpu_id', 'device', helps={
+        'gpu_id': 'ignored under torchrun: each process takes cuda:LOCAL_RANK',
+        'device': "on --resume: the same kind of device as the run, whose random streams are that kind's"})
     s.add_argument('--train_path', default='./data/train', help='training pairs (shards or the original layout)')
     s.add_argument('--val_path', default='./data/val', help='validation networks (shards or the original layout)')
     s.add_argument('--ckpt_path', default='./ckpts/nobn', help='run directories with checkpoints go under this')
     s.add_argument('--log_path', default='./logs/nobn', help='run directories with logs go under this')
-    s.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
+    utils.add_shared_flags(s, 'mnist_root')
     s.add_argument('--resume', action='store_true', help='continue the run from its last.pth if there is one')
     s.add_argument('--stop_after_epoch', type=int, default=None,
                    help='stop after this epoch as if killed, leaving last.pth for --resume (for tests)')
@@ -198,7 +157,7 @@ def check_args(args):
         (args.batch_size > 0, f'--batch_size {args.batch_size} must be > 0'),
         (args.log_step > 0, f'--log_step {args.log_step} must be > 0'),
         (args.num_epochs > 0, f'--num_epochs {args.num_epochs} must be > 0'),
-        (0 <= args.warmup < args.num_epochs, f'--warmup {args.warmup} must be in [0, num_epochs)'),
+        (args.warmup >= 0, f'--warmup {args.warmup} must be >= 0'),
         (args.num_cycles >= 1, f'--num_cycles {args.num_cycles} must be >= 1'),
         (args.s_dim == NUM_TOKENS, f'--s_dim {args.s_dim} must be {NUM_TOKENS}: the translator reads 36 + 36 '
                                    f'(out, in) kernel tokens of the two BasicBlock convs'),
@@ -227,7 +186,8 @@ def check_args(args):
         if not ok:
             raise UserError(message)
     parse_scheduler(args.scheduler)
-    if args.scheduler == 'cos' and (args.num_epochs - args.warmup) // args.num_cycles < 1:
+    after_warmup = args.num_epochs - args.warmup  # none: the run is warm-up only and the scheduler never steps
+    if args.scheduler == 'cos' and after_warmup > 0 and after_warmup // args.num_cycles < 1:
         raise UserError(f'--num_cycles {args.num_cycles} leaves a cosine period (num_epochs - warmup) // num_cycles '
                         f'of 0 epochs; use fewer cycles or more epochs')
 
@@ -247,48 +207,10 @@ def parse_scheduler(name):
     raise UserError(f'--scheduler {name}: unknown; use cos, linear, constant or reduce_<factor>')
 
 
-def run_name(args):
-    """optimisation / architecture / data sub-directories, e.g.
-    adam_lr0.001_bs4096_wd0_clip-1_cos_wu0_cyc1_ep300/L24_S72_C128_hs256_hc512_do0/mask-t0_noise-t0_n300000_seed0"""
-    return os.path.join(
-        f'{args.optimizer}_lr{args.lr:g}_bs{args.batch_size}_wd{args.wd:g}_clip{args.grad_clip:g}_{args.scheduler}'
-        f'_wu{args.warmup}_cyc{args.num_cycles}_ep{args.num_epochs}',
-        f'L{args.num_layers}_S{args.s_dim}_C{args.c_dim}_hs{args.hidden_s_dim}_hc{args.hidden_c_dim}'
-        f'_do{args.dropout:g}',
-        f'mask-{args.mask_target}{args.prob:g}_noise-{args.noise_target}{args.noise:g}'
-        f'_n{args.train_data_length}_seed{args.seed}' + research_suffix(args))
-
-
-def research_suffix(args):
-    """What non-default options beyond the original add to the last sub-directory: nothing for the original's
-    runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv and, with a functional term,
-    _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64."""
-    default = PARSER.get_default
-    parts = ([f'val{args.val_data_length}'] if args.val_data_length != default('val_data_length') else []) + \
-        ([f'test{args.num_test_images}'] if args.num_test_images != default('num_test_images') else []) + \
-        (['tf32'] if args.tf32 else []) + ([args.amp] if args.amp != 'none' else []) + \
-        ([f'hold{args.holdout_networks}'] if args.holdout_networks else []) + \
-        (['perm'] if args.perm_aug else []) + (['canon'] if args.canonical_targets else []) + \
-        (['hinv'] if args.hidden_invariant_loss else [])
-    if args.loss != 'mse':
-        parts.append(f'{args.loss}-w{args.functional_weight:g}-ce{args.ce_weight:g}-img{args.functional_images}')
-    return ''.join('_' + p for p in parts)
-
-
 def translator_config(args):
     """MLPMixer keyword arguments from the flags."""
     return dict(num_layers=args.num_layers, S_dim=args.s_dim, C_dim=args.c_dim, hidden_S_dim=args.hidden_s_dim,
                 hidden_C_dim=args.hidden_c_dim, dropout=args.dropout)
-
-
-def flagfile_text(args):
-    """The flags of a run, one --flag=value a line (switches that are on as --flag), for @flagfile.txt."""
-    lines = []
-    for key, value in sorted(vars(args).items()):
-        if key in ('flagfile', 'resume', 'stop_after_epoch') or value is None or value is False:
-            continue  # the file repeats the run from its start
-        lines.append(f'--{key}' if value is True else f'--{key}={value}')
-    return '\n'.join(lines) + '\n'
 
 
 # ---------------------------------------------------------------------------------------- optimisation
@@ -349,8 +271,9 @@ def train_step(model, optimizer, objective, batch, gen, weight=1.0, grad_clip=-1
 
 # ---------------------------------------------------------------------------------------- data, logs, checkpoints
 
-def load_data(args, device):
-    """(training set, validation set on the device, held-out training networks on the device or None)."""
+def load_data(args, device, announce=True):
+    """(training set, validation set on the device, held-out training networks on the device or None); announce:
+    print the original's 'load N training data' and 'load N validation data' lines."""
     for flag, path, kind in (('--train_path', args.train_path, 'train'), ('--val_path', args.val_path, 'val')):
         made = (loader.read_recipe(path) or {}).get('kind', kind)  # the original layout has no recipe.json
         if made != kind:  # training on validation networks, or picking epochs on training ones, leaks
@@ -360,7 +283,11 @@ def load_data(args, device):
     networks = (('begin',) + (('last',) if args.ce_weight > 0 else ())) if args.loss != 'mse' else ()
     train_set = loader.TrainDataset(args.train_path, args.train_data_length, with_networks=networks)
     losses.check_data(args, train_set)
+    if announce:
+        print(f'load {len(train_set)} training data')
     val_set = loader.ValDataset(args.val_path, args.val_data_length).to(device)
+    if announce:
+        print(f'load {len(val_set)} validation data')
     holdout = None
     if args.holdout_networks:
         holdout = loader.TrainDataset(args.train_path, args.holdout_networks, with_networks=True,
@@ -370,102 +297,17 @@ def load_data(args, device):
     return train_set, val_set, holdout
 
 
-def write_metrics(path, rows):
-    """Rewrite metrics.csv atomically with all rows so far (plus a 'holdout' column with --holdout_networks)."""
-    text = io.StringIO()
-    w = csv.DictWriter(text, METRICS + tuple(k for k in rows[0] if k not in METRICS) if rows else METRICS)
-    w.writeheader()
-    w.writerows(rows)
-    utils.atomic_write(path, text.getvalue())
-
-
-def tensorboard_writer(log_dir, start_epoch):
-    """A SummaryWriter if tensorboard is installed, else None (it is never a dependency). TensorBoard hides the
-    directory's earlier events from start_epoch on: a rerun of the same flags or a resumed run shows each epoch once."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir, purge_step=start_epoch)
-
-
-def rng_state(gen, device):
-    """Every random state a resumed run needs: torch's (dropout, init), CUDA's, and the batch generator's."""
-    state = {'torch': torch.get_rng_state(), 'gen': gen.get_state(), 'gen_device': device.type}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, gen, device):
-    """Restore rng_state()."""
-    torch.set_rng_state(state['torch'])
-    gen.set_state(state['gen'])
-    if device.type == 'cuda' and 'cuda' in state:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
-def data_fingerprint(train_set, val_set, holdout=None):
-    """Counts and float64 sums of the blocks a run reads (training pairs and their targets, held-out and
-    validation networks): what a resumed run checks so that it reads the data it started on (folders may move)."""
-    def total(*sets):
-        return sum(t.sum(dtype=torch.float64).item() for s in sets if s is not None
-                   for blocks in (s.basic, s.simple) if blocks is not None for t in blocks.values())
-    return {'train': [len(train_set) + (len(holdout) if holdout else 0), total(train_set, holdout)],
-            'val': [len(val_set), total(val_set)]}
-
-
-def load_resume_state(args, path, fingerprint, device):
-    """last.pth of the run when --resume finds one, else None; refused if written with other flags or data,
-    or on another kind of device."""
-    if not (args.resume and os.path.exists(path)):
-        return None
-    state = utils.load_file(path, 'resume checkpoint', '; delete it to start the run afresh')
-    changed = {k: (v, getattr(args, k, None)) for k, v in state['args'].items()
-               if k not in RESUME_FREE_ARGS and getattr(args, k, None) != v}
-    if changed:
-        raise UserError(f'{path} was written with other flags (stored vs given: {changed}); '
-                        f'resume with the same flags or drop --resume')
-    for split, flag in (('train', '--train_path'), ('val', '--val_path')):
-        (n0, s0), (n1, s1) = state.get('data', fingerprint)[split], fingerprint[split]
-        if n0 != n1 or not math.isclose(s0, s1, rel_tol=1e-9, abs_tol=1e-6):
-            raise UserError(f'{path}: the run was started on other {split} networks than {flag} '
-                            f'{getattr(args, flag[2:])} holds now; point {flag} at the data it started on, '
-                            f'or drop --resume')
-    made_on = state['rng'].get('gen_device', device.type)
-    if made_on != device.type:
-        raise UserError(f'{path}: the run was started on a {made_on} device and its random streams continue only '
-                        f'there; resume with --device {made_on}')
-    return state
-
-
-def open_run(args, ctx, ckpt_dir, log_dir):
-    """Make the run directories, start train.log, and write the flags (args.json, flagfile.txt)."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    utils.set_logger(os.path.join(log_dir, 'train.log'))
-    log.info(f'flags: {json.dumps(vars(args), sort_keys=True)}')
-    log.info(f'run directory: {ckpt_dir} (logs: {log_dir}); device {ctx.device}')
-    if ctx.distributed:
-        log.info(f'torchrun: {ctx.world} processes ({torch.distributed.get_backend()}); each takes its share of '
-                 f'every global batch of {args.batch_size} pairs and of the val networks')
-    utils.atomic_write(os.path.join(log_dir, 'args.json'), json.dumps(vars(args), indent=1, sort_keys=True))
-    utils.atomic_write(os.path.join(log_dir, 'flagfile.txt'), flagfile_text(args))
-
-
-def log_scalars(writer, row, lr, epoch):
-    """The original's TensorBoard scalars: Loss, Lr (after the epoch's scheduler step), Mean_Accuracy."""
-    if writer is None:
-        return
-    writer.add_scalar('Loss', row['loss'], epoch)
-    writer.add_scalar('Lr', lr, epoch)
-    if row['mean'] != '':
-        writer.add_scalar('Mean_Accuracy', row['mean'], epoch)
-
-
-def log_original(prefix, accs):
-    """The original train.py's accuracy line and its 'Accuracy Distribution' line."""
-    log.info(evaluate.original_line(prefix, accs))
-    log.info(f'Accuracy Distribution {utils.acc_histogram(accs)}')
+def log_setup(args, score, holdout, objective, num_train, cache_time):
+    """What a run does beyond the original's: the Begin cache, the held-out selection, the functional term's size."""
+    if score.begin_out is not None:
+        log.info(f'the validation networks\' Begin outputs on the test images cached in {cache_time:.1f} s')
+    if holdout:
+        log.info(f'the best epoch is picked on {len(holdout)} held-out training networks '
+                 f'({args.train_data_length}..{args.train_data_length + len(holdout) - 1}), not on the val networks')
+    if objective.functional:  # measured on CPU: about 12 activations of (images, networks, 6, 14, 14) at the peak
+        gib = 12 * args.functional_images * min(args.batch_size, num_train) * net.FEATURE_NUMEL * 4 / 2 ** 30
+        log.info(f'functional term: {args.functional_images} MNIST training images per step through each of up to '
+                 f'{args.batch_size} networks: about {gib:.1f} GiB of activations per step')
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -484,53 +326,25 @@ def main(argv=None):
     # Data first, so that bad input fails before a run directory is made. Everything stays on the
     # device; a batch is an index lookup into these tensors.
     t0 = time.time()
-    train_set, val_set, holdout = load_data(args, device)
+    train_set, val_set, holdout = load_data(args, device, ctx.is_main)
     objective = losses.Objective(args, train_set, device)
     images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
     load_time, t0 = time.time() - t0, time.time()
     score = evaluate.Scorer(images, labels, val_set.begin, val_set.last, ctx)
     score_holdout = evaluate.Scorer(images, labels, holdout.begin, holdout.last, ctx) if holdout else None
-    v1, v2 = val_set.basic['conv1.weight'], val_set.basic['conv2.weight']
     cache_time = time.time() - t0
 
     # Run directory, logs, and the state of a killed run.
-    run = run_name(args)
-    ckpt_dir, log_dir = os.path.join(args.ckpt_path, run), os.path.join(args.log_path, run)
-    last_path = os.path.join(ckpt_dir, 'last.pth')
-    fingerprint = data_fingerprint(train_set, val_set, holdout)
-    state = load_resume_state(args, last_path, fingerprint, device)
-    if ctx.is_main:  # under torchrun only rank 0 logs and writes files
-        open_run(args, ctx, ckpt_dir, log_dir)
-    if args.resume and state is None:
-        log.info(f'--resume: no {last_path} yet, starting afresh')
-    elif not args.resume and os.path.exists(last_path):
-        log.info(f'note: overwriting the earlier run in {ckpt_dir} (pass --resume to continue it instead)')
+    run = runs.Run(args, PARSER.get_default, RESUME_FREE_ARGS, ctx.is_main)
+    fingerprint = runs.data_fingerprint(train_set, val_set, holdout)
+    state = run.resume_state(fingerprint, device)
+    run.open(ctx, state)
     log.info(f'{len(train_set)} training pairs ({train_set.layout}) from {args.train_path}, '
              f'{len(val_set)} validation networks ({val_set.layout}) from {args.val_path}, '
              f'{len(images)} test images; loaded in {load_time:.1f} s')
-    if score.begin_out is not None:
-        log.info(f'the validation networks\' Begin outputs on the test images cached in {cache_time:.1f} s')
-    if holdout:
-        log.info(f'the best epoch is picked on {len(holdout)} held-out training networks '
-                 f'({args.train_data_length}..{args.train_data_length + len(holdout) - 1}), not on the val networks')
-    if objective.functional:  # measured on CPU: about 12 activations of (images, networks, 6, 14, 14) at the peak
-        gib = 12 * args.functional_images * min(args.batch_size, len(train_set)) * net.FEATURE_NUMEL * 4 / 2 ** 30
-        log.info(f'functional term: {args.functional_images} MNIST training images per step through each of up to '
-                 f'{args.batch_size} networks: about {gib:.1f} GiB of activations per step')
-
-    # Reference rows, measured once per run (a resumed run reads them back).
-    if state is not None:
-        refs = state['refs']
-    else:
-        t0 = time.time()
-        refs = evaluate.reference_rows(score, val_set, objective.raw_targets, args.seed)
-        if args.canonical_targets:
-            refs['Mean canonical target'] = score(evaluate.mean_block(objective.targets, len(val_set)))
-        log.info(f'reference rows measured in {time.time() - t0:.1f} s')
-    for name, accs in refs.items():
-        evaluate.log_row(name, accs)
-    log_original('Random Init', refs['Random Init'])
+    log_setup(args, score, holdout, objective, len(train_set), cache_time)
+    refs = evaluate.run_references(score, val_set, objective, args, state)  # measured once per run
 
     model = MLPMixer(**config).to(device)
     ctx.seed_rank(args.seed)
@@ -540,25 +354,13 @@ def main(argv=None):
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
     n, bs = len(train_set), args.batch_size
-    iters = math.ceil(n / bs)
-    stopped, start_epoch, metrics, last_accs = False, 0, [], None
-    best = {'mean': -1.0, 'epoch': -1, 'model': None, 'accs': None}  # picked on --holdout_networks, else on val
+    iters = math.ceil(n / bs)  # the original's len(DataLoader): the last batch may be short
+    evaluation = evaluate.BestEpoch(score, val_set, bs, score_holdout, holdout, state)
+    start_epoch, metrics, stopped = 0, [], False
     if state is not None:
-        if state['config'] != config:
-            raise UserError(f'{last_path}: translator {state["config"]} differs from the flags ({config})')
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        if scheduler is not None:
-            scheduler.load_state_dict(state['scheduler'])
-        start_epoch, best, metrics, last_accs = state['epoch'], state['best'], state['metrics'], state['last_accs']
-        set_rng_state(state['rng'], gen, device)
-        ctx.restore_rng(state['rng'], args.seed)
-        log.info(f'resumed from {last_path} at epoch {start_epoch}, best mean so far {best["mean"]:.2f}')
+        start_epoch, metrics = run.restore(state, config, model, optimizer, scheduler, gen, ctx)
     train_model = ctx.wrap(model, args.amp, args.compile)  # model itself outside torchrun, without --amp/--compile
-    metrics_path = os.path.join(log_dir, 'metrics.csv')
-    if ctx.is_main:
-        write_metrics(metrics_path, metrics)
-    writer = tensorboard_writer(log_dir, start_epoch) if ctx.is_main else None
+    run.start(metrics, start_epoch)
 
     for epoch in range(start_epoch, args.num_epochs):
         t0 = time.time()
@@ -582,67 +384,35 @@ def main(argv=None):
         log.info(f'Epoch {epoch}, Loss: {row["loss"]:.6f}')
         message = f'epoch {epoch}/{args.num_epochs}: loss {row["loss"]:.6g}  lr {lr:.3g}'
         if (epoch % args.log_step == 0 and epoch != 0) or epoch == args.num_epochs - 1:
-            middle = evaluate.translate(model, v1, v2, bs)
-            last_accs = score(middle)
-            row.update(mean=last_accs.mean().item(), min=last_accs.min().item(), max=last_accs.max().item())
-            log_original(f'Epoch {epoch}', last_accs)
-            pick = row['mean']
-            if holdout:
-                pick = score_holdout(evaluate.translate(model, *(holdout.basic[f'conv{i}.weight'] for i in (1, 2)),
-                                                        bs)).mean().item()
-                row['holdout'] = pick
-                message += f'  held-out mean {pick:.2f}'
-            if pick > best['mean']:
-                best = {'mean': pick, 'epoch': epoch, 'accs': last_accs,
-                        'model': {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                # the original's line, with the val mean as there
-                log.info(f'Update Best Mean Accuracy {row["mean"]:.2f}%' +
-                         (f' (picked on the held-out mean {pick:.2f}%)' if holdout else ''))
-            message += (f'  test acc {utils.acc_summary(last_accs)}  (best {"held-out " if holdout else ""}mean '
-                        f'{best["mean"]:.2f} at {best["epoch"]})')
-            message += f'\n  counts per 5% bin: {utils.acc_histogram(last_accs)}'
+            message += evaluation(model, epoch, row)
         log.info(message + f'  [{time.time() - t0:.1f} s]')
         metrics.append(row)
-        log_scalars(writer, row, optimizer.param_groups[0]['lr'], epoch)
-        rng = dict(rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
-        if ctx.is_main:
-            write_metrics(metrics_path, metrics)
-            utils.atomic_save({'config': config, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                               'scheduler': scheduler.state_dict() if scheduler is not None else None,
-                               'epoch': epoch + 1, 'best': best, 'metrics': metrics, 'last_accs': last_accs,
-                               'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)}, last_path)
+        rng = dict(runs.rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
+        run.end_epoch(metrics, optimizer.param_groups[0]['lr'], {
+            'config': config, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
+            'scheduler': scheduler.state_dict() if scheduler is not None else None, 'metrics': metrics,
+            **evaluation.state(), 'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)})
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
             log.info(f'--stop_after_epoch {args.stop_after_epoch}: stopping; continue with --resume')
             stopped = True
             break
-    if writer is not None:
-        writer.close()
+    run.close()
     if stopped or not ctx.is_main:
         return ctx.close()
 
-    best_val = best['accs'].mean().item()
-    best_path = os.path.join(ckpt_dir, f'{best_val:.2f}.pth')
-    utils.atomic_save({'config': config, 'model': best['model'], 'epoch': best['epoch'],
-                       'mean_acc': best_val, 'args': vars(args)}, best_path)
-    for name in os.listdir(ckpt_dir):  # an earlier run of these flags left its best translator here
-        if BEST_NAME.fullmatch(name) and name != os.path.basename(best_path):
-            os.remove(os.path.join(ckpt_dir, name))
-            log.info(f'removed {name}, the best translator of an earlier run in {ckpt_dir}')
-    final = {**refs, 'KT (best)': best['accs'], 'KT (last)': last_accs}
-    summary = {'run': run, 'checkpoint': best_path, 'config': config, 'best_epoch': best['epoch'],
-               'best_step': (best['epoch'] + 1) * iters, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
-               'selection': f'holdout {len(holdout)}' if holdout else 'val', 'num_val': len(val_set),
-               'num_test_images': len(images), 'train_pairs': len(train_set),
-               'rows': {name: evaluate.acc_row(accs) for name, accs in final.items()}}
-    utils.atomic_write(os.path.join(ckpt_dir, 'summary.json'), json.dumps(summary, indent=1))
-    log.info(f'Best Mean Accuracy {best_val:.2f}%' + (f' (picked on the held-out mean {best["mean"]:.2f}%)'
-                                                      if holdout else ''))
-    log.info(f'Accuracy Distribution {utils.acc_histogram(best["accs"])}')
-    log.info(f'summary (test accuracy in %, {len(val_set)} validation networks):')
-    for name, accs in final.items():
-        evaluate.log_row(name, accs)
-    log.info(f'best translator (epoch {best["epoch"]}, step {summary["best_step"]}, val mean {best_val:.2f}) '
-             f'saved to {best_path}')
+    best = evaluation.best
+    best_step = (best['epoch'] + 1) * iters
+    best_path = run.save_best(best['model'], evaluation.best_val(), {
+        'config': config, 'epoch': best['epoch'], 'step': best_step, 'mean_acc': evaluation.best_val(),
+        'args': vars(args)})
+    final = {**refs, 'KT (best)': best['accs'], 'KT (last)': evaluation.last_accs}
+    run.write_summary({
+        'run': run.name, 'checkpoint': best_path, 'config': config, 'best_epoch': best['epoch'],
+        'best_step': best_step, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
+        'selection': f'holdout {len(holdout)}' if holdout else 'val', 'num_val': len(val_set),
+        'num_test_images': len(images), 'train_pairs': len(train_set),
+        'rows': {name: evaluate.acc_row(accs) for name, accs in final.items()}})
+    evaluation.log_final(final, best_path, best_step)
     ctx.close()
 
 

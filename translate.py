@@ -3,9 +3,10 @@
     python translate.py --ckpt T.pth --complex basic.pth --out simple.pth [--begin begin.pth --last last.pth]
     python translate.py --ckpt T.pth --data_root data/val --index 7 --out simple.pth
 
---ckpt is a checkpoint of train.py (it carries its configuration) or a bare state dict of the original
-implementation (then --num_layers/--s_dim/--c_dim/--hidden_s_dim/--hidden_c_dim give the configuration,
-defaulting to train.py's). With --begin and --last it also prints the MNIST test accuracy of the network
+--ckpt is train.py's best translator (a plain state dict, with its configuration in the <same stem>.json
+beside it; older runs: one dict {'config', 'model', ...}) or a bare state dict of the original implementation
+(then --num_layers/--s_dim/--c_dim/--hidden_s_dim/--hidden_c_dim give the configuration, defaulting to
+train.py's). With --begin and --last it also prints the MNIST test accuracy of the network
 before (BasicBlock) and after (translated SimpleBlock_NoBn) compression. --data_root/--index take the whole
 network from a dataset of construct_train.py or construct_val.py instead (shards or the original layout) and
 also score the dataset's own small block when it has one (the pair's target, or the retrained block).
@@ -20,6 +21,7 @@ import evaluate
 import loader
 import mnist
 import net
+import runs
 import utils
 from mixer import MLPMixer, config_from_state_dict
 from utils import UserError
@@ -45,9 +47,7 @@ def get_args(argv=None):
         p.add_argument(f'--{flag}', type=int, default=None,
                        help=f'translator size for a bare state dict (default {default}); '
                             'checked against a train.py checkpoint')
-    p.add_argument('--device', default=None, help='e.g. cpu or cuda (default: CUDA if present)')
-    p.add_argument('--gpu_id', type=int, default=0)
-    p.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
+    utils.add_shared_flags(p, 'device', 'gpu_id', 'mnist_root')
     p.add_argument('--num_test_images', type=int, default=10000, help='score on the first N test images (for tests)')
     args = p.parse_args(argv)
     if (args.complex is None) == (args.data_root is None):
@@ -74,20 +74,22 @@ def load_translator(args):
     """The translator of --ckpt, in eval mode; a UserError if the weights do not fit the configuration."""
     ckpt = utils.load_file(args.ckpt, 'translator checkpoint')
     given = {kw: getattr(args, flag) for flag, (kw, _) in SIZE_FLAGS.items() if getattr(args, flag) is not None}
-    if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt:
-        config, state = dict(ckpt['config']), ckpt['model']
+    bare = isinstance(ckpt, dict) and ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values())
+    meta = runs.read_meta(args.ckpt) if bare else None
+    if meta is not None or (isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt):
+        config, state = (dict(meta['config']), ckpt) if meta is not None else (dict(ckpt['config']), ckpt['model'])
         clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
                  if kw in given and config.get(kw) != given[kw]]
         if clash:
             raise UserError(f'{args.ckpt} is a translator with {flags_of(config)}, but the flags ask for '
                             f'{" ".join(clash)}; drop the size flags')
-    elif isinstance(ckpt, dict) and ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values()):
+    elif bare:
         config = {kw: default for _, (kw, default) in SIZE_FLAGS.items()}
         config.update(given, dropout=0.)
         state = ckpt
     else:
-        raise UserError(f'{args.ckpt}: neither a train.py checkpoint (dict with "config" and "model") '
-                        f'nor a translator state dict')
+        raise UserError(f'{args.ckpt}: neither a translator state dict (train.py\'s or the original\'s) nor an '
+                        f'older train.py checkpoint (dict with "config" and "model")')
     model = MLPMixer(**config)
     try:
         model.load_state_dict(state, strict=True)

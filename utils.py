@@ -1,7 +1,9 @@
 """Small helpers shared by the scripts: logging, devices, seeds, atomic saves, errors, summaries."""
+import argparse
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -44,19 +46,24 @@ _own_pin = None  # the CUDA_VISIBLE_DEVICES value get_device set itself, if any
 
 def gpu_pin(gpu_id, environ):
     """The CUDA_VISIBLE_DEVICES value to set for --gpu_id, or None to keep the one in `environ`."""
-    # As the original: with nothing set, the process sees only GPU gpu_id (as its cuda:0).
+    # As the original: with nothing set, the process sees only the GPU(s) gpu_id names (its cuda:0 first).
     return None if 'CUDA_VISIBLE_DEVICES' in environ else str(gpu_id)
 
 
 def choose_gpu(gpu_id, environ, num_visible):
-    """The device for --gpu_id: `environ` is the environment before gpu_pin, num_visible the CUDA devices
-    the process sees after it (0 without CUDA)."""
+    """The device for --gpu_id (an int, or the original's string form '0' or '0,1'): `environ` is the
+    environment before gpu_pin, num_visible the CUDA devices the process sees after it (0 without CUDA)."""
     if num_visible == 0:
         return 'cpu'
     if gpu_pin(gpu_id, environ) is not None:
         return 'cuda:0'
     # A scheduler (SLURM, ...) already chose the GPUs: --gpu_id indexes them, so that the processes of
     # one run.sh spread over them instead of all landing on the first.
+    if not str(gpu_id).lstrip('-').isdigit():
+        raise UserError(f'--gpu_id {gpu_id}: CUDA_VISIBLE_DEVICES={environ["CUDA_VISIBLE_DEVICES"]} is already '
+                        f'set, and --gpu_id k then picks the k-th GPU it makes visible: give one index '
+                        f'(0..{num_visible - 1})')
+    gpu_id = int(gpu_id)
     if not 0 <= gpu_id < num_visible:
         raise UserError(f'--gpu_id {gpu_id}: CUDA_VISIBLE_DEVICES={environ["CUDA_VISIBLE_DEVICES"]} makes '
                         f'{num_visible} GPU(s) visible, and --gpu_id k picks the k-th of them (0..{num_visible - 1})')
@@ -92,6 +99,65 @@ def check_device(name):
         if device.index is not None and device.index >= n:
             raise UserError(f'--device {name}: {n} GPU(s) are visible, cuda:0..cuda:{n - 1}')
     return device
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse that reads every number form absl accepted as a value (`--grad_clip -1.`, `-.5`, `-1e-3`),
+    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars='@', **kwargs)
+        self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$')
+
+    def convert_arg_line_to_args(self, line):
+        line = line.strip()
+        return [] if not line or line.startswith('#') else [line]
+
+    def parse_args(self, args=None, namespace=None):
+        args, out = list(sys.argv[1:] if args is None else args), []
+        while args:  # --flagfile FILE and --flagfile=FILE mean @FILE
+            a = args.pop(0)
+            if a == '--flagfile' and args:
+                a = '@' + args.pop(0)
+            elif a.startswith('--flagfile='):
+                a = '@' + a.split('=', 1)[1]
+            out.append(a)
+        return super().parse_args(out, namespace)
+
+
+def gpu_ids(value):
+    """argparse type of --gpu_id: the original's string form, one GPU index or several ('0', '0,1')."""
+    if not re.fullmatch(r'\d+(,\d+)*', str(value)):
+        raise argparse.ArgumentTypeError(f'{value!r}: give a GPU index (0) or a comma-separated list (0,1)')
+    return str(value)
+
+
+# Flags several scripts declare, in one place: name -> add_argument keywords. A script may give its own default.
+SHARED_FLAGS = {
+    'gpu_id': dict(type=gpu_ids, default='0', metavar='K',
+                   help='GPU(s) to use, as the original: with CUDA_VISIBLE_DEVICES unset, sets it to K (e.g. 0 or 0,1) '
+                        'and uses cuda:0; when it is already set (SLURM, ...), K is one index and picks the K-th GPU '
+                        'it makes visible (cuda:K)'),
+    'device': dict(default=None, help='e.g. cpu, cuda, cuda:1'),
+    'mnist_root': dict(default='data', help='folder holding MNIST/raw/'),
+    'num_threads': dict(type=int, default=0, help='CPU threads of this process; 0 = torch default'),
+}
+
+
+def add_shared_flags(parser, *names, helps=None, **defaults):
+    """Declare the SHARED_FLAGS `names` on parser (or an argument group); `defaults` overrides their defaults,
+    `helps` adds a script's own sentence to a help, e.g. add_shared_flags(p, 'device', 'mnist_root', device='cpu')."""
+    for name in names:
+        kwargs = dict(SHARED_FLAGS[name])
+        if name in defaults:
+            kwargs['default'] = defaults.pop(name)
+        if name == 'device' and not kwargs['default']:
+            kwargs['help'] += '; unset: CUDA if present (the GPU --gpu_id names), else CPU'
+        if helps and name in helps:
+            kwargs['help'] += f' ({helps[name]})'
+        parser.add_argument(f'--{name}', **kwargs)
+    if defaults:
+        raise TypeError(f'defaults for flags not declared here: {sorted(defaults)}')
 
 
 def fits_in_memory(nbytes, device, fraction=0.3):

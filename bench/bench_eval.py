@@ -28,13 +28,14 @@ import evaluate
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
 import mnist
 import net
+import utils
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true',
                    help='10 networks, 2,000 images, a small chunk sweep (chunk_images 250 x chunk_nets all, 1)')
-    p.add_argument('--device', default=default_device())
+    utils.add_shared_flags(p, 'device', device=default_device())
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU); default: torch\'s')
     p.add_argument('--num_nets', type=int, default=None, help='networks scored (default 100; quick 10)')
     p.add_argument('--num_images', type=int, default=None, help='test images (default 10,000; quick 2,000)')
@@ -49,7 +50,7 @@ def get_args(argv=None):
                         'near-tie prediction on a GPU, where the two paths run different conv algorithms); '
                         'default 0 on CPU, 2 on CUDA')
     p.add_argument('--no_sweep', action='store_true', help='time only (a) and (b) with net.py\'s defaults')
-    p.add_argument('--mnist_root', default=os.path.join(common.REPO, 'data'))
+    utils.add_shared_flags(p, 'mnist_root', mnist_root=os.path.join(common.REPO, 'data'))
     p.add_argument('--out', default=os.path.join(common.REPO, 'bench', 'results', 'eval.json'))
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == 'cuda'

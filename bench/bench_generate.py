@@ -31,6 +31,7 @@ import construct_train  # noqa: E402
 from common import sync, write_json  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
+import utils  # noqa: E402
 
 RECIPE_EPOCHS, RECIPE_IMAGES, TEST_IMAGES = 10, 60000, 10000
 
@@ -194,7 +195,7 @@ def main():
     p.add_argument('--quick', action='store_true', help='12,800 images per epoch')
     p.add_argument('--epochs', type=int, default=1, help='epochs of each phase actually run')
     p.add_argument('--num_images', type=int, default=RECIPE_IMAGES, help='training images actually used')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    utils.add_shared_flags(p, 'device', device='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--k', type=int, nargs='+', default=None, help='K values of the batched path (plain step)')
     p.add_argument('--rows', nargs='+', default=[], metavar='K:VARIANTS',
                    help='more batched rows, e.g. 128:channels_last 256:no_cache+cuda_graphs; variants: '

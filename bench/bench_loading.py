@@ -30,6 +30,7 @@ import common
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
 import loader
 import net
+import utils
 
 BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
               'bn2.weight', 'bn2.bias', 'bn2.running_mean', 'bn2.running_var')  # the original item order
@@ -41,7 +42,7 @@ RECIPE = {'made_by': 'bench/bench_loading.py (synthetic random weights)'}
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='2,000 pairs, batch 512, 2 repeats')
-    p.add_argument('--device', default=default_device())
+    utils.add_shared_flags(p, 'device', device=default_device())
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads; default: torch\'s')
     p.add_argument('--num_pairs', type=int, default=None, help='synthetic pairs (default 20,000; quick 2,000)')
     p.add_argument('--batch', type=int, default=None, help='batch size (default 4096; quick 512)')

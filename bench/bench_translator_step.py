@@ -32,6 +32,7 @@ import distributed
 import losses
 import net
 import train
+import utils
 from common import (default_device, machine, matmul_flops_per_s, median, print_table, set_threads, sync,
                     timed, write_json)
 from mixer import MLPMixer, mixer_flops
@@ -46,7 +47,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true',
                    help='short run: fewer repeats; on CPU also 4 layers (unless --num_layers) and batches 16, 64')
-    p.add_argument('--device', default=default_device())
+    utils.add_shared_flags(p, 'device', device=default_device())
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU); default: torch\'s')
     p.add_argument('--batches', type=int, nargs='+', default=None,
                    help='batch sizes of the plain-Adam rows (default: CUDA 1024 4096; CPU 256 1024 4096, '

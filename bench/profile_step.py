@@ -51,7 +51,7 @@ def stacked_step(k, device, flags):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--k', type=int, default=0, help='profile generation\'s step of K networks (0: one nn.Module)')
-    p.add_argument('--device', default='cpu')
+    utils.add_shared_flags(p, 'device', device='cpu')
     args, flags = p.parse_known_args()  # the rest: construct_train.py's speed flags
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -72,11 +72,10 @@ def get_args(argv=None):
     p.add_argument('--translators', nargs='+', default=[], metavar='CKPT',
                    help="train.py checkpoints (or the original's state dicts) whose outputs to compare too")
     p.add_argument('--out', default=None, help='output path prefix: <out>.json, <out>.md, <out>.log')
-    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', ...")
+    utils.add_shared_flags(p, 'device', device='cpu')
     p.add_argument('--models_per_step', type=int, default=0,
                    help='retrainings side by side (0: 1 on a CPU, all on a GPU)')
-    p.add_argument('--num_threads', type=int, default=0, help='CPU threads; 0 = torch default')
-    p.add_argument('--mnist_root', default='data', help='folder holding MNIST/raw/')
+    utils.add_shared_flags(p, 'num_threads', 'mnist_root')
     args = p.parse_args(argv)
     if args.num_networks < 2 or args.num_inits < 2:
         raise UserError(f'--num_networks and --num_inits must be >= 2 (got {args.num_networks}, {args.num_inits}): '

@@ -100,7 +100,7 @@ def test_two_processes_give_the_one_process_curve_and_accuracies(runs):
     # rank 0 saved a plain translator state dict (no 'module.' prefix), close to the 1-process one: Adam
     # moves a parameter by about lr per step whatever its gradient's size, so where a gradient is ~0 the
     # float noise of the split batch can show up to ~lr (1e-3) per step
-    a, b = (torch.load(s['checkpoint'], weights_only=True)['model'] for s in (s1, s2))
+    a, b = (torch.load(s['checkpoint'], weights_only=True) for s in (s1, s2))
     assert list(b) == list(a) == list(MLPMixer(**s1['config']).state_dict())
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-3)
@@ -172,7 +172,7 @@ def test_amp_bf16_runs_on_cpu_close_to_float32(tmp_path):
     assert l16 != l32 and l16 == pytest.approx(l32, rel=0.05)
     summary = json.load(open(os.path.join(run_dirs(bf16)[0], 'summary.json')))
     ckpt = torch.load(summary['checkpoint'], weights_only=True)
-    assert all(t.dtype == torch.float32 for t in ckpt['model'].values())  # autocast keeps float32 weights
+    assert all(t.dtype == torch.float32 for t in ckpt.values())  # autocast keeps float32 weights
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch's own, on importing torch.compile's stack

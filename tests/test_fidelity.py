@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 
+import runs
 import train
 from test_train import TINY, read_metrics, run_dirs, train_argv
 
@@ -36,7 +37,7 @@ def original_flags():
 def test_original_command_parses_verbatim():
     args = train.get_args(original_flags())
     train.check_args(args)
-    want = dict(gpu_id=0, optimizer='adam', lr=0.001, batch_size=4096, wd=0.0, scheduler='cos', warmup=0,
+    want = dict(gpu_id='0', optimizer='adam', lr=0.001, batch_size=4096, wd=0.0, scheduler='cos', warmup=0,
                 grad_clip=-1.0, num_layers=24, s_dim=72, c_dim=128, hidden_s_dim=256, hidden_c_dim=512,
                 mask_target='t', prob=0.0, noise_target='t', noise=0.0, dropout=0.1, num_epochs=1000, log_step=25,
                 train_data_length=300000)
@@ -120,7 +121,7 @@ def test_rerun_from_own_flagfile(pair_sets, tmp_path):
         assert {k: v for k, v in vars(args).items() if not k.endswith('_path') and k != 'flagfile'} == \
             {k: v for k, v in vars(train.get_args(first)).items() if not k.endswith('_path') and k != 'flagfile'}
     train.main(['--flagfile=' + flagfile, *other, '--num_epochs', '3'])
-    log_b = os.path.join(str(tmp_path / 'b' / 'logs'), train.run_name(train.get_args(first)))
+    log_b = os.path.join(str(tmp_path / 'b' / 'logs'), runs.run_name(train.get_args(first), train.PARSER.get_default))
     first_eval = [(r['epoch'], r['loss'], r['mean']) for r in read_metrics(log_a) if r['mean']][0]
     assert first_eval == [(r['epoch'], r['loss'], r['mean']) for r in read_metrics(log_b) if r['mean']][0]
 

@@ -138,11 +138,11 @@ def test_functional_loss_equals_per_network_modules(train_networks):
 
 def test_run_names_and_flag_checks(capsys):
     faithful = train.get_args([])
-    assert train.run_name(faithful).endswith('mask-t0_noise-t0_n300000_seed0')
+    assert runs.run_name(faithful, train.PARSER.get_default).endswith('mask-t0_noise-t0_n300000_seed0')
     args = train.get_args(['--perm_aug', '--hidden_invariant_loss', '--loss', 'mse+functional'])
-    assert train.run_name(args).endswith('_seed0_perm_hinv_mse+functional-w1-ce0-img64')
+    assert runs.run_name(args, train.PARSER.get_default).endswith('_seed0_perm_hinv_mse+functional-w1-ce0-img64')
     args = train.get_args(['--loss', 'functional', '--ce_weight', '0.1', '--functional_images', '32'])
-    assert train.run_name(args).endswith('_seed0_functional-w1-ce0.1-img32')
+    assert runs.run_name(args, train.PARSER.get_default).endswith('_seed0_functional-w1-ce0.1-img32')
     for flags, message in [(['--ce_weight', '1'], 'use them with --loss functional or mse+functional'),
                            (['--loss', 'functional', '--functional_weight', '2'], 'it is the only term'),
                            (['--loss', 'functional', '--hidden_invariant_loss'], 'which --loss functional does not'),

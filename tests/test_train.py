@@ -18,6 +18,7 @@ import loader
 import losses
 import mnist
 import net
+import runs
 import train
 import translate
 import utils
@@ -40,7 +41,7 @@ def train_argv(pair_sets, out, *extra):
 def run_dirs(argv):
     """(ckpt run dir, log run dir) of a run."""
     args = train.get_args(argv)
-    name = train.run_name(args)
+    name = runs.run_name(args, train.PARSER.get_default)
     return os.path.join(args.ckpt_path, name), os.path.join(args.log_path, name)
 
 
@@ -97,11 +98,14 @@ def test_end_to_end_outputs(finished_run, pair_sets):
         assert row['min'] <= row['mean'] <= row['max']
     best = summary['rows']['KT (best)']
     assert best['mean'] == max(float(m['mean']) for m in metrics if m['mean'])
-    assert os.path.basename(summary['checkpoint']) == f'{best["mean"]:.2f}.pth'
+    # the original's name and form: str(round(mean, 2)) + '.pth', a plain state dict; our metadata beside it
+    assert os.path.basename(summary['checkpoint']) == str(round(best['mean'], 2)) + '.pth'
+    meta = runs.read_meta(summary['checkpoint'])
+    assert meta['config'] == summary['config'] and meta['epoch'] == summary['best_epoch']
+    assert summary['checkpoint'].endswith('.pth') and os.path.exists(summary['checkpoint'][:-4] + '.json')
     # the saved translator reproduces the logged accuracies of every val network
-    ckpt = torch.load(summary['checkpoint'], weights_only=True)
-    model = MLPMixer(**ckpt['config'])
-    model.load_state_dict(ckpt['model'])
+    model = MLPMixer(**meta['config'])
+    model.load_state_dict(torch.load(summary['checkpoint'], weights_only=True))  # as the original loads it
     val = loader.ValDataset(pair_sets['val'], 3)
     images, labels = mnist.load_mnist('data', train=False)
     middle = evaluate.translate(model, val.basic['conv1.weight'], val.basic['conv2.weight'])
@@ -175,8 +179,8 @@ def test_resume_equals_uninterrupted(pair_sets, tmp_path, capsys):
     assert 'resumed from' in open(os.path.join(log_b, 'train.log')).read()
     best_a, best_b = (glob.glob(os.path.join(d, '[0-9]*.pth')) for d in (ckpt_a, ckpt_b))
     assert [os.path.basename(p) for p in best_a] == [os.path.basename(p) for p in best_b]
-    for pa, pb in ((best_a[0], best_b[0]), (os.path.join(ckpt_a, 'last.pth'), os.path.join(ckpt_b, 'last.pth'))):
-        a, b = torch.load(pa, weights_only=True)['model'], torch.load(pb, weights_only=True)['model']
+    last_a, last_b = (torch.load(os.path.join(d, 'last.pth'), weights_only=True)['model'] for d in (ckpt_a, ckpt_b))
+    for a, b in ((torch.load(best_a[0], weights_only=True), torch.load(best_b[0], weights_only=True)), (last_a, last_b)):
         assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (json.load(open(os.path.join(d, 'summary.json'))) for d in (ckpt_a, ckpt_b))
     assert sa['rows'] == sb['rows']
@@ -331,9 +335,8 @@ def test_translate_round_trip(finished_run, pair_sets, tmp_path, capsys):
                     '--num_test_images', '200', '--device', 'cpu'])
     simple = torch.load(out, weights_only=True)
     net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)
-    ckpt = torch.load(summary['checkpoint'], weights_only=True)
-    model = MLPMixer(**ckpt['config']).eval()
-    model.load_state_dict(ckpt['model'])
+    model = MLPMixer(**runs.read_meta(summary['checkpoint'])['config']).eval()
+    model.load_state_dict(torch.load(summary['checkpoint'], weights_only=True))
     with torch.no_grad():
         c1, c2 = model([val.basic['conv1.weight'][k:k + 1], val.basic['conv2.weight'][k:k + 1]])
     assert torch.equal(simple['conv1.weight'], c1[0]) and torch.equal(simple['conv2.weight'], c2[0])
@@ -355,9 +358,8 @@ def test_translate_takes_a_network_from_a_dataset(finished_run, pair_sets, tmp_p
             f'{rows["Retrained"]["accs"][k]:.2f}%') in printed
     # the original layouts: train (the pair's small block is scored too) and val (it has none)
     pairs = {split: write_original(tmp_path / split, 3, split, seed=5) for split in ('train', 'val')}
-    ckpt = torch.load(summary['checkpoint'], weights_only=True)
-    model = MLPMixer(**ckpt['config']).eval()
-    model.load_state_dict(ckpt['model'])
+    model = MLPMixer(**runs.read_meta(summary['checkpoint'])['config']).eval()
+    model.load_state_dict(torch.load(summary['checkpoint'], weights_only=True))
     for split, own in (('train', True), ('val', False)):
         out = tmp_path / f'{split}.pth'
         translate.main(common + ['--data_root', str(tmp_path / split), '--index', '1', '--out', str(out)])
