@@ -4,9 +4,11 @@ import re
 import shlex
 
 import pytest
+import torch
 
 import runs
 import train
+import utils
 from test_train import TINY, read_metrics, run_dirs, train_argv
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -130,3 +132,102 @@ def test_missing_flagfile_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         train.get_args(['@' + str(tmp_path / 'nope.txt')])
     assert exc.value.code == 2 and 'nope.txt' in capsys.readouterr().err
+
+
+# The original train.py's flags as its flagfile.txt holds them (absl: one --flag=value a line), warmup_iters
+# among them: it declares that flag and overwrites it with warmup x iterations per epoch before use.
+ORIGINAL_FLAGFILE = """--gpu_id=0
+--num_epochs=300
+--log_step=25
+--optimizer=adam
+--lr=0.001
+--wd=0.0
+--grad_clip=-1.0
+--warmup=0
+--warmup_iters=0
+--batch_size=4096
+--scheduler=cos
+--mask_target=t
+--prob=0.0
+--noise_target=t
+--noise=0.0
+--ckpt_path=./ckpts/nobn
+--log_path=./logs/nobn
+--train_path=/data/nobn
+--val_path=/data/val
+--num_layers=24
+--s_dim=72
+--c_dim=128
+--hidden_s_dim=256
+--hidden_c_dim=512
+--dropout=0.0
+--train_data_length=300000
+--num_cycles=1
+"""
+
+
+def test_an_original_flagfile_replays(tmp_path):
+    path = tmp_path / 'flagfile.txt'
+    path.write_text(ORIGINAL_FLAGFILE)
+    args = train.get_args(['--flagfile', str(path)])
+    train.check_args(args)
+    paths = ('ckpt_path', 'log_path', 'train_path', 'val_path', 'flagfile')
+    assert {k: v for k, v in vars(args).items() if k not in paths} == \
+        {k: v for k, v in vars(train.get_args([])).items() if k not in paths}
+    assert (args.gpu_id, args.train_path) == ('0', '/data/nobn')
+    assert [a.help for a in train.PARSER._actions if a.dest == 'warmup_iters'][0].startswith('ignored')
+
+
+def test_gpu_id_takes_the_original_string_form(monkeypatch, capsys):
+    assert train.get_args(['--gpu_id', '0,1']).gpu_id == '0,1'
+    with pytest.raises(SystemExit):
+        train.get_args(['--gpu_id', 'first'])
+    assert '--gpu_id' in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(utils, '_own_pin', None)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    # as the original: os.environ['CUDA_VISIBLE_DEVICES'] = FLAGS.gpu_id, then cuda:0
+    assert utils.get_device('0,1') == torch.device('cuda:0') and os.environ['CUDA_VISIBLE_DEVICES'] == '0,1'
+    assert utils.get_device('1') == torch.device('cuda:0') and os.environ['CUDA_VISIBLE_DEVICES'] == '1'
+    # a scheduler's variable is kept and --gpu_id indexes its GPUs: one index, as an int (construct_train) or a string
+    monkeypatch.setattr(utils, '_own_pin', None)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,6')
+    assert utils.get_device('1') == utils.get_device(1) == torch.device('cuda:1')
+    with pytest.raises(utils.UserError, match='--gpu_id 0,1: CUDA_VISIBLE_DEVICES=4,6 is already set'):
+        utils.get_device('0,1')
+    assert os.environ['CUDA_VISIBLE_DEVICES'] == '4,6'
+
+
+def test_the_original_lines_once_each(pair_sets, tmp_path, capsys):
+    """'load N training data' / 'load N validation data' printed, and 'Accuracy Distribution' only where the
+    original writes it: after the Random Init row and after the best mean at the end, not after each evaluation."""
+    argv = train_argv(pair_sets, tmp_path)  # evaluations at epochs 2 and 3
+    train.main(argv)
+    assert 'load 12 training data\nload 3 validation data\n' in capsys.readouterr().out
+    lines = open(os.path.join(run_dirs(argv)[1], 'train.log')).read().splitlines()
+    heads = [re.match(r'(Random Init|Epoch \d+(?=, Mean)|Best Mean Accuracy|Accuracy Distribution)\b',
+                      line.split(': ', 1)[-1]) for line in lines]
+    assert [m.group(1) for m in heads if m] == [
+        'Random Init', 'Accuracy Distribution', 'Epoch 2', 'Epoch 3', 'Best Mean Accuracy', 'Accuracy Distribution']
+
+
+@pytest.mark.parametrize('warmup', [2, 5])
+def test_warmup_at_or_beyond_num_epochs_is_warmup_only(pair_sets, tmp_path, monkeypatch, warmup):
+    """As the original: LambdaLR min(j, W) / W at every iteration j of the run (W = warmup x 3 steps), the
+    scheduler never steps; --warmup_iters is ignored (the original overwrites it)."""
+    seen = []
+    real_step = train.train_step
+
+    def recording_step(model, optimizer, *a, **kw):
+        seen.append(optimizer.param_groups[0]['lr'])
+        return real_step(model, optimizer, *a, **kw)
+
+    monkeypatch.setattr(train, 'train_step', recording_step)
+    argv = train_argv(pair_sets, tmp_path, '--warmup', str(warmup), '--num_epochs', '2', '--lr', '0.003',
+                      '--warmup_iters', '1')
+    train.check_args(train.get_args(argv))
+    train.main(argv)
+    w = warmup * 3
+    assert seen == pytest.approx([0.003 * min(j, w) / w for j in range(6)], rel=1e-12, abs=1e-15)
+    assert [float(r['lr']) for r in read_metrics(run_dirs(argv)[1])] == pytest.approx([seen[2], seen[5]])
