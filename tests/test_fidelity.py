@@ -91,8 +91,8 @@ def test_original_command_runs_through_one_evaluation(pair_sets, tmp_path):
     assert best.endswith(f'Best Mean Accuracy {float(rows[-1]["mean"]):.2f}%')
 
 
-def test_warmup_matches_the_original_per_iteration(pair_sets, tmp_path, monkeypatch):
-    """--warmup 1 with 3 steps per epoch (W = 3 iterations): step j runs at lr x min(j, 3) / 3, from j = 0."""
+def record_lrs(monkeypatch):
+    """The list that receives the lr of every training step of train.main from now on."""
     seen = []
     real_step = train.train_step
 
@@ -101,6 +101,12 @@ def test_warmup_matches_the_original_per_iteration(pair_sets, tmp_path, monkeypa
         return real_step(model, optimizer, *a, **kw)
 
     monkeypatch.setattr(train, 'train_step', recording_step)
+    return seen
+
+
+def test_warmup_matches_the_original_per_iteration(pair_sets, tmp_path, monkeypatch):
+    """--warmup 1 with 3 steps per epoch (W = 3 iterations): step j runs at lr x min(j, 3) / 3, from j = 0."""
+    seen = record_lrs(monkeypatch)
     train.main(train_argv(pair_sets, tmp_path, '--warmup', '1', '--num_epochs', '3', '--lr', '0.003',
                           '--log_step', '100'))
     w = 3
@@ -216,14 +222,7 @@ def test_the_original_lines_once_each(pair_sets, tmp_path, capsys):
 def test_warmup_at_or_beyond_num_epochs_is_warmup_only(pair_sets, tmp_path, monkeypatch, warmup):
     """As the original: LambdaLR min(j, W) / W at every iteration j of the run (W = warmup x 3 steps), the
     scheduler never steps; --warmup_iters is ignored (the original overwrites it)."""
-    seen = []
-    real_step = train.train_step
-
-    def recording_step(model, optimizer, *a, **kw):
-        seen.append(optimizer.param_groups[0]['lr'])
-        return real_step(model, optimizer, *a, **kw)
-
-    monkeypatch.setattr(train, 'train_step', recording_step)
+    seen = record_lrs(monkeypatch)
     argv = train_argv(pair_sets, tmp_path, '--warmup', str(warmup), '--num_epochs', '2', '--lr', '0.003',
                       '--warmup_iters', '1')
     train.check_args(train.get_args(argv))

@@ -12,6 +12,7 @@ import loader
 import losses
 import mnist
 import net
+import runs
 import train
 from conftest import ROOT
 from test_train import expect_user_error, read_metrics, run_dirs, train_argv
