@@ -1,25 +1,19 @@
 """Make the translator's training pairs: (trained BasicBlock, SimpleBlock_NoBn trained in its place).
 
-train_one is the recipe, for one network; make_pairs is the same, K networks at a time, and the
-driver below it writes their shards (or with --layout original the per-file state dicts the
-original train.py reads, see loader.py); re-running the same command resumes and skips finished
-indices. Faster generation paths that no GPU log has yet shown faster live in speed/.
+train_one is the recipe for one network; make_pairs, the same K at a time; then the flags, which
+generation.py runs (resumable shards, or --layout original). Faster paths not yet shown faster: speed/.
 
     python construct_train.py --num_data 100 --start_index 0 --data_root ./data/train
 """
 import argparse
 import concurrent.futures
+import copy
 import dataclasses
-import logging
-import os
-import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import loader
-from mnist import load_mnist
 import net
 import sizing
 import utils
@@ -44,21 +38,16 @@ class Recipe:
 
     def as_json(self):
         """recipe.json's dict; an fp32 recipe keeps the original keys (no 'amp')."""
-        d = dataclasses.asdict(self)
-        if d['amp'] == 'none':
-            del d['amp']
-        return d
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'amp' or v != 'none'}
 
 
 # ----------------------------------------------------------------------------------------
 # The recipe, for one network: the definition of a pair.
 
 def train_one(recipe, index, mnist):
-    """Pair `index` made the plain way, the definition that make_pairs follows: a fresh large network
-    Begin -> BasicBlock -> Last trained recipe.num_epochs epochs (SGD with momentum, random horizontal
-    flips, every random choice from (recipe.seed, index) only); then its Begin and Last frozen in eval
-    mode and a fresh SimpleBlock_NoBn trained between them the same way. Returns the blocks' state
-    dicts and the test accuracies (%) of the large network and of the small one before and after."""
+    """Pair `index`, the definition make_pairs follows: a fresh Begin -> BasicBlock -> Last trained num_epochs epochs
+    (SGD, momentum, random flips, all drawn from (seed, index) only), then Begin and Last frozen in eval mode and a
+    fresh SimpleBlock_NoBn trained between them the same way. Returns state dicts and test accuracies (%)."""
     train_x, train_y, test_x, test_y = mnist
     seed = utils.seed_for(recipe.seed, recipe.kind, index)
     begin, basic, last, simple = net.BeginBlock(), net.BasicBlock(), net.LastBlock(), net.SimpleBlock_NoBn()
@@ -86,8 +75,7 @@ def train_one(recipe, index, mnist):
     large = torch.nn.Sequential(begin, basic, last).train()
     train(large, large.parameters())
     out = {'acc_large': accuracy(large)}  # large.eval(): Begin and Last stay in eval mode from here on
-    out.update({name: {n: t.clone() for n, t in m.state_dict().items()}
-                for name, m in (('begin', begin), ('basic', basic), ('last', last))})
+    out.update(zip(('begin', 'basic', 'last'), (copy.deepcopy(m.state_dict()) for m in (begin, basic, last))))
     if recipe.train_small:
         large.requires_grad_(False)
         small = torch.nn.Sequential(begin, simple, last)
@@ -134,8 +122,7 @@ def augment(images, idx, flip):
 
 
 def sgd_update(params, grads, bufs, lr, momentum=MOMENTUM):
-    """torch.optim.SGD's update (no dampening, Nesterov or weight decay) on buffers that start at zero:
-    momentum * 0 + grad is exactly the copy of grad that SGD's first step makes."""
+    """torch.optim.SGD's update (no dampening, Nesterov or weight decay) on zeroed buffers: exactly SGD's steps."""
     with torch.no_grad():
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads)
@@ -143,10 +130,9 @@ def sgd_update(params, grads, bufs, lr, momentum=MOMENTUM):
 
 
 def cross_entropy(logits_fn, labels):
-    """loss_fn(idx, flip): the sum of the K networks' mean cross-entropies on images idx (K, B), from
-    logits_fn(idx, flip), their logits (K, B, 10); labels: all the images' labels."""
+    """loss_fn(idx, flip): the sum of the K networks' mean cross-entropies (each gets exactly its own gradient) on
+    images idx (K, B), from their logits (K, B, 10) logits_fn(idx, flip); labels: all the images' labels."""
     def loss_fn(idx, flip):
-        # sum of the K networks' mean losses: each network gets exactly its own gradient
         return F.cross_entropy(logits_fn(idx, flip).reshape(-1, NUM_CLASSES), labels[idx].reshape(-1),
                                reduction='sum') / idx.shape[1]
     return loss_fn
@@ -156,9 +142,7 @@ class Steps:
     """How each phase's loss and SGD step are built: the plain way. The one interface of the faster paths
     (speed/generate.py passes a subclass to generate and make_pairs)."""
 
-    def describe(self):
-        """The step, for the log line."""
-        return 'eager'
+    describe = staticmethod(lambda: 'eager')  # the step, for the log line
 
     def keep_addresses(self, tensors):
         """Called with the tensors a workspace keeps for the whole run (compiled steps may read them in place)."""
@@ -171,15 +155,13 @@ class Steps:
         return cross_entropy(logits, labels)
 
     def small_loss(self, images, labels, begin, last, simple, cache):
-        """loss_fn(idx, flip) of the small-block phase, the frozen Begin's outputs read from cache (K, 2, N, 6,
-        14, 14) when it is not None."""
+        """loss_fn(idx, flip) of the small-block phase; cache: the frozen Begin's outputs (Workspace.begin_cache)."""
         k = begin['conv.weight'].shape[0]
         knets = torch.arange(k, device=images.device)[:, None]
 
         def begin_out(idx, flip):  # (B, K*6, 14, 14)
             if cache is not None:  # Begin is frozen: its output only depends on (image, flipped)
-                return cache[knets, flip.long(), idx].transpose(0, 1).reshape(idx.shape[1], k * net.PLANES,
-                                                                             *net.FEATURE[1:])
+                return cache[knets, flip.long(), idx].transpose(0, 1).flatten(1, 2)
             with torch.no_grad():
                 return net.begin_forward(augment(images, idx, flip), begin)
         return cross_entropy(lambda idx, flip: net.last_forward(net.simple_forward(begin_out(idx, flip), simple),
@@ -211,9 +193,8 @@ PLAIN = Steps()
 
 
 class Workspace:
-    """The device tensors of K networks trained side by side, kept for a whole run: their stacked states
-    (block -> stacked state), the frozen-Begin cache and each phase's step built on them. Every step group
-    loads its networks into the same tensors, so a step is built (and compiled) only once."""
+    """The device tensors of K networks trained side by side, kept for a whole run: their stacked states, the Begin
+    cache and each phase's step; every group loads its networks into them, so a step is built only once."""
 
     def __init__(self, states, recipe, mnist, steps=PLAIN):
         self.states, self.recipe, self.mnist, self.steps = states, recipe, mnist, steps
@@ -229,8 +210,7 @@ class Workspace:
                     self.states[block][name].copy_(t)
 
     def begin_cache(self, images, begin):
-        """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14), in the same tensor
-        for every group."""
+        """Frozen Begin's output for every image, unflipped and flipped: (K, 2, N, 6, 14, 14), one tensor per run."""
         if self.cache is None:
             self.cache = torch.empty(self.k, 2, len(images), *net.FEATURE, device=images.device)
             self.steps.keep_addresses([self.cache])
@@ -247,13 +227,10 @@ class Workspace:
         return step
 
 
-def train_phase(step, gens, n, device, recipe, after_epoch=None):
-    """recipe.num_epochs epochs of SGD steps over n images, every network in its own order with its own flips;
-    after_epoch(epoch), when given, after each.
-
-    The next epoch's orders are drawn in a second thread while this epoch trains (the generators are
-    still drawn from one epoch after another, so the streams are unchanged): drawing them takes about
-    20 ms a pair on one CPU core, which would otherwise leave a GPU idle."""
+def train_phase(step, gens, n, device, recipe, after_epoch=lambda epoch: None):
+    """recipe.num_epochs epochs of SGD steps over n images, every network in its own order with its own flips,
+    after_epoch(epoch) after each. The next epoch's orders are drawn in a second thread (20 ms a pair on one CPU
+    core, which would leave a GPU idle); the generators are still drawn one epoch after another."""
     with concurrent.futures.ThreadPoolExecutor(1) as drawer:
         drawn = drawer.submit(draw_epoch, gens, n, device)
         for epoch in range(recipe.num_epochs):
@@ -262,8 +239,7 @@ def train_phase(step, gens, n, device, recipe, after_epoch=None):
                 drawn = drawer.submit(draw_epoch, gens, n, device)
             for b0 in range(0, n, recipe.batch_size):  # the last partial batch is kept
                 step(perm[:, b0:b0 + recipe.batch_size], flip[:, b0:b0 + recipe.batch_size])
-            if after_epoch:
-                after_epoch(epoch)
+            after_epoch(epoch)
 
 
 def trainable(state):
@@ -273,22 +249,20 @@ def trainable(state):
 
 def freeze(*states):
     """Stop tracking gradients of the stacked states' tensors."""
-    for state in states:
-        for t in state.values():
-            t.requires_grad_(False)
+    for t in [t for state in states for t in state.values()]:
+        t.requires_grad_(False)
 
 
-def small_phase(begin, last, simple, gens, recipe, mnist, cache_begin=None, ws=None, after_epoch=None):
-    """Train the stacked small blocks `simple` in place between the frozen, eval-mode Begin and Last of
-    their networks (the recipe's second phase); return their test accuracy (K,) before and after.
-    ws: the Workspace holding these states (make_pairs); by default one made for this call."""
+def small_phase(begin, last, simple, gens, recipe, mnist, cache_begin=None, ws=None, after_epoch=lambda epoch: None):
+    """The recipe's second phase: train the stacked small blocks `simple` in place between the frozen, eval-mode
+    Begin and Last; return their test accuracy (K,) before and after. ws: the Workspace holding these states."""
     train_x, train_y, test_x, test_y = mnist
     k, device = begin['conv.weight'].shape[0], begin['conv.weight'].device
     ws = ws or Workspace({'begin': begin, 'last': last, 'simple': simple}, recipe, mnist)
     frozen = [t.clone() for t in (*begin.values(), *last.values())]
     acc_init = net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
     if cache_begin is None:
-        cache_begin = recipe.num_epochs > 1 and utils.fits_in_memory(sizing.begin_cache_bytes(k, len(train_x)), device, 0.5)
+        cache_begin = sizing.begin_cache_fits(recipe.num_epochs, k, len(train_x), device)
     cache = ws.begin_cache(train_x, begin) if cache_begin else None
     step = ws.step(('small', cache is not None), trainable(simple),
                    ws.steps.small_loss(train_x, train_y, begin, last, simple, cache))
@@ -300,10 +274,8 @@ def small_phase(begin, last, simple, gens, recipe, mnist, cache_begin=None, ws=N
 
 
 def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None, steps=PLAIN, epoch_log=None):
-    """Train the networks `indices` side by side; return their shard (CPU tensors).
-
-    workspaces: a dict (K -> Workspace) kept across calls, so that groups of the same size reuse one
-    workspace and its (compiled) steps; it holds one K at a time (each workspace holds a Begin cache).
+    """Train the networks `indices` side by side; return their shard (CPU copies). workspaces: a dict K ->
+    Workspace kept across calls (one K at a time: each holds a Begin cache), so that groups reuse its steps.
     epoch_log: a dict that receives each phase's test accuracies (K,) after every epoch (--original_log)."""
     train_x, train_y, test_x, test_y = mnist
     k = len(indices)
@@ -321,12 +293,11 @@ def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None
     begin, basic, last, simple = (ws.states[b] for b in PAIR_BLOCKS)
     gens = [data_generator(s) for s in seeds]
 
-    def scorer(key, middle, kind):
-        """after_epoch: the test accuracies after each epoch into epoch_log[key] (None without epoch_log)."""
-        if epoch_log is not None:
-            epoch_log[key] = []
-            return lambda epoch: epoch_log[key].append(net.stacked_accuracy(test_x, test_y, begin, middle, last,
-                                                                            kind).cpu())
+    def scorer(key, middle, kind):  # after_epoch: each epoch's test accuracies into epoch_log[key]
+        if epoch_log is None:
+            return lambda epoch: None
+        epoch_log[key] = []
+        return lambda epoch: epoch_log[key].append(net.stacked_accuracy(test_x, test_y, begin, middle, last, kind))
 
     # 1. the large network, all of it trained
     params = trainable(begin) + trainable(basic) + trainable(last)
@@ -347,7 +318,6 @@ def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None
              'begin': begin, 'basic': basic, 'last': last, **acc}
     if recipe.train_small:
         shard['simple'] = simple
-    # copies: the workspace's tensors are overwritten by the next group
     return {key: ({n: t.detach().to('cpu', copy=True) for n, t in v.items()} if isinstance(v, dict) and key != 'recipe'
                   else v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in shard.items()}
 
@@ -360,59 +330,52 @@ def get_parser(kind='train'):
     p = argparse.ArgumentParser(description=f'Generate {kind} networks for Knowledge Translation.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--batch_size', type=int, default=128, help='SGD batch size of both phases')
-    p.add_argument('--gpu_id', type=int, default=0, metavar='K',
-                   help='GPU to use: with CUDA_VISIBLE_DEVICES unset, sets it to K and uses cuda:0 (as the '
-                        'original); when it is already set (SLURM, ...), the K-th GPU it makes visible (cuda:K)')
+    p.add_argument('--gpu_id', type=int, default=0, metavar='K', help='GPU to use: with CUDA_VISIBLE_DEVICES unset, '
+                   'sets it to K and uses cuda:0 (as the original); else the K-th GPU it makes visible (cuda:K)')
     p.add_argument('--num_epochs', type=int, default=10, help='epochs of each phase (large net, small block)')
     p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (momentum 0.9, no weight decay)')
     p.add_argument('--num_data', type=int, default=1, help='number of networks this process makes')
     p.add_argument('--start_index', type=int, default=0, help='index of its first network')
     p.add_argument('--data_root', type=str, default=f'./data/{kind}', help='folder of the pairs (see --layout)')
     p.add_argument('--layout', choices=('shards', 'original'), default='shards',
-                   help='shards: shard_<start>_<stop>.pt files; original: the per-file {i}.pth state dicts the '
-                        'original train.py reads (' + loader.original_layout_help(kind) + '); it also continues a folder '
-                        'of the original code\'s own files')
+                   help=f'shards: shard_<start>_<stop>.pt files; original: the {{i}}.pth state dicts the original '
+                        f'train.py reads ({loader.original_layout_help(kind)}), also in a folder of its own files')
     p.add_argument('--seed', type=int, default=0, help='dataset seed: network i depends only on (seed, i)')
     p.add_argument('--device', type=str, default='', help="'cpu', 'cuda', 'cuda:1', ...; default: CUDA if present")
     p.add_argument('--mnist_root', type=str, default='data', help='folder holding MNIST/raw/')
-    p.add_argument('--models_per_step', type=int, default=0,
-                   help='networks trained side by side (one shard each group); 0 = chosen from the device '
-                        '(its memory share, see --processes_per_gpu)')
-    p.add_argument('--processes_per_gpu', type=int, default=1, metavar='N',
-                   help='generation processes sharing this GPU (generate_sh.py passes it): --models_per_step 0 and '
-                        'the frozen-Begin cache are sized from this process\'s share, free memory at start / N - 1 GiB')
+    p.add_argument('--models_per_step', type=int, default=0, help='networks trained side by side (one shard each '
+                   'group); 0 = chosen from the device (its memory share, see --processes_per_gpu)')
+    p.add_argument('--processes_per_gpu', type=int, default=1, metavar='N', help='generation processes sharing this '
+                   'GPU (generate_sh.py passes it): --models_per_step 0 and the Begin cache are sized from this '
+                   "process's share, free memory at start / N - 1 GiB")
     p.add_argument('--num_threads', type=int, default=0, help='CPU threads of this process; 0 = torch default')
-    p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'),
-                   help="small-block phase: keep the frozen Begin's outputs for every image (538 MiB a network at "
-                        '60,000 images) instead of recomputing them each step; auto: when it fits')
-    p.add_argument('--num_train_images', type=int, default=60000,
-                   help='use the first N training images (quick runs and tests; the recipe uses 60000)')
-    p.add_argument('--num_test_images', type=int, default=10000,
-                   help='score on the first N test images (quick runs and tests; the recipe uses 10000)')
-    p.add_argument('--original_log', action='store_true',
-                   help="log the original scripts' lines for each network (Data index, the test accuracy after "
-                        'every epoch of both phases): scores the test set after every epoch (slower); the '
-                        'networks are the same')
+    p.add_argument('--begin_cache', default='auto', choices=('auto', 'on', 'off'), help="small-block phase: keep the "
+                   "frozen Begin's outputs for every image (538 MiB a network at 60,000 images) instead of "
+                   'recomputing them each step; auto: when it fits')
+    p.add_argument('--num_train_images', type=int, default=60000, help='use the first N training images (quick runs '
+                   'and tests; the recipe uses 60000)')
+    p.add_argument('--num_test_images', type=int, default=10000, help='score on the first N test images (quick runs '
+                   'and tests; the recipe uses 10000)')
+    p.add_argument('--original_log', action='store_true', help="log the original scripts' lines per network (Data "
+                   'index, test accuracy after every epoch of both phases): slower, the same networks')
     if kind == 'train':
-        p.add_argument('--skip_simple', action='store_true',
-                       help='skip the small-block phase (pairs usable only by the functional loss)')
+        p.add_argument('--skip_simple', action='store_true', help='skip the small-block phase (pairs usable only '
+                       'by the functional loss)')
     else:
-        p.add_argument('--train_simple', action='store_true',
-                       help='also retrain a SimpleBlock_NoBn in each network (the "Retrained" reference)')
+        p.add_argument('--train_simple', action='store_true', help='also retrain a SimpleBlock_NoBn in each network '
+                       '(the "Retrained" reference)')
     return p
 
 
 def check_args(args, kind='train'):
     """Refuse bad values; add args.kind, args.train_small and args.recipe (a Recipe)."""
-    for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images', 'processes_per_gpu'):
+    for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images', 'processes_per_gpu',
+                 'lr'):
         if getattr(args, flag) <= 0:
             raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
-    if args.start_index < 0:
-        raise utils.UserError(f'--start_index must be >= 0 (got {args.start_index})')
-    if args.lr <= 0:
-        raise utils.UserError(f'--lr must be > 0 (got {args.lr})')
-    if args.models_per_step < 0 or args.num_threads < 0:
-        raise utils.UserError('--models_per_step and --num_threads must be >= 0')
+    for flag in ('start_index', 'models_per_step', 'num_threads'):
+        if getattr(args, flag) < 0:
+            raise utils.UserError(f'--{flag} must be >= 0 (got {getattr(args, flag)})')
     if args.num_train_images > 60000 or args.num_test_images > 10000:
         raise utils.UserError('MNIST has 60000 training and 10000 test images')
     args.kind = kind
@@ -432,71 +395,6 @@ def recipe_of(args):
                   args.num_train_images, args.num_test_images, getattr(args, 'amp', 'none'))
 
 
-def load_mnist_to(device, args):
-    """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
-    train_x, train_y = load_mnist(args.mnist_root, train=True)
-    test_x, test_y = load_mnist(args.mnist_root, train=False)
-    return (train_x[:args.num_train_images].to(device), train_y[:args.num_train_images].to(device),
-            test_x[:args.num_test_images].to(device), test_y[:args.num_test_images].to(device))
-
-
-def generate(args, steps=PLAIN):
-    """Make the missing networks of [start_index, start_index + num_data) in args.data_root."""
-    device = utils.get_device(args.gpu_id, args.device)
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest grouped convolutions
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    loader.check_writable(args.data_root)
-    utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
-    recipe, dirs = args.recipe, loader.original_dirs(args.kind, args.train_small)
-    theirs = loader.check_layout(args.data_root, args.layout, args.kind)
-    if theirs:  # the original code's own files: their shapes can be checked, their recipe cannot
-        loader.check_original_shapes(args.data_root, loader.ORIGINAL_DIRS[args.kind])
-    share = sizing.gpu_share(device, args.processes_per_gpu)
-    k = args.models_per_step or sizing.default_models_per_step(device, share)
-    cache_begin = sizing.use_begin_cache(args, k, share)
-    mnist = load_mnist_to(device, args)  # before the root is claimed: bad input leaves no recipe.json behind
-    if theirs:
-        logging.info(f'{args.data_root} holds the original code\'s files without a recipe.json: their shapes fit, '
-                     f'but their recipe cannot be checked; the networks made here follow recipe {recipe.as_json()}')
-    else:
-        loader.claim_root(args.data_root, recipe.as_json())
-    stop = args.start_index + args.num_data
-    todo = loader.missing_ranges(loader.made_indices(args.data_root, args.layout, dirs), args.start_index, stop)
-    groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
-    groups.sort(key=lambda g: g[0] - g[1])  # full groups first: one workspace per K (their networks stay the same)
-    total = sum(b - a for a, b in groups)
-    memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
-                                       f'free memory less 1 GiB), Begin cache {"on" if cache_begin else "off"}')
-    logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
-                 f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
-                 f'step {steps.describe()}, recipe {recipe.as_json()}')
-    made, workspaces, t0 = [], {}, time.time()
-    with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
-        for a, b in groups:
-            epochs = {} if args.original_log else None
-            shard = make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps, epochs)
-            if args.original_log:
-                loader.log_original(shard, epochs, recipe.kind, recipe.train_small)
-            loader.save_pairs(args.data_root, args.layout, shard, dirs)
-            made.append(shard)
-            bar.update(b - a)
-            bar.set_postfix(large=f"{shard['acc_large'].mean():.1f}%",
-                            small=f"{shard['acc_small'].mean():.1f}%" if args.train_small else '-')
-    if made:
-        hours = (time.time() - t0) / 3600
-        means = {key: torch.cat([s[key] for s in made]).mean().item() for key in loader.ACC_KEYS}
-        logging.info(f'made {total} networks in {hours * 3600:.1f} s ({total / hours:.1f} per hour); mean test '
-                     f'accuracy: {loader.accuracy_text(means, args.train_small)}')
-    else:
-        logging.info('nothing to do: every index of the range exists')
-    return made
-
-
-def main(kind='train'):
-    """Parse the flags and generate."""
-    generate(get_args(kind))
-
-
 if __name__ == '__main__':
-    utils.run_main(main)
+    import generation  # the driver (folders, devices, progress); it imports this file as construct_train
+    utils.run_main(lambda: generation.main('train'))

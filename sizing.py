@@ -3,6 +3,7 @@ sized from its share of the GPU's memory (construct_train.py --models_per_step 0
 import torch
 
 import net
+import utils
 
 NET_BYTES = 600 * 2 ** 20  # GPU memory of one network of a step, mostly its Begin cache (538 MiB at 60,000 images)
 PROCESS_BYTES = 2 ** 30  # GPU memory of a process beyond its networks: CUDA context, MNIST, cuDNN workspaces
@@ -51,3 +52,8 @@ def use_begin_cache(args, k, share):
         return None
     return args.num_epochs > 1 and begin_cache_bytes(k, args.num_train_images) <= share // 2
 
+
+
+def begin_cache_fits(num_epochs, k, num_images, device):
+    """Whether make_pairs caches Begin's outputs when not told: over one epoch, in half the free memory."""
+    return num_epochs > 1 and utils.fits_in_memory(begin_cache_bytes(k, num_images), device, 0.5)

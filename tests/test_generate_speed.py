@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import construct_train
+import generation
 import net
 import utils
 
@@ -25,7 +26,7 @@ def single_thread(one_thread):
 
 @pytest.fixture(scope='module')
 def mnist():
-    return construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
+    return generation.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
 
 
 def tiny_args(*extra):
@@ -116,14 +117,14 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
     root = tmp_path / 'pairs'
     argv = TINY + ['--data_root', str(root), '--num_data', '2', '--models_per_step', '2', '--channels_last',
                    '--amp', 'bf16', '--begin_cache', 'off']
-    construct_train.generate(construct_train.get_args('train', argv))
+    generation.generate(construct_train.get_args('train', argv))
     with open(root / 'recipe.json') as f:
         assert json.load(f)['amp'] == 'bf16'
     with open(root / 'logs' / 'train_0.log') as f:
         log = f.read()
     assert 'step eager, channels-last, bf16 autocast' in log
     with pytest.raises(utils.UserError, match='recipe'):  # an fp32 run may not add to these bf16 networks
-        construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
+        generation.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
 
 
 @pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_basic'], ['--fused_small'],
@@ -177,7 +178,7 @@ def test_cuda_graph_replays_the_same_steps(flags):
     plain_args, graph_args = (construct_train.get_args('train', argv + extra) for extra in ([], ['--cuda_graph']))
     construct_train.use_kernels(plain_args, device)
     try:
-        mnist = construct_train.load_mnist_to(device, plain_args)
+        mnist = generation.load_mnist_to(device, plain_args)
         shards = {}
         for name, args in (('plain', plain_args), ('graph', graph_args)):
             workspaces = {}
