@@ -6,7 +6,7 @@
 #
 #   OUT=/tmp/out bash experiments/gpu_study.sh
 # Dry run on a CPU at tiny sizes: DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_study.sh
-source "$(dirname "$0")/session_lib.sh"
+source "$(dirname "$0")/../speed/session_lib.sh"
 PACKED="logs study_*.json study_tables.md identifiability.* study/*/*/*/*/train.log study/*/*/*/*/metrics.csv val/logs train/logs"
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command

@@ -3,7 +3,7 @@
 construct_train.py's flags, and these: --compile (the whole SGD step), --cuda_graph (each step replayed from a
 CUDA graph), --channels_last, --amp bf16, --conv triton, --fused_begin, --fused_basic, --fused_small (Triton
 kernels of triton_conv.py). --val makes validation networks (construct_val.py's flags). They plug into
-construct_train.generate through its one interface, a Steps object (FastSteps below).
+generation.generate and construct_train.make_pairs through their one interface, a Steps object (FastSteps below).
 
     python speed/generate.py --num_data 128 --data_root ./data/train --fused_begin --fused_basic --fused_small
     python speed/generate.py --val --num_data 100 --data_root ./data/val --cuda_graph
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the top-level modules
 import construct_train  # noqa: E402
+import generation  # noqa: E402
 import net  # noqa: E402
 import utils  # noqa: E402
 
@@ -220,7 +221,7 @@ def mark_static(tensors):
 def main(argv=None):
     """Parse the flags and generate with the faster steps."""
     args = get_args(argv)
-    construct_train.generate(args, FastSteps(args, utils.get_device(args.gpu_id, args.device)))
+    generation.generate(args, FastSteps(args, utils.get_device(args.gpu_id, args.device)))
 
 
 if __name__ == '__main__':
