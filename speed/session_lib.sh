@@ -1,4 +1,4 @@
-# Helpers of the prepared GPU sessions (gpu_session.sh, gpu_study.sh), sourced by them: a session runs its
+# Helpers of the prepared GPU sessions (speed/gpu_check.sh, speed/gpu_session.sh, experiments/gpu_study.sh), sourced by them: a session runs its
 # steps within BUDGET seconds (default 560), logs to $OUT/session.log and packs its logs into
 # $OUT/session.tar.gz after every step, so that a session cut short still brings back what it measured.
 # STEPS="name name ..." runs only the steps so named (e.g. those a session cut short did not reach; a step that
@@ -58,6 +58,21 @@ joined() {  # wait for the background steps, then report them
 machine() {  # the GPU and torch, into the log
   say "machine"
   { nvidia-smi -L 2>/dev/null; python -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } 2>&1 | tee -a "$LOG"
+}
+killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group once $WORK/ckpts holds a last.pth
+  local name=$1 t=0 wait=$(( $(left) * 5 )); shift
+  chosen "$name" || return 0
+  say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
+  setsid "$@" > "$WORK/logs/$name.log" 2>&1 &
+  local pid=$!
+  until [ -n "$(find "$WORK/ckpts" -name last.pth 2>/dev/null)" ] || [ $t -ge $wait ] || ! kill -0 $pid 2>/dev/null; do
+    sleep 0.2; t=$((t + 1))
+  done
+  kill -9 -- -$pid 2>/dev/null
+  pkill -9 -f -- "--ckpt_path $WORK/ckpts"  # torchrun's workers run in sessions of their own
+  wait $pid
+  say "$name: exit $? after $((t / 5))s"
+  pack
 }
 finish() {  # nothing of the session may outlive it on the GPU; pack a last time
   pkill -f -- "$WORK" 2>/dev/null
