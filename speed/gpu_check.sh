@@ -21,9 +21,9 @@ PACKED="logs *.json train_logs"
 FUSED=fused_begin+fused_basic+fused_small
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   GEN="--num_images 256 --k 2 --rows 2:$FUSED 2:$FUSED+graphed 4:no_cache+$FUSED 4:no_cache+$FUSED+graphed"
-  STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on"
-  DATA_RECIPE="--num_epochs 1 --num_train_images 640 --num_test_images 200 --models_per_step 4"; NUM_VAL=4; NUM_TRAIN=8
-  TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 200"
+  STEP="--quick --batches 8 --main_batch 8 --num_layers 1 --compile on --warmup 1 --iters 1 --repeats 1"
+  DATA_RECIPE="--num_epochs 1 --num_train_images 256 --num_test_images 100 --models_per_step 4"; NUM_VAL=4; NUM_TRAIN=8
+  TRANSLATOR="--num_layers 1 --c_dim 16 --hidden_s_dim 16 --hidden_c_dim 16 --num_test_images 100"
   PATHS="--num_epochs 40 --log_step 10 --batch_size 8"
 else
   GEN="--num_images 12800 --k 128 --rows 128:$FUSED 128:$FUSED+graphed 512:no_cache+$FUSED
@@ -38,17 +38,10 @@ machine
 # 1. compiling the kernels is CPU work: it runs beside 4, which keeps the GPU mostly idle
 background kernel_tests 150 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider speed/tests/test_triton_conv.py \
   speed/tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps -k "not compiles_for_a_gpu"
-# 4. every GPU path of train.py: pairs made here with a short recipe (speed, not science)
-step construct_val 30 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $DATA_RECIPE
-step construct_train 30 python construct_train.py --device "$DEVICE" --num_data "$NUM_TRAIN" --data_root "$WORK/train" $DATA_RECIPE
-TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.py --device $DEVICE
-  --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN
-  $TRANSLATOR $PATHS --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
-killed train_killed $TORCHRUN
-step train_resumed 60 $TORCHRUN --resume
-grep -h "torchrun:\|resumed from\|Epoch .*, Mean" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+# 4. every GPU path of train.py, on pairs made here with a short recipe (speed, not science)
+train_paths
 joined
 # 2. and 3., the plain rows beside the others in each run
 step generate 120 python speed/bench_generate.py --device "$DEVICE" --skip_original $GEN --out "$WORK/generate.json"
-step translator_step 90 python bench/bench_translator_step.py --device "$DEVICE" $STEP --out "$WORK/translator_step.json"
+step translator_step 120 python bench/bench_translator_step.py --device "$DEVICE" $STEP --out "$WORK/translator_step.json"
 finish

@@ -72,14 +72,7 @@ background triton_warmup 240 python speed/bench_generate.py --device "$DEVICE" -
 
 # the cheap, all-or-nothing items first; then the benchmarks, largest first; the profiles last
 # 4. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed
-step construct_val 40 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $DATA_RECIPE
-step construct_train 40 python construct_train.py --device "$DEVICE" --num_data "$NUM_TRAIN" --data_root "$WORK/train" $DATA_RECIPE
-TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.py --device $DEVICE
-  --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN
-  $TRANSLATOR $PATHS --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
-killed train_paths_killed $TORCHRUN
-step train_paths_resumed 90 $TORCHRUN --resume
-grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in\|cached in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+train_paths
 joined
 
 # 3. evaluation; 1. generation with the fused kernels and its profile; 2. the translator step; 1. generation's

@@ -74,6 +74,18 @@ killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group onc
   say "$name: exit $? after $((t / 5))s"
   pack
 }
+train_paths() {  # pairs made here with $DATA_RECIPE, then train.py under torchrun (NCCL on a GPU) with --amp bf16
+  # --compile --tf32, SIGKILLed mid-run and resumed (the scripts set DATA_RECIPE, NUM_VAL, NUM_TRAIN, TRANSLATOR, PATHS)
+  step construct_val 40 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $DATA_RECIPE
+  step construct_train 40 python construct_train.py --device "$DEVICE" --num_data "$NUM_TRAIN" --data_root "$WORK/train" $DATA_RECIPE
+  local torchrun="python -m torch.distributed.run --standalone --nproc_per_node 1 train.py --device $DEVICE
+    --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN
+    $TRANSLATOR $PATHS --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
+  killed train_paths_killed $torchrun
+  step train_paths_resumed 90 $torchrun --resume
+  grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in\|cached in" \
+    "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+}
 finish() {  # nothing of the session may outlive it on the GPU; pack a last time
   pkill -f -- "$WORK" 2>/dev/null
   pack
