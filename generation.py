@@ -58,7 +58,8 @@ def generate(args, steps=construct_train.PLAIN):
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
         for a, b in groups:
             epochs = {} if args.original_log else None
-            shard = construct_train.make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps, epochs)
+            shard = construct_train.make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps,
+                                               epochs)
             if args.original_log:
                 loader.log_original(shard, epochs, recipe.kind, recipe.train_small)
             loader.save_pairs(args.data_root, args.layout, shard, dirs)

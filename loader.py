@@ -331,7 +331,8 @@ def made_indices(root, layout, dirs):
 def accuracy_text(acc, train_small):
     """'large …%' and, when small blocks are trained, the small block's at init and trained (acc: the shard's
     acc_* keys -> numbers)."""
-    small = f', small at init {acc["acc_small_init"]:.2f}%, small trained {acc["acc_small"]:.2f}%' if train_small else ''
+    small = (f', small at init {acc["acc_small_init"]:.2f}%, small trained {acc["acc_small"]:.2f}%'
+             if train_small else '')
     return f'large {acc["acc_large"]:.2f}%{small}'
 
 

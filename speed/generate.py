@@ -8,7 +8,6 @@ generation.generate and construct_train.make_pairs through their one interface, 
     python speed/generate.py --num_data 128 --data_root ./data/train --fused_begin --fused_basic --fused_small
     python speed/generate.py --val --num_data 100 --data_root ./data/val --cuda_graph
 """
-import argparse
 import os
 import sys
 
