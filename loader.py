@@ -1,5 +1,6 @@
 """Weight pairs: the shards that generation writes, the original per-file layout, and the translator's datasets."""
 import json
+import logging
 import os
 import re
 
@@ -263,6 +264,99 @@ def write_original(root, shard, dirs):
             # unstack_state clones: a view would save the whole stacked storage into every file
             atomic_save(net.unstack_state(shard[block], j), os.path.join(root, d, f'{i}.pth'))
 
+
+
+# ----------------------------------------------------------------------------------------
+# The folder a generation process writes: its layout, what is made, checks before it starts.
+
+def original_layout_help(kind):
+    """The folders of --layout original, for --help."""
+    dirs = ORIGINAL_DIRS[kind]
+    when = 'without --skip_simple' if kind == 'train' else 'with --train_simple'
+    return ', '.join(f'{d}/' for b, d in dirs.items() if b != 'simple') + f', and {dirs["simple"]}/ {when}'
+
+
+def original_dirs(kind, train_small):
+    """Block -> folder that --layout original writes (small blocks only when trained)."""
+    return {b: d for b, d in ORIGINAL_DIRS[kind].items() if b != 'simple' or train_small}
+
+
+def check_writable(root):
+    """Create root if needed and make sure files can be written there."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f'.write_test_{os.getpid()}')
+        open(probe, 'wb').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'--data_root {root} is not writable ({e.strerror}); choose another folder') from None
+
+
+def check_layout(root, layout, kind):
+    """Refuse a data root holding the other layout; True when it holds original-layout folders without a
+    recipe.json (recipe.json is written before any pair: such files come from the original code)."""
+    folders = [d + '/' for d in ORIGINAL_DIRS[kind].values() if os.path.isdir(os.path.join(root, d))]
+    if layout == 'original' and list_shards(root):
+        raise UserError(f'--data_root {root} holds shards (shard_*.pt): --layout original needs a folder of its '
+                        f'own, or pass --layout shards to resume them')
+    if layout == 'shards' and folders:
+        raise UserError(f'--data_root {root} holds the original layout ({", ".join(folders)}): pass '
+                        f'--layout original to resume it, or choose another folder')
+    return bool(folders) and read_recipe(root) is None
+
+
+def check_original_shapes(root, dirs):
+    """Refuse any file {i}.pth under root/<dirs[block]> whose state dict does not fit its block."""
+    for block, d in dirs.items():
+        want = {k: tuple(t.shape) for k, t in net.BLOCKS[block]().state_dict().items()}
+        folder = os.path.join(root, d)
+        for i in sorted(_original_indices(folder)) if os.path.isdir(folder) else ():
+            path = os.path.join(folder, f'{i}.pth')
+            sd = load_file(path, 'state dict')
+            ok = isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())
+            got = {k: tuple(t.shape) for k, t in sd.items()} if ok else None
+            if got != want:
+                raise UserError(f'{path}: not a {net.BLOCKS[block].__name__} state dict (keys and shapes '
+                                f'{got}, expected {want}); move it away or choose another --data_root')
+
+
+def made_indices(root, layout, dirs):
+    """Indices already complete in root, in its layout (dirs: the original layout's folders)."""
+    if layout == 'original':
+        return original_made(root, dirs)
+    check_shard_ranges(list_shards(root))
+    return covered_indices(root)
+
+
+def accuracy_text(acc, train_small):
+    """'large …%' and, when small blocks are trained, the small block's at init and trained (acc: the shard's
+    acc_* keys -> numbers)."""
+    small = (f', small at init {acc["acc_small_init"]:.2f}%, small trained {acc["acc_small"]:.2f}%'
+             if train_small else '')
+    return f'large {acc["acc_large"]:.2f}%{small}'
+
+
+def save_pairs(root, layout, shard, dirs):
+    """Write one step group's networks in the layout, every file atomically (the original layout has no
+    place for the test accuracies: they go to the log, a line per network)."""
+    if layout == 'shards':
+        return write_shard(root, shard)
+    write_original(root, shard, dirs)
+    for j, i in enumerate(shard['index'].tolist()):
+        acc = {key: shard[key][j].item() for key in ACC_KEYS}
+        logging.info(f'network {i}: test accuracy {accuracy_text(acc, "simple" in dirs)}')
+
+
+def log_original(shard, epochs, kind, train_small):
+    """The original generation scripts' lines for each network of a shard (epochs: make_pairs' epoch_log)."""
+    large = 'Complex Test Accuracy' if kind == 'train' else 'Test Accuracy'
+    for j, i in enumerate(shard['index'].tolist()):
+        lines = [f'Data index: {i}'] + [f'Epoch {e}, {large} {a[j].item()}%' for e, a in enumerate(epochs['large'])]
+        lines.append('-' * 50)
+        if train_small:
+            lines.append(f'Before Train, Test Accuracy {shard["acc_small_init"][j].item()}%')
+            lines += [f'Epoch {e}, Simple Test Accuracy {a[j].item()}%' for e, a in enumerate(epochs['small'])]
+        logging.info('\n'.join(lines))
 
 def as_float(stacked):
     """A stacked block in float32 (whatever precision the files were saved in), contiguous; None stays None."""

@@ -188,23 +188,11 @@ def fresh_states(block, seeds, device='cpu'):
     return {k: v.to(device) for k, v in stack_states(sds).items()}
 
 
-# Other implementations of the stacked 3x3 convolutions (stride 1, padding 1) and of the whole Begin block, when
-# set_kernels sets them (construct_train.py --conv triton, --fused_begin)
-CONV3X3 = None
-BEGIN = None
-
-
-def set_kernels(conv3x3=None, begin=None):
-    """Run this process's stacked 3x3 convolutions as conv3x3(x, w, groups) and its Begin blocks as
-    begin(x, s, training) (triton_conv's); None: torch's operators."""
-    global CONV3X3, BEGIN
-    CONV3X3, BEGIN = conv3x3, begin
-
-
-def _conv(x, w, k, **kw):
-    """Grouped conv: x (B, K*Cin, H, W), w (K, Cout, Cin, kh, kw) -> (B, K*Cout, H', W')."""
-    if CONV3X3 is not None and w.shape[-1] == 3 and kw == {'padding': 1}:
-        return CONV3X3(x, w.reshape(-1, *w.shape[2:]), k)
+def _conv(x, w, k, conv_kernel=None, **kw):
+    """Grouped conv: x (B, K*Cin, H, W), w (K, Cout, Cin, kh, kw) -> (B, K*Cout, H', W'); conv_kernel(x, w, groups),
+    when given, runs the 3x3 ones (stride 1, padding 1) instead of torch's operator (speed/triton_conv.py's)."""
+    if conv_kernel is not None and w.shape[-1] == 3 and kw == {'padding': 1}:
+        return conv_kernel(x, w.reshape(-1, *w.shape[2:]), k)
     return F.conv2d(x, w.reshape(-1, *w.shape[2:]), groups=k, **kw)
 
 
@@ -217,32 +205,30 @@ def _bn(x, s, prefix, training):
                         training, BN_MOMENTUM, 1e-5)
 
 
-def begin_forward(x, s, training=False):
+def begin_forward(x, s, training=False, conv_kernel=None):
     """x (B, K, 28, 28), one image per network, or (B, 1, 28, 28) shared by all -> (B, K*6, 14, 14)."""
-    if BEGIN is not None:
-        return BEGIN(x, s, training)
     k = s['conv.weight'].shape[0]
     if x.shape[1] == 1 and k > 1:  # same images for every network: one ordinary conv
         x = F.conv2d(x, s['conv.weight'].reshape(-1, 1, 3, 3), padding=1)
     else:
-        x = _conv(x, s['conv.weight'], k, padding=1)
+        x = _conv(x, s['conv.weight'], k, conv_kernel, padding=1)
     x = F.relu(_bn(x, s, 'bn.', training))
     return F.max_pool2d(x, 3, 2, 1)
 
 
-def basic_forward(x, s, training=False):
+def basic_forward(x, s, training=False, conv_kernel=None):
     """Stacked BasicBlock on (B, K*6, H, W)."""
     k = s['conv1.weight'].shape[0]
-    out = F.relu(_bn(_conv(x, s['conv1.weight'], k, padding=1), s, 'bn1.', training))
-    out = _bn(_conv(out, s['conv2.weight'], k, padding=1), s, 'bn2.', training)
+    out = F.relu(_bn(_conv(x, s['conv1.weight'], k, conv_kernel, padding=1), s, 'bn1.', training))
+    out = _bn(_conv(out, s['conv2.weight'], k, conv_kernel, padding=1), s, 'bn2.', training)
     return F.relu(out + x)
 
 
-def simple_forward(x, s, training=False):
+def simple_forward(x, s, training=False, conv_kernel=None):
     """Stacked SimpleBlock_NoBn on (B, K*6, H, W); s needs only conv1.weight and conv2.weight."""
     k = s['conv1.weight'].shape[0]
-    out = F.relu(_conv(x, s['conv1.weight'], k, padding=1))
-    return F.relu(_conv(out, s['conv2.weight'], k, padding=1) + x)
+    out = F.relu(_conv(x, s['conv1.weight'], k, conv_kernel, padding=1))
+    return F.relu(_conv(out, s['conv2.weight'], k, conv_kernel, padding=1) + x)
 
 
 def last_forward(x, s, training=False):

@@ -5,8 +5,8 @@
     nn.Module training, a test evaluation after every epoch of both phases;
 (b) ours, one network at a time (--models_per_step 1): MNIST in memory, batching and flips on
     the device, frozen Begin cached in the small phase;
-(c) ours, K networks side by side (grouped convolutions); with --rows, also with construct_train.py's
-    speed options (e.g. 512:no_cache+cuda_graphs: K = 512, no Begin cache, compiled step with CUDA graphs).
+(c) ours, K networks side by side (grouped convolutions); with --rows, also with or without the Begin cache
+    (e.g. 512:no_cache); speed/bench_generate.py adds the rows of speed/generate.py's flags.
 Each path trains both phases for --epochs epochs on --num_images images, then the time of the full
 recipe (10 + 10 epochs on 60,000 images) is projected linearly from the measured training time
 plus the evaluations that recipe makes; the frozen-Begin cache, built once per small-block phase
@@ -29,8 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import construct_train  # noqa: E402
 from common import sync, write_json  # noqa: E402
+import generation  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
+import sizing  # noqa: E402
 import utils  # noqa: E402
 
 RECIPE_EPOCHS, RECIPE_IMAGES, TEST_IMAGES = 10, 60000, 10000
@@ -96,22 +98,24 @@ def original_structure(args, mnist, workers):
     return t_train, t_eval
 
 
-# The faster options of construct_train.py, by the names --rows uses.
-VARIANTS = {'channels_last': ['--channels_last'], 'compile': ['--compile'],
-            'cuda_graphs': ['--compile', 'reduce-overhead'], 'graphed': ['--cuda_graph'], 'bf16': ['--amp', 'bf16'],
-            'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off'], 'triton': ['--conv', 'triton'],
-            'fused_begin': ['--fused_begin'], 'fused_basic': ['--fused_basic'], 'fused_small': ['--fused_small']}
+# construct_train.py's options, by the names --rows uses.
+VARIANTS = {'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off']}
 
 
-def parse_row(spec):
-    """'K' or 'K:variant+variant' -> (label, K, construct_train flags)."""
+def plain_steps(argv, device):
+    """(construct_train.py's parsed flags argv, the plain Steps): how a row's flags become generation's step."""
+    return construct_train.get_args('train', argv), construct_train.PLAIN
+
+
+def parse_row(spec, variants=VARIANTS):
+    """'K' or 'K:variant+variant' -> (label, K, the variants' flags)."""
     k, _, names = spec.partition(':')
     names = [n for n in names.split('+') if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in variants]
     if not k.isdigit() or int(k) < 1 or unknown:
-        raise SystemExit(f'--rows {spec}: expected K or K:variant+variant with variants from {", ".join(VARIANTS)}')
+        raise SystemExit(f'--rows {spec}: expected K or K:variant+variant with variants from {", ".join(variants)}')
     label = f'(c) ours, batched K={k}' + ''.join(f', {n}' for n in names)
-    return label, int(k), [f for n in names for f in VARIANTS[n]]
+    return label, int(k), [f for n in names for f in variants[n]]
 
 
 @contextlib.contextmanager
@@ -134,33 +138,33 @@ def timing(module, name, device):
         setattr(module, name, fn)
 
 
-def ours(args, mnist, device, k, flags, share):
+def ours(args, mnist, device, k, flags, share, steps_for=plain_steps):
     """Seconds per network of our make_pairs for K networks at once: training (its Begin cache included), the
     Begin cache's build and the 3 evaluations; the seconds of its warm-up run (cuDNN autotuning, and compiling
     with --compile), whether the Begin cache was used, and the networks' accuracies with the small-block
-    phase's share of the training time. share: the process's GPU memory share measured before the first row."""
+    phase's share of the training time. share: the process's GPU memory share measured before the first row;
+    steps_for(argv, device): (parsed flags, Steps), plain_steps or speed/bench_generate.py's."""
     assert len(mnist[0]) == args.num_images, 'the projection scales from --num_images'
-    gen_args = construct_train.get_args('train', ['--num_epochs', str(args.epochs), '--num_train_images',
-                                                  str(args.num_images), '--device', str(device), *flags])
+    gen_args, steps = steps_for(['--num_epochs', str(args.epochs), '--num_train_images', str(args.num_images),
+                                 '--device', str(device), *flags], device)
     # the Begin cache as a generation process would choose it for the full recipe on this device, from the memory
     # free before the first row: earlier rows' memory stays in torch's cache (None: a CPU, which has the RAM for it)
-    recipe = construct_train.get_args('train', ['--num_train_images', str(RECIPE_IMAGES), *flags])
-    cache = construct_train.use_begin_cache(recipe, k, share)
+    recipe, _ = steps_for(['--num_train_images', str(RECIPE_IMAGES), *flags], device)
+    cache = sizing.use_begin_cache(recipe, k, share)
     cache = True if cache is None else cache
     # the warm-up is a whole run on the same workspace, so the timed run reuses its compiled step and its
     # cuDNN choices (evaluation shapes included) instead of counting them as training
-    construct_train.use_kernels(gen_args, device)
     torch._dynamo.reset()  # each compiled row from scratch: no shapes made dynamic by an earlier row's K
     workspaces = {}
     t0 = time.perf_counter()
-    construct_train.make_pairs(range(k), gen_args, mnist, device, cache, workspaces)
+    construct_train.make_pairs(range(k), gen_args.recipe, mnist, device, cache, workspaces, steps)
     sync(device)
     t1 = time.perf_counter()
     # the recipe's 3 test evaluations are timed apart, and the small-block phase (2 of them inside it)
     with timing(net, 'stacked_accuracy', device) as evaluations, \
             timing(construct_train, 'small_phase', device) as small, \
             timing(construct_train.Workspace, 'begin_cache', device) as cache_builds:
-        shard = construct_train.make_pairs(range(k, 2 * k), gen_args, mnist, device, cache, workspaces)
+        shard = construct_train.make_pairs(range(k, 2 * k), gen_args.recipe, mnist, device, cache, workspaces, steps)
     sync(device)
     total = time.perf_counter() - t1
     t_eval = sum(evaluations)
@@ -190,7 +194,8 @@ def storage_per_1000(tmp):
     return {'original_bytes': orig * 1000, 'original_files': 4000, 'shard_bytes': ours_bytes * 1000}
 
 
-def main():
+def main(variants=VARIANTS, steps_for=plain_steps, out='bench/results/generate.json'):
+    """Measure the paths; variants and steps_for: the rows' options and how they become a step (plain_steps)."""
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='12,800 images per epoch')
     p.add_argument('--epochs', type=int, default=1, help='epochs of each phase actually run')
@@ -198,11 +203,10 @@ def main():
     utils.add_shared_flags(p, 'device', device='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--k', type=int, nargs='+', default=None, help='K values of the batched path (plain step)')
     p.add_argument('--rows', nargs='+', default=[], metavar='K:VARIANTS',
-                   help='more batched rows, e.g. 128:channels_last 256:no_cache+cuda_graphs; variants: '
-                        + ', '.join(VARIANTS))
+                   help='more batched rows, e.g. 128:cache 256:no_cache; variants: ' + ', '.join(variants))
     p.add_argument('--workers', type=int, default=2, help='DataLoader workers of the original structure')
     p.add_argument('--skip_original', action='store_true', help='skip path (a) (e.g. on a GPU)')
-    p.add_argument('--out', default='bench/results/generate.json')
+    p.add_argument('--out', default=out)
     args = p.parse_args()
     if args.quick:
         args.num_images = 12800
@@ -210,8 +214,8 @@ def main():
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     ks = args.k or ([64, 128, 256] if device.type == 'cuda' else [4])
-    share = construct_train.gpu_share(device, 1)
-    mnist = construct_train.load_mnist_to(device, construct_train.get_args(
+    share = sizing.gpu_share(device, 1)
+    mnist = generation.load_mnist_to(device, construct_train.get_args(
         'train', ['--num_train_images', str(args.num_images)]))  # make_pairs trains on all it is given
     image_scale = RECIPE_IMAGES / args.num_images
     scale = (RECIPE_EPOCHS / args.epochs) * image_scale
@@ -222,17 +226,15 @@ def main():
         rows['(a) original structure'] = {'k': 1, 'train_s': t_train, 'eval_s': t_eval,
                                           'pair_s': t_train * scale + 2 * RECIPE_EPOCHS * t_eval}
     paths = [('(b) ours, one at a time', 1, [])] + [(f'(c) ours, batched K={k}', k, []) for k in ks]
-    paths += [parse_row(spec) for spec in args.rows]
+    paths += [parse_row(spec, variants) for spec in args.rows]
     for label, k, flags in paths:
         try:
-            t_train, t_cache, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags, share)
+            t_train, t_cache, t_eval, t_warm, cache, accuracy = ours(args, mnist, device, k, flags, share, steps_for)
         except Exception as e:  # a row that cannot run here (out of memory, no triton, ...) is reported, not fatal
             print(f'{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
             continue
-        finally:
-            net.set_kernels()
         rows[label] = {'k': k, 'flags': flags, 'begin_cache': cache, 'train_s': t_train, 'cache_build_s': t_cache,
                        'eval_s': t_eval, 'warmup_s': t_warm,
                        'pair_s': (t_train - t_cache) * scale + t_cache * image_scale + t_eval, **accuracy}

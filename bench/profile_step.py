@@ -1,13 +1,15 @@
 """Where one eager training step of the large network (batch 128) spends its time: torch.profiler table.
 
 Without --k: one nn.Module network on the CPU (the original's structure). With --k K: generation's own step
-(construct_train.make_step) of K networks side by side, on --device, with any of its speed flags, e.g.
+(construct_train.Steps) of K networks side by side, on --device, with any of speed/generate.py's flags, e.g.
 
     python bench/profile_step.py
     python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--fused_begin] [--fused_basic]
         [--compile]
 """
 import argparse
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import construct_train
 import net
 import utils
+
+sys.path.insert(0, os.path.join(common.REPO, 'speed'))
+import generate  # noqa: E402  (speed/generate.py: the faster steps, by their flags)
 
 
 def module_step():
@@ -35,13 +40,13 @@ def module_step():
 
 def stacked_step(k, device, flags):
     """K large networks' SGD step as generation runs it, on random images: the step function."""
-    args = construct_train.get_args('train', ['--device', str(device), *flags])
-    construct_train.use_kernels(args, device)
+    args = generate.get_args(['--device', str(device), *flags])
+    steps = generate.FastSteps(args, device) if flags else construct_train.PLAIN
     images = torch.randint(0, 256, (1024, 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (1024,), device=device)
     begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))
-    step, reset = construct_train.make_step(*construct_train.large_phase(images, labels, begin, basic, last, args),
-                                            args)
+    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    step, reset = steps.build(params, steps.large_loss(images, labels, begin, basic, last), args.recipe)
     reset()
     idx = torch.randint(0, 1024, (k, 128), device=device)
     flip = torch.rand(k, 128, device=device) < 0.5
@@ -52,7 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--k', type=int, default=0, help='profile generation\'s step of K networks (0: one nn.Module)')
     utils.add_shared_flags(p, 'device', device='cpu')
-    args, flags = p.parse_known_args()  # the rest: construct_train.py's speed flags
+    args, flags = p.parse_known_args()  # the rest: speed/generate.py's flags
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == 'cuda':

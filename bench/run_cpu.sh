@@ -7,9 +7,9 @@ OUT=results/bench_cpu
 mkdir -p $OUT
 { lscpu | grep -E 'Model name|^CPU\(s\)'; grep MemTotal /proc/meminfo; } > $OUT/machine.txt
 python bench/bench_generate.py --k 4 --out $OUT/generate.json 2>&1 | tee $OUT/generate.log
-python bench/bench_generate.py --skip_original --k 1 --rows 1:channels_last 1:compile 1:channels_last+compile \
+python speed/bench_generate.py --skip_original --k 1 --rows 1:channels_last 1:compile 1:channels_last+compile \
   4:channels_last --out $OUT/generate_options.json 2>&1 | tee $OUT/generate_options.log
-python bench/bench_generate.py --skip_original --k 4 --rows 4:channels_last --out $OUT/generate_channels_last.json \
+python speed/bench_generate.py --skip_original --k 4 --rows 4:channels_last --out $OUT/generate_channels_last.json \
   2>&1 | tee $OUT/generate_channels_last.log
 python bench/bench_draw.py --k 128 512 2>&1 | tee $OUT/draw.log
 python bench/bench_loading.py --num_pairs 20000 --out $OUT/loading.json 2>&1 | tee $OUT/loading.log
@@ -26,5 +26,5 @@ python bench/bench_mnist_load.py 2>&1 | tee $OUT/mnist_load.log
 python bench/bench_begin_cache.py 2>&1 | tee $OUT/begin_cache.log
 python bench/profile_step.py 2>&1 | tee $OUT/profile_step.log
 if python -c 'import triton' 2>/dev/null; then  # triton is not a dependency: compiles the kernels for sm_90
-  python bench/kernel_resources.py 2>&1 | tee $OUT/kernel_resources.log
+  python speed/kernel_resources.py 2>&1 | tee $OUT/kernel_resources.log
 fi

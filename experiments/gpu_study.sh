@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The science study's GPU part, a session of its own (BUDGET seconds, default 560; the GPU measurements of
-# BENCHMARKS.md are gpu_session.sh): paper-recipe pairs made on the GPU for GEN_SECONDS, then every objective
+# BENCHMARKS.md are speed/gpu_session.sh): paper-recipe pairs made on the GPU for GEN_SECONDS, then every objective
 # on them with the best epoch picked on held-out training networks, and the identifiability of the paper's
-# recipe (retrainings from fresh inits), logged and packed under $OUT as gpu_session.sh does.
+# recipe (retrainings from fresh inits), logged and packed under $OUT as speed/gpu_session.sh does.
 #
 #   OUT=/tmp/out bash experiments/gpu_study.sh
 # Dry run on a CPU at tiny sizes: DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_study.sh
-source "$(dirname "$0")/session_lib.sh"
+source "$(dirname "$0")/../speed/session_lib.sh"
 PACKED="logs study_*.json study_tables.md identifiability.* study/*/*/*/*/train.log study/*/*/*/*/metrics.csv val/logs train/logs"
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command

@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 
 import construct_train  # noqa: E402
 import evaluate  # noqa: E402
+import generation  # noqa: E402
 import loader  # noqa: E402
 import net  # noqa: E402
 import translate  # noqa: E402
@@ -107,6 +108,7 @@ def recipe_args(recipe, mnist_root):
     """The namespace construct_train's recipe functions read."""
     args = construct_train.get_args('val', ['--mnist_root', mnist_root])  # the speed options' defaults
     vars(args).update(recipe)
+    args.recipe = construct_train.recipe_of(args)
     return args
 
 
@@ -131,7 +133,7 @@ def retrain(data, nets, init, gens, rargs, mnist):
     idx = torch.tensor(nets)
     begin, last = ({k: t.to(device) for k, t in take(d, idx).items()} for d in (data.begin, data.last))
     simple = {k: t.clone().to(device) for k, t in init.items()}
-    acc_init, acc = construct_train.small_phase(begin, last, simple, gens, rargs, mnist)
+    acc_init, acc = construct_train.small_phase(begin, last, simple, gens, rargs.recipe, mnist)
     return {k: t.cpu() for k, t in simple.items()}, acc_init.cpu(), acc.cpu()
 
 
@@ -304,7 +306,7 @@ def main(argv=None):
     logging.info(f'identifiability of {args.data_root}: K {args.num_networks}, R {args.num_inits}, recipe {recipe}, '
                  f'device {device}, seed {args.seed}')
     rargs = recipe_args(recipe, args.mnist_root)
-    mnist = construct_train.load_mnist_to(device, rargs)
+    mnist = generation.load_mnist_to(device, rargs)
     t0 = time.time()
     ret = retrain_all(data, args, rargs, mnist, device, out + '.blocks.pt')
     k, r = args.num_networks, args.num_inits

@@ -1,6 +1,5 @@
 """Every benchmark of bench/ runs end to end at its smallest size: they time the repository's own code paths, so a
-change that breaks one shows here rather than in the next GPU session (kernel_resources.py needs triton's compiler,
-and tests/test_triton_conv.py covers it)."""
+change that breaks one shows here rather than in the next GPU session (speed/ has its own: speed/tests)."""
 import json
 import os
 import subprocess

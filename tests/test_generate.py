@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import construct_train
 import generate_sh
+import generation
 import loader
-import net
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,61 +30,29 @@ def single_thread(one_thread):
 @pytest.fixture(scope='module')
 def mnist():
     args = tiny_args('unused')
-    return construct_train.load_mnist_to(torch.device('cpu'), args)
-
-
-def reference_pair(index, args, mnist):
-    """One pair made the plain way: nn.Modules, one network, the same seeds and data order."""
-    train_x, train_y, test_x, test_y = mnist
-    seed = utils.seed_for(args.seed, args.kind, index)
-    begin, basic, last, simple = net.BeginBlock(), net.BasicBlock(), net.LastBlock(), net.SimpleBlock_NoBn()
-    for m, sd in zip((begin, basic, last, simple), construct_train.init_pair(seed)):
-        m.load_state_dict(sd)
-    g = construct_train.data_generator(seed)
-
-    def run(model, params):
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
-        for _ in range(args.num_epochs):
-            perm, flip = torch.randperm(len(train_x), generator=g), torch.rand(len(train_x), generator=g) < 0.5
-            for b0 in range(0, len(train_x), args.batch_size):
-                idx, fl = perm[b0:b0 + args.batch_size], flip[b0:b0 + args.batch_size]
-                x = train_x[idx].float() / 255
-                x[fl] = x[fl].flip(-1)
-                loss = F.cross_entropy(model(x.unsqueeze(1)), train_y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-
-    large = torch.nn.Sequential(begin, basic, last).train()
-    run(large, large.parameters())
-    large.eval()
-    after_large = [{n: t.clone() for n, t in m.state_dict().items()} for m in (begin, basic, last)]
-    for p in large.parameters():
-        p.requires_grad_(False)
-    small = torch.nn.Sequential(begin, simple, last)
-    simple.train()
-    run(small, simple.parameters())
-    assert all(torch.equal(a, b) for m, sd in zip((begin, last), after_large[::2])
-               for a, b in zip(m.state_dict().values(), sd.values()))
-    with torch.no_grad():
-        acc = (small.eval()(test_x.float().unsqueeze(1) / 255).argmax(1) == test_y).double().mean() * 100
-    return after_large, simple.state_dict(), acc
+    return generation.load_mnist_to(torch.device('cpu'), args)
 
 
 def test_batched_equals_one_by_one_modules(mnist):
-    args = tiny_args('unused')
-    shard = construct_train.make_pairs(range(3), args, mnist, torch.device('cpu'))
+    """make_pairs (K at a time, stacked) against train_one, the recipe's definition (nn.Modules, one network)."""
+    recipe = tiny_args('unused').recipe
+    shard = construct_train.make_pairs(range(3), recipe, mnist, torch.device('cpu'))
     for j in range(3):
-        (begin, basic, last), simple, acc_small = reference_pair(j, args, mnist)
-        for key, ref in (('begin', begin), ('basic', basic), ('last', last), ('simple', simple)):
-            for name, t in ref.items():
+        ref = construct_train.train_one(recipe, j, mnist)
+        for key in construct_train.PAIR_BLOCKS:
+            for name, t in ref[key].items():
                 torch.testing.assert_close(shard[key][name][j], t, atol=2e-5, rtol=1e-4, msg=f'{key}.{name}')
-        assert abs(shard['acc_small'][j].item() - acc_small.item()) <= 1.0  # at most 2 of 200 images flip
+        for key in loader.ACC_KEYS:
+            assert abs(shard[key][j].item() - ref[key]) <= 1.0  # at most 2 of 200 images flip
+    assert tiny_args('unused', '--skip_simple').recipe.as_json() == {**recipe.as_json(), 'train_small': False}
+    plain = construct_train.train_one(tiny_args('unused', '--skip_simple').recipe, 0, mnist)
+    assert 'simple' not in plain and all(torch.equal(plain['basic'][n], t) for n, t in
+                                         construct_train.train_one(recipe, 0, mnist)['basic'].items())
 
 
 def test_recipe_pieces(mnist):
     args = tiny_args('unused', '--batch_size', '128')
-    shard = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
+    shard = construct_train.make_pairs(range(2), args.recipe, mnist, torch.device('cpu'))
     steps = -(-300 // 128)  # the last partial batch is kept
     assert shard['basic']['bn1.num_batches_tracked'].tolist() == [steps, steps]
     assert shard['begin']['bn.num_batches_tracked'].tolist() == [steps, steps]  # untouched in the small phase
@@ -98,8 +65,8 @@ def test_recipe_pieces(mnist):
 
 def test_begin_cache_trains_the_same_small_blocks(mnist):
     args = tiny_args('unused', '--num_epochs', '2')
-    a = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=True)
-    b = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache_begin=False)
+    a = construct_train.make_pairs(range(2), args.recipe, mnist, torch.device('cpu'), cache_begin=True)
+    b = construct_train.make_pairs(range(2), args.recipe, mnist, torch.device('cpu'), cache_begin=False)
     for name in a['simple']:  # up to float rounding: the cache runs Begin on other batch shapes
         torch.testing.assert_close(a['simple'][name], b['simple'][name], atol=1e-5, rtol=1e-4)
 
@@ -108,7 +75,7 @@ def test_one_workspace_at_a_time(mnist):
     """Each workspace holds a Begin cache sized for its K: a new K replaces the old one."""
     args, workspaces = tiny_args('unused'), {}
     for indices in (range(2), range(2, 4), range(4, 5)):
-        construct_train.make_pairs(indices, args, mnist, torch.device('cpu'), True, workspaces)
+        construct_train.make_pairs(indices, args.recipe, mnist, torch.device('cpu'), True, workspaces)
         assert list(workspaces) == [len(indices)]
 
 
@@ -127,31 +94,31 @@ def test_flips_draw_half_and_keep_pixels():
 def test_val_networks_and_seeds_differ(tmp_path, mnist):
     val = tiny_args(tmp_path, kind='val')
     assert not val.train_small
-    shard = construct_train.make_pairs(range(1), val, mnist, torch.device('cpu'))
+    shard = construct_train.make_pairs(range(1), val.recipe, mnist, torch.device('cpu'))
     assert 'simple' not in shard and torch.isnan(shard['acc_small']).all()
-    train = construct_train.make_pairs(range(1), tiny_args(tmp_path), mnist, torch.device('cpu'))
+    train = construct_train.make_pairs(range(1), tiny_args(tmp_path).recipe, mnist, torch.device('cpu'))
     assert shard['seed'][0] != train['seed'][0]
     assert not torch.equal(shard['basic']['conv1.weight'], train['basic']['conv1.weight'])
-    with_simple = construct_train.make_pairs(range(1), tiny_args(tmp_path, '--train_simple', kind='val'),
+    with_simple = construct_train.make_pairs(range(1), tiny_args(tmp_path, '--train_simple', kind='val').recipe,
                                              mnist, torch.device('cpu'))
     assert 'simple' in with_simple and torch.equal(with_simple['basic']['conv1.weight'], shard['basic']['conv1.weight'])
 
 
 def test_same_seed_same_shards_and_split_independent(tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
-    construct_train.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))
-    construct_train.generate(tiny_args(b, '--num_data', '1', '--start_index', '2', '--models_per_step', '1'))
-    construct_train.generate(tiny_args(b, '--num_data', '3', '--models_per_step', '2'))  # resumes: makes 0, 1
+    generation.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))
+    generation.generate(tiny_args(b, '--num_data', '1', '--start_index', '2', '--models_per_step', '1'))
+    generation.generate(tiny_args(b, '--num_data', '3', '--models_per_step', '2'))  # resumes: makes 0, 1
     assert [s[:2] for s in loader.list_shards(b)] == [(0, 2), (2, 3)]
     pa, pb = loader.read_pairs(str(a), 3), loader.read_pairs(str(b), 3)
     assert torch.equal(pa['seed'], pb['seed'])
     for name, t in pa['simple'].items():
         torch.testing.assert_close(t, pb['simple'][name], atol=1e-5, rtol=1e-4)
-    construct_train.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))  # nothing to do
+    generation.generate(tiny_args(a, '--num_data', '3', '--models_per_step', '3'))  # nothing to do
     again = loader.read_pairs(str(a), 3)
     assert all(torch.equal(again['basic'][n], t) for n, t in pa['basic'].items())
     c = tmp_path / 'c'
-    construct_train.generate(tiny_args(c, '--num_data', '3', '--models_per_step', '3'))
+    generation.generate(tiny_args(c, '--num_data', '3', '--models_per_step', '3'))
     pc = loader.read_pairs(str(c), 3)
     assert all(torch.equal(pc['basic'][n], t) for n, t in pa['basic'].items())  # bit-identical on CPU
 
@@ -159,16 +126,16 @@ def test_same_seed_same_shards_and_split_independent(tmp_path):
 def test_other_recipe_is_refused(tmp_path):
     # a run that fails on its input claims nothing; a claim without networks yet says how to undo it
     with pytest.raises(utils.UserError, match='MNIST file missing'):
-        construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--mnist_root', str(tmp_path / 'none')))
+        generation.generate(tiny_args(tmp_path, '--num_data', '1', '--mnist_root', str(tmp_path / 'none')))
     assert not os.path.exists(tmp_path / 'recipe.json')
     loader.claim_root(str(tmp_path), {'seed': 5})
     with pytest.raises(utils.UserError,
                        match='was claimed with another recipe.*holds no networks yet: .*delete its recipe.json'):
-        construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+        generation.generate(tiny_args(tmp_path, '--num_data', '1'))
     os.remove(tmp_path / 'recipe.json')
-    construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+    generation.generate(tiny_args(tmp_path, '--num_data', '1'))
     with pytest.raises(utils.UserError, match='holds pairs made with another recipe.*seed') as refused:
-        construct_train.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))
+        generation.generate(tiny_args(tmp_path, '--num_data', '1', '--seed', '1'))
     assert 'delete its recipe.json' not in str(refused.value)
     assert len(loader.list_shards(tmp_path)) == 1
 
@@ -217,7 +184,7 @@ def test_resume_after_kill(tmp_path):
     assert loader.covered_indices(root) == set(range(12)) and len(shards) == 12
     assert f'{12 - len(done)} to make' in r.stderr
     ref = tmp_path / 'ref'
-    construct_train.generate(tiny_args(ref, '--num_data', '12', '--models_per_step', '1'))
+    generation.generate(tiny_args(ref, '--num_data', '12', '--models_per_step', '1'))
     a, b = loader.read_pairs(str(root), 12), loader.read_pairs(str(ref), 12)
     assert all(torch.equal(a['simple'][n], t) for n, t in b['simple'].items())
 
@@ -259,7 +226,7 @@ def test_generate_sh_and_run_sh_end_to_end(tmp_path):
 
 
 def test_corrupt_shard_is_named(tmp_path):
-    construct_train.generate(tiny_args(tmp_path, '--num_data', '1'))
+    generation.generate(tiny_args(tmp_path, '--num_data', '1'))
     (_, _, path), = loader.list_shards(tmp_path)
     with open(path, 'r+b') as f:
         f.truncate(100)

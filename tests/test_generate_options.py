@@ -12,8 +12,10 @@ import torch
 
 import construct_train
 import generate_sh
+import generation
 import loader
 import net
+import sizing
 import utils
 from conftest import write_original
 
@@ -73,46 +75,46 @@ def test_get_device_sets_or_keeps_the_variable(monkeypatch):
 # 6. Several processes per GPU: each sizes its steps from its share of the memory.
 
 def test_memory_share_with_fake_figures():
-    share = construct_train.memory_share
+    share = sizing.memory_share
     # the original's set-up: 5 processes on an 11 GiB card, 10.5 GiB free
     assert share(11 * GiB, int(10.5 * GiB), 5) == int(1.1 * GiB)
-    assert construct_train.models_per_step_for(share(11 * GiB, int(10.5 * GiB), 5)) == 1
+    assert sizing.models_per_step_for(share(11 * GiB, int(10.5 * GiB), 5)) == 1
     # one process on an H200: the measured best, 128
-    assert construct_train.models_per_step_for(share(int(139.8 * GiB), int(139.3 * GiB), 1)) == 128
-    assert construct_train.models_per_step_for(share(int(139.8 * GiB), int(139.3 * GiB), 4)) == 57
+    assert sizing.models_per_step_for(share(int(139.8 * GiB), int(139.3 * GiB), 1)) == 128
+    assert sizing.models_per_step_for(share(int(139.8 * GiB), int(139.3 * GiB), 4)) == 57
     # too little memory: share 0, still one network per step
-    assert share(8 * GiB, GiB // 2, 4) == 0 and construct_train.models_per_step_for(0) == 1
+    assert share(8 * GiB, GiB // 2, 4) == 0 and sizing.models_per_step_for(0) == 1
     for total, free, n in [(11, 10.5, 5), (80, 40, 4), (140, 139, 8), (24, 3, 2), (16, 16, 1)]:
         total, free = int(total * GiB), int(free * GiB)
-        claim = share(total, free, n) + construct_train.PROCESS_BYTES  # a process's networks and its own overhead
+        claim = share(total, free, n) + sizing.PROCESS_BYTES  # a process's networks and its own overhead
         assert share(total, free, n) <= total / n
         # n processes starting together all see `free`: together they claim no more than it
         assert n * claim <= free or share(total, free, n) == 0
         # starting one after another, each sees what the earlier ones took gone
         left = free
         for _ in range(n):
-            left -= share(total, left, n) + construct_train.PROCESS_BYTES
+            left -= share(total, left, n) + sizing.PROCESS_BYTES
         assert left >= 0 or share(total, free, n) == 0
 
 
 def test_models_per_step_and_begin_cache_follow_the_share(monkeypatch):
     gpu = torch.device('cuda:0')
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (int(10.5 * GiB), 11 * GiB))
-    assert construct_train.gpu_share(gpu, 5) == int(1.1 * GiB)
-    assert construct_train.gpu_share(torch.device('cpu'), 5) is None
-    assert construct_train.default_models_per_step(gpu, construct_train.gpu_share(gpu, 1)) == 16
-    assert construct_train.default_models_per_step(torch.device('cpu'), None) == 1
+    assert sizing.gpu_share(gpu, 5) == int(1.1 * GiB)
+    assert sizing.gpu_share(torch.device('cpu'), 5) is None
+    assert sizing.default_models_per_step(gpu, sizing.gpu_share(gpu, 1)) == 16
+    assert sizing.default_models_per_step(torch.device('cpu'), None) == 1
     full = construct_train.get_args('train', ['--num_train_images', '60000'])
-    assert construct_train.begin_cache_bytes(1, 60000) == 564_480_000  # 538 MiB a network
-    assert construct_train.use_begin_cache(full, 1, int(1.1 * GiB))  # 538 MiB <= half of 1.1 GiB
-    assert not construct_train.use_begin_cache(full, 2, int(1.1 * GiB))
-    assert construct_train.use_begin_cache(full, 1, None) is None  # off the GPU make_pairs weighs the free RAM
+    assert sizing.begin_cache_bytes(1, 60000) == 564_480_000  # 538 MiB a network
+    assert sizing.use_begin_cache(full, 1, int(1.1 * GiB))  # 538 MiB <= half of 1.1 GiB
+    assert not sizing.use_begin_cache(full, 2, int(1.1 * GiB))
+    assert sizing.use_begin_cache(full, 1, None) is None  # off the GPU make_pairs weighs the free RAM
     one_epoch = construct_train.get_args('train', ['--num_epochs', '1'])
-    assert not construct_train.use_begin_cache(one_epoch, 1, 100 * GiB)  # one pass: nothing to reuse
+    assert not sizing.use_begin_cache(one_epoch, 1, 100 * GiB)  # one pass: nothing to reuse
     forced = {flag: construct_train.get_args('train', ['--begin_cache', flag]) for flag in ('on', 'off')}
-    assert construct_train.use_begin_cache(forced['on'], 2, int(1.1 * GiB)) is True  # the flag wins over the share
-    assert construct_train.use_begin_cache(forced['on'], 1, None) is True
-    assert construct_train.use_begin_cache(forced['off'], 1, 100 * GiB) is False
+    assert sizing.use_begin_cache(forced['on'], 2, int(1.1 * GiB)) is True  # the flag wins over the share
+    assert sizing.use_begin_cache(forced['on'], 1, None) is True
+    assert sizing.use_begin_cache(forced['off'], 1, 100 * GiB) is False
 
 
 def test_run_sh_passes_the_share_and_it_parses():
@@ -138,8 +140,8 @@ def _assert_same_sets(a, b, blocks):
 
 def test_original_layout_round_trip_equals_shards(tmp_path):
     orig, shards = tmp_path / 'orig', tmp_path / 'shards'
-    construct_train.generate(tiny_args(orig, '--num_data', '3', '--models_per_step', '3', '--layout', 'original'))
-    construct_train.generate(tiny_args(shards, '--num_data', '3', '--models_per_step', '3'))
+    generation.generate(tiny_args(orig, '--num_data', '3', '--models_per_step', '3', '--layout', 'original'))
+    generation.generate(tiny_args(shards, '--num_data', '3', '--models_per_step', '3'))
     assert sorted(os.listdir(orig / 'inputs')) == ['0.pth', '1.pth', '2.pth'] and not loader.list_shards(orig)
     assert loader.read_recipe(orig) == loader.read_recipe(shards)
     a = loader.TrainDataset(str(orig), 3, with_networks=True)
@@ -162,16 +164,16 @@ def test_original_layout_round_trip_equals_shards(tmp_path):
 def test_original_val_layout_and_skip_simple(tmp_path):
     orig, shards = tmp_path / 'val_orig', tmp_path / 'val_shards'
     extra = ('--num_data', '2', '--models_per_step', '2', '--train_simple')
-    construct_train.generate(tiny_args(orig, *extra, '--layout', 'original', kind='val'))
-    construct_train.generate(tiny_args(shards, *extra, kind='val'))
+    generation.generate(tiny_args(orig, *extra, '--layout', 'original', kind='val'))
+    generation.generate(tiny_args(shards, *extra, kind='val'))
     assert sorted(os.listdir(orig)) == ['begin', 'complex', 'last', 'logs', 'recipe.json', 'simple']
     a, b = loader.ValDataset(str(orig), 2), loader.ValDataset(str(shards), 2)
     _assert_same_sets(a, b, ('begin', 'basic', 'last', 'simple'))  # simple/: the Retrained row
     plain = tmp_path / 'val_plain'
-    construct_train.generate(tiny_args(plain, '--num_data', '1', '--layout', 'original', kind='val'))
+    generation.generate(tiny_args(plain, '--num_data', '1', '--layout', 'original', kind='val'))
     assert loader.ValDataset(str(plain), 1).simple is None and not (plain / 'simple').exists()
     skip = tmp_path / 'skip'
-    construct_train.generate(tiny_args(skip, '--num_data', '1', '--skip_simple', '--layout', 'original'))
+    generation.generate(tiny_args(skip, '--num_data', '1', '--skip_simple', '--layout', 'original'))
     assert not (skip / 'labels').exists() and loader.TrainDataset(str(skip), 1).simple is None
     log = open(skip / 'logs' / 'train_0.log').read()
     assert 'network 0: test accuracy large ' in log and 'small' not in log.split('network 0:')[1].splitlines()[0]
@@ -181,18 +183,18 @@ def test_original_val_layout_and_skip_simple(tmp_path):
 def test_partial_original_root_resumes(tmp_path):
     root, ref = tmp_path / 'partial', tmp_path / 'ref'
     args = tiny_args(root, '--num_data', '4', '--models_per_step', '1', '--layout', 'original')
-    construct_train.generate(args)
+    generation.generate(args)
     # what a kill leaves: index 2 half written (its labels/ file missing), index 3 gone, a temporary file
     os.remove(root / 'labels' / '2.pth')
     for folder in ('inputs', 'labels', 'backup_begin', 'backup_last'):
         os.remove(root / folder / '3.pth')
     (root / 'inputs' / '.tmp_x.pth').write_bytes(b'half a file')
-    assert loader.original_made(str(root), construct_train.original_dirs(args)) == {0, 1}
+    assert loader.original_made(str(root), loader.original_dirs(args.kind, args.train_small)) == {0, 1}
     kept = os.stat(root / 'inputs' / '0.pth').st_mtime_ns
-    made = construct_train.generate(args)
+    made = generation.generate(args)
     assert [s['index'].tolist() for s in made] == [[2], [3]]
     assert os.stat(root / 'inputs' / '0.pth').st_mtime_ns == kept  # finished indices are not redone
-    construct_train.generate(tiny_args(ref, '--num_data', '4', '--models_per_step', '1'))
+    generation.generate(tiny_args(ref, '--num_data', '4', '--models_per_step', '1'))
     _assert_same_sets(loader.TrainDataset(str(root), 4, with_networks=True),
                       loader.TrainDataset(str(ref), 4, with_networks=True), ('basic', 'simple', 'begin', 'last'))
 
@@ -201,7 +203,7 @@ def test_killed_original_layout_process_resumes(tmp_path):
     root = tmp_path / 'pairs'
     cmd = [sys.executable, 'construct_train.py', '--data_root', str(root), '--num_data', '6', '--models_per_step',
            '1', '--num_threads', '1', '--layout', 'original', *TINY]
-    dirs = construct_train.original_dirs(construct_train.get_args('train', cmd[2:]))
+    dirs = loader.original_dirs('train', True)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(loader.original_made(str(root), dirs)) < 2 and time.time() < deadline:
@@ -218,17 +220,47 @@ def test_killed_original_layout_process_resumes(tmp_path):
 
 
 def test_layouts_do_not_mix(tmp_path):
-    construct_train.generate(tiny_args(tmp_path / 's', '--num_data', '1'))
+    generation.generate(tiny_args(tmp_path / 's', '--num_data', '1'))
     with pytest.raises(utils.UserError, match='holds shards .*--layout original needs a folder of its own'):
-        construct_train.generate(tiny_args(tmp_path / 's', '--num_data', '1', '--layout', 'original'))
-    construct_train.generate(tiny_args(tmp_path / 'o', '--num_data', '1', '--layout', 'original'))
+        generation.generate(tiny_args(tmp_path / 's', '--num_data', '1', '--layout', 'original'))
+    generation.generate(tiny_args(tmp_path / 'o', '--num_data', '1', '--layout', 'original'))
     with pytest.raises(utils.UserError, match=r'holds the original layout \(inputs/, .*pass --layout original'):
-        construct_train.generate(tiny_args(tmp_path / 'o', '--num_data', '1'))
+        generation.generate(tiny_args(tmp_path / 'o', '--num_data', '1'))
     with pytest.raises(utils.UserError, match='another recipe.*seed'):
-        construct_train.generate(tiny_args(tmp_path / 'o', '--num_data', '1', '--layout', 'original', '--seed', '1'))
-    write_original(tmp_path / 'theirs', 2, 'train')  # the original authors' data: no recipe.json
-    r = subprocess.run([sys.executable, 'construct_train.py', '--data_root', str(tmp_path / 'theirs'),
-                        '--layout', 'original', *TINY], cwd=REPO, capture_output=True, text=True, timeout=120)
+        generation.generate(tiny_args(tmp_path / 'o', '--num_data', '1', '--layout', 'original', '--seed', '1'))
+
+
+def test_original_layout_continues_the_original_codes_folder(tmp_path):
+    theirs = tmp_path / 'theirs'
+    write_original(theirs, 2, 'train')  # the original code's own files: no recipe.json
+    kept = os.stat(theirs / 'inputs' / '0.pth').st_mtime_ns
+    argv = [sys.executable, 'construct_train.py', '--data_root', str(theirs), '--layout', 'original', *TINY]
+    r = subprocess.run(argv + ['--num_data', '3'], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'their recipe cannot be checked' in r.stderr and '2 already made, 1 to make' in r.stderr
+    assert loader.original_made(str(theirs), loader.original_dirs('train', True)) == {0, 1, 2}
+    assert os.stat(theirs / 'inputs' / '0.pth').st_mtime_ns == kept and not (theirs / 'recipe.json').exists()
+    torch.save({'conv1.weight': torch.zeros(3, 6, 3, 3)}, theirs / 'labels' / '1.pth')  # conv2 missing
+    r = subprocess.run(argv + ['--num_data', '5'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr
-    assert 'holds inputs/, labels/, backup_begin/, backup_last/ but no recipe.json' in r.stderr
-    assert not (tmp_path / 'theirs' / 'recipe.json').exists()
+    assert f'{theirs / "labels" / "1.pth"}: not a SimpleBlock_NoBn state dict' in r.stderr
+    assert loader.original_made(str(theirs), loader.original_dirs('train', True)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize('kind', ['train', 'val'])
+def test_original_log_lines_and_the_same_networks(tmp_path, kind):
+    extra = ('--num_data', '2', '--models_per_step', '2', '--num_epochs', '2') + (('--train_simple',) * (kind == 'val'))
+    plain, logged = tmp_path / 'plain', tmp_path / 'logged'
+    generation.generate(tiny_args(plain, *extra, kind=kind))
+    generation.generate(tiny_args(logged, *extra, '--original_log', kind=kind))
+    a, b = loader.read_pairs(str(plain), 2), loader.read_pairs(str(logged), 2)
+    for block in ('begin', 'basic', 'last', 'simple'):
+        assert all(torch.equal(a[block][n], t) for n, t in b[block].items())
+    log = open(logged / 'logs' / f'{kind}_0.log').read()
+    large = 'Complex Test Accuracy' if kind == 'train' else 'Test Accuracy'
+    for i in range(2):
+        lines = [f'Data index: {i}', f'Epoch 1, {large} {b["acc_large"][i].item()}%', '-' * 50,
+                 f'Before Train, Test Accuracy {b["acc_small_init"][i].item()}%',
+                 f'Epoch 1, Simple Test Accuracy {b["acc_small"][i].item()}%']
+        assert all(line in log for line in lines), lines
+    assert log.count(f'Epoch 0, {large} ') == 2 and 'Data index' not in open(plain / 'logs' / f'{kind}_0.log').read()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import construct_train
+import generation
 import loader
 import net
 import utils
@@ -25,7 +26,7 @@ def val_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('identifiability') / 'val'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    construct_train.generate(construct_train.get_args(
+    generation.generate(construct_train.get_args(
         'val', ['--data_root', str(root), '--num_data', '2', '--train_simple', '--models_per_step', '1', *TINY]))
     torch.set_num_threads(threads)
     return str(root)
@@ -85,7 +86,7 @@ def test_retraining_is_the_recipe(val_root, one_thread):
     data = loader.ValDataset(val_root, 2)
     recipe = identifiability.recipe_for(identifiability.get_args(['--data_root', val_root]), data.recipe)
     rargs = identifiability.recipe_args(recipe, 'data')
-    mnist = construct_train.load_mnist_to(torch.device('cpu'), rargs)
+    mnist = generation.load_mnist_to(torch.device('cpu'), rargs)
     for i, seed in enumerate(loader.read_pairs(val_root, 2)['seed'].tolist()):
         init = net.stack_states([construct_train.init_pair(seed)[3]])
         gens = [construct_train.data_generator(seed)]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import construct_train
+import generation
 import loader
 import losses
 import mnist
@@ -178,7 +179,7 @@ def skip_simple_set(tmp_path_factory):
     args = construct_train.get_args('train', ['--data_root', d, '--num_epochs', '1', '--num_train_images', '300',
                                               '--num_test_images', '200', '--device', 'cpu', '--num_data', '2',
                                               '--skip_simple', '--mnist_root', MNIST])
-    construct_train.generate(args)
+    generation.generate(args)
     torch.set_num_threads(n)
     return d
 

@@ -1,11 +1,11 @@
-"""Triton kernels of generation (construct_train.py): the grouped 3x3 convolutions of K stacked networks
+"""Triton kernels of generation (speed/generate.py): the grouped 3x3 convolutions of K stacked networks
 (stride 1, padding 1, no bias; --conv triton); the whole Begin block, convolution + BatchNorm + ReLU +
 max-pool, forward and backward, without its 28x28 activations in memory (--fused_begin); the first phase's
 Basic block with training BatchNorms and Last's convolution, forward and backward (--fused_basic); and the
 second phase's whole step (--fused_small).
 
 Generation trains K tiny networks side by side, so every convolution is a grouped one with 1, 3 or 6
-channels per group, far from the shapes cuDNN's kernels are tuned for (how far: bench/profile_step.py on a
+channels per group, far from the shapes cuDNN's kernels are tuned for (how far: speed/profile_step.py on a
 GPU, with and without --conv triton). Here one program computes one image of one network:
 all its output channels over the whole plane, from all its input channels, each weight a scalar broadcast
 over the plane. The input gradient is the same kernel with each network's weights transposed and flipped;

@@ -1,15 +1,15 @@
-"""Shared test helpers: tiny weight-pair sets in both layouts, built from freshly initialised blocks."""
+"""Shared test helpers of tests/ and speed/tests/: tiny weight-pair sets in both layouts, from fresh blocks."""
 import os
 import sys
 
-# Triton kernels (triton_conv.py) run on the CPU in Triton's interpreter, which is chosen when triton is first
+# Triton kernels (speed/triton_conv.py) run on the CPU in Triton's interpreter, which is chosen when triton is first
 # imported: before anything imports it
 os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:  # the scripts are top-level modules of the repository
     sys.path.insert(0, ROOT)
 

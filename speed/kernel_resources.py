@@ -3,8 +3,8 @@ program: registers, spills to local memory, shared memory. Registers decide how 
 once; a spill is slow memory traffic. It also catches what Triton's interpreter lets through but the compiler
 refuses.
 
-    python bench/kernel_resources.py              # sm_90 (H100, H200), 4 warps
-    python bench/kernel_resources.py --arch 80 --warps 4 8
+    python speed/kernel_resources.py              # sm_90 (H100, H200), 4 warps
+    python speed/kernel_resources.py --arch 80 --warps 4 8
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ if os.environ.get('TRITON_INTERPRET') == '1':
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-import common  # noqa: E402,F401  (puts the repository on sys.path)
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # net.py, which triton_conv imports
 import triton_conv as tc  # noqa: E402
 
 F32, I32, F, I64 = '*fp32', 'i32', 'fp32', '*i64'

@@ -1,6 +1,6 @@
 """How closely generation's faster paths agree with the plain step on the CPU: the figures BENCHMARKS.md quotes.
 
-    python experiments/fast_paths_agreement.py | tee results/fast_paths_agreement.log
+    python speed/fast_paths_agreement.py | tee results/fast_paths_agreement.log
 """
 import os
 import sys
@@ -8,8 +8,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the top-level modules
 import construct_train  # noqa: E402
+import generate  # noqa: E402  (speed/generate.py)
+import generation  # noqa: E402
 import net  # noqa: E402
 
 TINY = ['--num_epochs', '2', '--num_train_images', '600', '--num_test_images', '300', '--device', 'cpu']
@@ -28,14 +30,15 @@ def batch_norm_error(memory_format):
 
 def large_steps(flags, images, labels, steps=4):
     """Every tensor of two large networks after `steps` SGD steps of generation's step (batch 64) with
-    construct_train.py's `flags` (tests/test_generate_speed.py compares step variants with it too)."""
-    args = construct_train.get_args('train', TINY + flags)
+    speed/generate.py's `flags` (speed/tests/test_generate_speed.py compares step variants with it too)."""
+    args = generate.get_args(TINY + flags)
+    fast = generate.FastSteps(args, images.device)
     sds = [construct_train.init_pair(s) for s in (5, 6)]
     begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
     perm, flip = construct_train.draw_epoch([construct_train.data_generator(s) for s in (5, 6)], len(images),
                                             images.device)
-    step, reset = construct_train.make_step(*construct_train.large_phase(images, labels, begin, basic, last, args),
-                                            args)
+    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    step, reset = fast.build(params, fast.large_loss(images, labels, begin, basic, last), args.recipe)
     reset()
     for b0 in range(0, steps * 64, 64):
         step(perm[:, b0:b0 + 64], flip[:, b0:b0 + 64])
@@ -48,7 +51,7 @@ def max_diff(a, b):
 
 def main():
     torch.set_num_threads(1)
-    mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
+    mnist = generation.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
     noise = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(1))
     print(f'training BatchNorm (128 x 12 x 28 x 28) against float64: '
@@ -58,10 +61,9 @@ def main():
         eager = large_steps([], images, lab)
         print(f'{name}, 4 steps: compiled vs eager {max_diff(eager, large_steps(["--compile"], images, lab)):.1e}, '
               f'channels-last vs plain {max_diff(eager, large_steps(["--channels_last"], images, lab)):.1e}')
-    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', TINY), mnist, torch.device('cpu'),
-                                       True)
-    last = construct_train.make_pairs(range(2), construct_train.get_args('train', TINY + ['--channels_last']), mnist,
-                                      torch.device('cpu'), True)
+    cpu, fast = torch.device('cpu'), generate.get_args(TINY + ['--channels_last'])
+    plain = construct_train.make_pairs(range(2), fast.recipe, mnist, cpu, True)
+    last = construct_train.make_pairs(range(2), fast.recipe, mnist, cpu, True, steps=generate.FastSteps(fast, cpu))
     diff = max((plain[b][n] - last[b][n]).abs().max().item() for b in ('begin', 'basic', 'last', 'simple')
                for n in plain[b] if plain[b][n].is_floating_point())
     print(f'make_pairs, 2 + 2 epochs of 5 steps on 600 MNIST images: channels-last vs plain {diff:.1e} '

@@ -3,7 +3,7 @@ the fused Begin block against net.begin_forward, the fused small step against au
 Triton flag, and every kernel compiled for a GPU.
 
 They run on the CPU in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported), or
-compiled on a CUDA GPU with TRITON_INTERPRET=0 (experiments/gpu_session.sh; the generation tests, which compare
+compiled on a CUDA GPU with TRITON_INTERPRET=0 (speed/gpu_check.sh; the generation tests, which compare
 with the plain path on the CPU, are then skipped). Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
 import os
@@ -16,9 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import construct_train
-import loader
-import net
+SPEED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, SPEED)
+import construct_train  # noqa: E402
+import generate  # noqa: E402  (speed/generate.py)
+import generation  # noqa: E402
+import loader  # noqa: E402
+import net  # noqa: E402
 
 triton = pytest.importorskip('triton')
 
@@ -47,8 +51,7 @@ def triton_conv():
         pytest.skip(f'triton {triton.__version__}\'s interpreter fails under numpy {numpy.__version__}: '
                     'pip install "numpy<2.4" (or triton>=3.7) to run these tests on the CPU')
     import triton_conv
-    yield triton_conv
-    net.set_kernels()
+    return triton_conv
 
 
 @pytest.fixture
@@ -255,16 +258,12 @@ def test_generation_with_triton_kernels_is_close(triton_conv, interpreted, flags
     # the interpreter runs programs one by one in Python: a few images only
     tiny = ['--num_epochs', '1', '--num_train_images', '16', '--batch_size', '8', '--num_test_images', '8',
             '--device', 'cpu']
-    mnist = construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', tiny))
-    args = construct_train.get_args('train', tiny + flags)
+    cpu = torch.device('cpu')
+    mnist = generation.load_mnist_to(cpu, construct_train.get_args('train', tiny))
+    args = generate.get_args(tiny + flags)
     cache = args.begin_cache != 'off'
-    plain = construct_train.make_pairs(range(2), construct_train.get_args('train', tiny), mnist, torch.device('cpu'),
-                                       cache)
-    construct_train.use_kernels(args, torch.device('cpu'))
-    try:
-        fast = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'), cache)
-    finally:
-        net.set_kernels()
+    plain = construct_train.make_pairs(range(2), args.recipe, mnist, cpu, cache)
+    fast = construct_train.make_pairs(range(2), args.recipe, mnist, cpu, cache, steps=generate.FastSteps(args, cpu))
     for block in ('begin', 'basic', 'last', 'simple'):
         for name, t in plain[block].items():
             assert_close(fast[block][name], t, 1e-4, 1e-4, f'{block}.{name}')
@@ -272,16 +271,16 @@ def test_generation_with_triton_kernels_is_close(triton_conv, interpreted, flags
 
 
 def test_every_kernel_compiles_for_a_gpu():
-    # the interpreter accepts what the compiler may refuse: bench/kernel_resources.py compiles every kernel of
+    # the interpreter accepts what the compiler may refuse: speed/kernel_resources.py compiles every kernel of
     # triton_conv.py for sm_90 (no GPU needed), in a process of its own without TRITON_INTERPRET
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = SPEED
     with open(os.path.join(root, 'triton_conv.py')) as f:
         kernels = set(re.findall(r'^def (_\w+_kernel)\(', f.read(), re.M))
-    with open(os.path.join(root, 'bench', 'kernel_resources.py')) as f:
+    with open(os.path.join(root, 'kernel_resources.py')) as f:
         script = f.read()
     assert kernels and all(f'tc.{k},' in script for k in kernels), 'kernel_resources.py misses a kernel'
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    out = subprocess.run([sys.executable, os.path.join('bench', 'kernel_resources.py')], cwd=root, env=env,
+    out = subprocess.run([sys.executable, 'kernel_resources.py'], cwd=root, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(' warps: REG:') == script.count("': (tc._")

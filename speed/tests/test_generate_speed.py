@@ -1,21 +1,25 @@
-"""The faster generation paths against the plain one: the SGD update, the reused workspace, torch.compile,
-channels-last, bf16 autocast, the Begin-cache flag and CUDA graphs."""
+"""speed/'s generation paths against the plain one: torch.compile, channels-last, bf16 autocast, the Triton flags'
+checks and CUDA graphs."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-import construct_train
-import net
-import utils
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+SPEED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, SPEED)
+import construct_train  # noqa: E402
 import fast_paths_agreement  # noqa: E402  (the step variants' runner, shared with the figures it prints)
+import generate  # noqa: E402  (speed/generate.py)
+import generation  # noqa: E402
+import net  # noqa: E402
+import utils  # noqa: E402
 
 TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 STATES = ('begin', 'basic', 'last', 'simple')
+CPU = torch.device('cpu')
 
 
 @pytest.fixture(autouse=True)
@@ -25,43 +29,21 @@ def single_thread(one_thread):
 
 @pytest.fixture(scope='module')
 def mnist():
-    return construct_train.load_mnist_to(torch.device('cpu'), construct_train.get_args('train', TINY))
+    return generation.load_mnist_to(CPU, construct_train.get_args('train', TINY))
 
 
 def tiny_args(*extra):
-    return construct_train.get_args('train', TINY + list(extra))
+    return generate.get_args(TINY + list(extra))
+
+
+def fast_pairs(indices, args, mnist, device=CPU, **kw):
+    """make_pairs with the speed flags of args (speed/generate.py's)."""
+    return construct_train.make_pairs(indices, args.recipe, mnist, device, steps=generate.FastSteps(args, device), **kw)
 
 
 def max_diff(a, b):
     """Largest absolute difference between two shards' float tensors."""
     return max((a[s][n] - b[s][n]).abs().max().item() for s in STATES for n in a[s] if a[s][n].is_floating_point())
-
-
-def test_sgd_update_equals_torch_sgd():
-    torch.manual_seed(0)
-    ours = [torch.randn(5, 3), torch.randn(7)]
-    theirs = [p.clone().requires_grad_() for p in ours]
-    bufs = [torch.zeros_like(p) for p in ours]
-    opt = torch.optim.SGD(theirs, lr=0.01, momentum=0.9, foreach=True)
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in ours]
-        construct_train.sgd_update(ours, grads, bufs, 0.01)
-        for p, g in zip(theirs, grads):
-            p.grad = g.clone()
-        opt.step()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(ours, theirs))  # bit for bit
-
-
-def test_reused_workspace_is_exact_and_shards_do_not_alias_it(mnist):
-    args = tiny_args()
-    fresh = [construct_train.make_pairs(range(a, a + 2), args, mnist, torch.device('cpu')) for a in (0, 2)]
-    workspaces = {}
-    first = construct_train.make_pairs(range(0, 2), args, mnist, torch.device('cpu'), workspaces=workspaces)
-    kept = {n: t.clone() for n, t in first['basic'].items()}
-    second = construct_train.make_pairs(range(2, 4), args, mnist, torch.device('cpu'), workspaces=workspaces)
-    assert list(workspaces) == [2]
-    assert max_diff(first, fresh[0]) == 0 and max_diff(second, fresh[1]) == 0
-    assert all(torch.equal(first['basic'][n], t) for n, t in kept.items())  # the next group did not overwrite it
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch's own, on importing torch.compile's stack
@@ -100,11 +82,9 @@ def test_channels_last_forward_and_backward_are_the_same_function():
 
 
 def test_fast_flags_make_close_networks(mnist):
-    plain = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2'), mnist, torch.device('cpu'), True)
-    last = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2', '--channels_last'), mnist,
-                                      torch.device('cpu'), True)
-    bf16 = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2', '--amp', 'bf16'), mnist,
-                                      torch.device('cpu'), True)
+    plain = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2').recipe, mnist, CPU, True)
+    last = fast_pairs(range(2), tiny_args('--num_epochs', '2', '--channels_last'), mnist, cache_begin=True)
+    bf16 = fast_pairs(range(2), tiny_args('--num_epochs', '2', '--amp', 'bf16'), mnist, cache_begin=True)
     assert 0 < max_diff(plain, last) < 1e-2  # the CPU's channels-last BatchNorm sums in another order
     assert 1e-4 < max_diff(plain, bf16) < 0.1  # bf16 really ran, and trained the same networks
     for shard in (last, bf16):
@@ -116,14 +96,14 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
     root = tmp_path / 'pairs'
     argv = TINY + ['--data_root', str(root), '--num_data', '2', '--models_per_step', '2', '--channels_last',
                    '--amp', 'bf16', '--begin_cache', 'off']
-    construct_train.generate(construct_train.get_args('train', argv))
+    generate.main(argv)
     with open(root / 'recipe.json') as f:
         assert json.load(f)['amp'] == 'bf16'
     with open(root / 'logs' / 'train_0.log') as f:
         log = f.read()
     assert 'step eager, channels-last, bf16 autocast' in log
     with pytest.raises(utils.UserError, match='recipe'):  # an fp32 run may not add to these bf16 networks
-        construct_train.generate(construct_train.get_args('train', argv[:-5] + ['--num_data', '4']))
+        generate.main(argv[:-5] + ['--num_data', '4'])
 
 
 @pytest.mark.parametrize('flags', [['--conv', 'triton'], ['--fused_begin'], ['--fused_basic'], ['--fused_small'],
@@ -131,39 +111,38 @@ def test_flags_reach_the_log_and_the_recipe(tmp_path):
 def test_triton_kernels_are_refused_where_they_cannot_run(monkeypatch, flags):
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     with pytest.raises(utils.UserError, match='TRITON_INTERPRET=1'):
-        construct_train.use_kernels(tiny_args(*flags), torch.device('cpu'))
+        generate.FastSteps(tiny_args(*flags), CPU)
     with pytest.raises(utils.UserError, match='float32 only'):
         tiny_args(*flags, '--amp', 'bf16')
-    assert net.CONV3X3 is None and net.BEGIN is None
+    assert not hasattr(net, 'set_kernels')  # kernels are passed in, never set process-wide
 
 
 def test_cuda_graph_is_refused_where_it_cannot_run(mnist):
     with pytest.raises(utils.UserError, match='one or the other'):
         tiny_args('--cuda_graph', '--compile')
     with pytest.raises(utils.UserError, match='CUDA graphs need a CUDA GPU'):
-        construct_train.make_pairs(range(1), tiny_args('--cuda_graph'), mnist, torch.device('cpu'))
+        fast_pairs(range(1), tiny_args('--cuda_graph'), mnist)
 
 
 def test_cuda_graph_runs_every_step_once(monkeypatch, mnist):
     # on the CPU, with stand-ins: a "capture" that records without running (as CUDA's does) and a replay that runs.
     # Each step must then run exactly once, on its own batch, whether it meets the warm-up, the capture or a replay.
     captures = []
-    monkeypatch.setattr(construct_train, 'on_side_stream', lambda fn: fn())
-    monkeypatch.setattr(construct_train, 'captured', lambda fn: captures.append(fn) or fn)
+    monkeypatch.setattr(generate, 'on_side_stream', lambda fn: fn())
+    monkeypatch.setattr(generate, 'captured', lambda fn: captures.append(fn) or fn)
     args = tiny_args('--num_epochs', '2')  # batches of 128, 128, 44: each shape warmed up, captured, replayed
-    plain = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
-    eager_make_step = construct_train.make_step
+    plain = construct_train.make_pairs(range(2), args.recipe, mnist, CPU)
 
-    def graphed_make_step(params, loss_fn, args):
-        step, reset = eager_make_step(params, loss_fn, args)
-        return construct_train.cuda_graphed(step), reset
-    monkeypatch.setattr(construct_train, 'make_step', graphed_make_step)
-    graphed = construct_train.make_pairs(range(2), args, mnist, torch.device('cpu'))
+    class Graphed(construct_train.Steps):  # --cuda_graph's wrapping, without its check for a CUDA device
+        def build(self, params, loss_fn, recipe):
+            step, reset = super().build(params, loss_fn, recipe)
+            return generate.cuda_graphed(step), reset
+    graphed = construct_train.make_pairs(range(2), args.recipe, mnist, CPU, steps=Graphed())
     assert len(captures) == 4  # 2 shapes x 2 phases
     assert max_diff(plain, graphed) == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU (experiments/gpu_session.sh)')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a CUDA GPU (speed/gpu_check.sh)')
 @pytest.mark.parametrize('flags', [[], ['--amp', 'bf16'], ['--fused_begin', '--fused_basic', '--fused_small']])
 def test_cuda_graph_replays_the_same_steps(flags):
     if '--fused_begin' in flags:
@@ -174,17 +153,23 @@ def test_cuda_graph_replays_the_same_steps(flags):
     # same workspace: the second replays the graphs on new networks
     argv = ['--num_epochs', '2', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cuda', *flags]
     device = torch.device('cuda')
-    plain_args, graph_args = (construct_train.get_args('train', argv + extra) for extra in ([], ['--cuda_graph']))
-    construct_train.use_kernels(plain_args, device)
-    try:
-        mnist = construct_train.load_mnist_to(device, plain_args)
-        shards = {}
-        for name, args in (('plain', plain_args), ('graph', graph_args)):
-            workspaces = {}
-            shards[name] = [construct_train.make_pairs(range(a, a + 2), args, mnist, device, workspaces=workspaces)
-                            for a in (0, 2)]
-    finally:
-        net.set_kernels()
+    plain_args, graph_args = (generate.get_args(argv + extra) for extra in ([], ['--cuda_graph']))
+    mnist = generation.load_mnist_to(device, plain_args)
+    shards = {}
+    for name, args in (('plain', plain_args), ('graph', graph_args)):
+        workspaces = {}
+        shards[name] = [fast_pairs(range(a, a + 2), args, mnist, device, workspaces=workspaces) for a in (0, 2)]
     for plain, graph in zip(shards['plain'], shards['graph']):
         assert max_diff(plain, graph) < 1e-5
         assert torch.equal(plain['acc_large'], graph['acc_large'])
+
+
+def test_speed_bench_generate_runs_a_speed_row(tmp_path):
+    # speed/bench_generate.py is bench/bench_generate.py with speed/generate.py's rows: one tiny row of each kind
+    out = tmp_path / 'generate.json'
+    r = subprocess.run([sys.executable, os.path.join(SPEED, 'bench_generate.py'), '--skip_original', '--k', '1',
+                        '--num_images', '256', '--rows', '1:channels_last', '--out', str(out)],
+                       cwd=os.path.dirname(SPEED), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '| (c) ours, batched K=1, channels_last |' in r.stdout
+    assert json.load(open(out))['rows']['(c) ours, batched K=1, channels_last']['flags'] == ['--channels_last']

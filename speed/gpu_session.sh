@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU session: every open GPU measurement of the repository in one command, within BUDGET
+# The long prepared GPU session (speed/gpu_check.sh is the short one): every open GPU measurement of the repository in one command, within BUDGET
 # seconds (default 560), each step under its own limit and the session's deadline, everything logged under
 # $OUT and packed after every step (a run cut short still brings back what it measured).
 #
@@ -7,7 +7,7 @@
 #      the plain step at K = 128 against the fused Triton kernels (the Begin block, the Basic block and Last's
 #      convolution, the small-block step),
 #      channels-last, the Begin cache, larger K without it, bf16 autocast, the Triton convolutions, the whole
-#      step compiled with CUDA graphs or captured in one (--cuda_graph) (bench_generate.py --rows; each row's
+#      step compiled with CUDA graphs or captured in one (--cuda_graph) (speed/bench_generate.py --rows; each row's
 #      accuracies and small-block phase's share too), and where a step's time goes (profile_step.py);
 #   2. the translator step of the original README's command (dropout 0.1, batch 4096): fp32, TF32, bf16,
 #      torch.compile (blocks and whole model) fp32 and bf16, peak memory;
@@ -18,26 +18,11 @@
 # profiles: when the time runs out, the last steps are the ones skipped. The Triton kernels' tests and compilation
 # (CPU work) run in the background beside 4, which keeps the GPU mostly idle; nothing is timed beside them.
 #
-#   OUT=/tmp/out bash experiments/gpu_session.sh
-# Dry run on a CPU at tiny sizes (the same commands): DEVICE=cpu QUICK=1 OUT=/tmp/out bash experiments/gpu_session.sh
+#   OUT=/tmp/out bash speed/gpu_session.sh
+# Dry run on a CPU at tiny sizes (the same commands): DEVICE=cpu QUICK=1 OUT=/tmp/out bash speed/gpu_session.sh
 # At most 8 files come back from a device run: everything is packed into $OUT/session.tar.gz beside session.log.
 source "$(dirname "$0")/session_lib.sh"
 PACKED="logs *.json train_logs val/logs train/logs"
-killed() {  # killed NAME CMD...: start CMD, SIGKILL its whole process group once it has written a last.pth
-  local name=$1 t=0 wait=$(( $(left) * 5 )); shift
-  chosen "$name" || return 0
-  say "$name (SIGKILL once $WORK/ckpts holds a last.pth): $*"
-  setsid "$@" > "$WORK/logs/$name.log" 2>&1 &
-  local pid=$!
-  until [ -n "$(find "$WORK/ckpts" -name last.pth 2>/dev/null)" ] || [ $t -ge $wait ] || ! kill -0 $pid 2>/dev/null; do
-    sleep 0.2; t=$((t + 1))
-  done
-  kill -9 -- -$pid 2>/dev/null
-  pkill -9 -f -- "--ckpt_path $WORK/ckpts"  # torchrun's workers run in sessions of their own
-  wait $pid
-  say "$name: exit $? after $((t / 5))s"
-  pack
-}
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: a dry run of every command
   WARMUP="--num_images 1280 --k 2 --rows 2:fused_begin+fused_basic+fused_small+cache 2:triton"
@@ -71,7 +56,7 @@ fi
 
 machine
 
-# the Triton kernels compiled on the GPU and checked against float64 references (tests/test_triton_conv.py; the test
+# the Triton kernels compiled on the GPU and checked against float64 references (speed/tests/test_triton_conv.py; the test
 # that compiles them for sm_90 without a GPU is left out: here they compile for the GPU itself), and --cuda_graph
 # against the eager step. Compiling is CPU work (102 s for the 13 kernels cold on the 2-core CI machine,
 # results/bench_cpu/kernel_compile_cold.log; the tests need each kernel in about two classes of arguments): the tests
@@ -80,31 +65,25 @@ machine
 # bench_generate_fused times its rows instead of compiling them.
 XDIST=$(python -c 'import xdist' 2>/dev/null && echo "-n $(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
 background triton_kernels 240 env TRITON_INTERPRET=0 python -m pytest -q -p no:cacheprovider $XDIST \
-  tests/test_triton_conv.py tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps -k "not compiles_for_a_gpu"
-background triton_warmup 240 python bench/bench_generate.py --device "$DEVICE" --skip_original $WARMUP \
+  speed/tests/test_triton_conv.py speed/tests/test_generate_speed.py::test_cuda_graph_replays_the_same_steps \
+  -k "not compiles_for_a_gpu"
+background triton_warmup 240 python speed/bench_generate.py --device "$DEVICE" --skip_original $WARMUP \
   --out "$WORK/warmup.json"
 
 # the cheap, all-or-nothing items first; then the benchmarks, largest first; the profiles last
 # 4. every GPU path of train.py: torchrun (NCCL on a GPU), bf16, compile, TF32; killed mid-run, then resumed
-step construct_val 40 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $DATA_RECIPE
-step construct_train 40 python construct_train.py --device "$DEVICE" --num_data "$NUM_TRAIN" --data_root "$WORK/train" $DATA_RECIPE
-TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node 1 train.py --device $DEVICE
-  --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN
-  $TRANSLATOR $PATHS --amp bf16 --compile --tf32 --ckpt_path $WORK/ckpts --log_path $WORK/train_logs"
-killed train_paths_killed $TORCHRUN
-step train_paths_resumed 90 $TORCHRUN --resume
-grep -h "torchrun:\|resumed from\|Epoch .*, Mean\|reference rows measured\|loaded in\|cached in" "$WORK"/train_logs/*/*/*/train.log 2>/dev/null | tee -a "$LOG"
+train_paths
 joined
 
 # 3. evaluation; 1. generation with the fused kernels and its profile; 2. the translator step; 1. generation's
 # other options; where the plain step's time goes
 step bench_eval 30 python bench/bench_eval.py --device "$DEVICE" $BENCH_EVAL --out "$WORK/eval.json"
 step bench_draw 20 python bench/bench_draw.py --k 128 512
-step bench_generate_fused 150 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
+step bench_generate_fused 150 python speed/bench_generate.py --device "$DEVICE" --skip_original $BENCH_FUSED \
   --out "$WORK/generate_fused.json"
 step profile_generate_fused_basic 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin --fused_basic
 step bench_translator_step 200 python bench/bench_translator_step.py --device "$DEVICE" $BENCH_STEP --out "$WORK/translator_step.json"
-step bench_generate 180 python bench/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
+step bench_generate 180 python speed/bench_generate.py --device "$DEVICE" --skip_original $BENCH_GEN --out "$WORK/generate.json"
 step profile_generate 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K"
 step profile_generate_fused 30 python bench/profile_step.py --device "$DEVICE" --k "$PROFILE_K" --fused_begin
 
