@@ -122,7 +122,7 @@ def test_run_sh_passes_the_share_and_it_parses():
     procs = [line for line in generate_sh.run_sh(args).splitlines() if line.startswith('python')]
     assert len(procs) == 10 and all(p.endswith(' --processes_per_gpu 5 &') for p in procs)
     parsed = construct_train.get_args('val', shlex.split(procs[7])[2:-1])
-    assert parsed.processes_per_gpu == 5 and parsed.gpu_id == 1
+    assert parsed.processes_per_gpu == 5 and parsed.gpu_id == '1'  # the original's string form
     with pytest.raises(utils.UserError, match='--processes_per_gpu must be > 0'):
         construct_train.get_args('train', ['--processes_per_gpu', '0'])
 
