@@ -4,6 +4,7 @@ A network is scored by its MNIST test accuracy (in %) with a middle block (its o
 translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
 """
 import logging
+import math
 
 import torch
 
@@ -11,7 +12,9 @@ import net
 import utils
 
 log = logging.getLogger(__name__)
-BASELINES = ('Random Init', 'Mean target', 'Weight selection')  # the training-free rows KT must beat
+# the training-free rows KT must beat (each uses only the training set's or the network's own weights and BN buffers)
+BASELINES = ('Random Init', 'Mean target', 'Weight selection', 'Weight selection (folded)',
+             'Weight selection (folded, refit)')
 
 
 @torch.no_grad()
@@ -64,8 +67,9 @@ def reference_rows(score, networks, targets, seed):
     """The rows every run is judged against, for the networks of `score` (networks: their stacked
     blocks; targets: the training set's small-block convs [conv1, conv2], or [] without them):
     Large (their own BasicBlock), Random Init (fresh small blocks, seeded), Mean target (the mean small
-    block of the training set), Weight selection (the BasicBlock's first hidden channels), Retrained
-    (a small block trained in place, when the val set has one)."""
+    block of the training set), Weight selection (the BasicBlock's first hidden channels), Weight selection
+    (folded) and (folded, refit) (folded_selection, refit_selection), Retrained (a small block trained in
+    place, when the val set has one)."""
     k = networks.basic['conv1.weight'].shape[0]
     c1, c2 = networks.basic['conv1.weight'], networks.basic['conv2.weight']
     seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
@@ -76,9 +80,76 @@ def reference_rows(score, networks, targets, seed):
     else:
         log.info('note: no "Mean target" row: the training set has no small blocks')
     rows['Weight selection'] = score({'conv1.weight': c1[:, :net.HIDDEN], 'conv2.weight': c2[:, :, :net.HIDDEN]})
+    rows['Weight selection (folded)'] = score(folded_selection(networks.basic))
+    rows['Weight selection (folded, refit)'] = score(refit_selection(networks.basic))
     if networks.simple is not None:
         rows['Retrained'] = score(networks.simple)
     return rows
+
+
+def select_hidden(conv1, conv2, keep):
+    """The small blocks made of stacked BasicBlock convs' hidden channels keep (K, 3): conv1 rows, conv2 columns."""
+    b = torch.arange(len(conv1), device=conv1.device)[:, None]
+    return {'conv1.weight': conv1[b, keep], 'conv2.weight': conv2.transpose(1, 2)[b, keep].transpose(1, 2)}
+
+
+def importance(conv1, conv2):
+    """Per hidden channel h (K, 6): ||conv1[h]|| x ||conv2[:, h]||, how strongly h is driven times how strongly it
+    writes to the output."""
+    return torch.linalg.vector_norm(conv1.flatten(2), dim=2) * \
+        torch.linalg.vector_norm(conv2.transpose(1, 2).flatten(2), dim=2)
+
+
+def top_hidden(conv1, conv2):
+    """The net.HIDDEN hidden channels of largest importance(), in ascending index order (K, 3)."""
+    return importance(conv1, conv2).topk(net.HIDDEN, dim=1).indices.sort(dim=1).values
+
+
+def folded_selection(basic):
+    """Weight selection (folded): fold each BatchNorm's scale gamma / sqrt(var + eps) into its conv (net.fold_bn),
+    then keep the 3 hidden channels h of largest ||conv1[h]|| x ||conv2[:, h]|| (the shifts are dropped: the small
+    block has no bias)."""
+    c1, _, c2, _ = net.fold_bn(basic)
+    return select_hidden(c1, c2, top_hidden(c1, c2))
+
+
+def relu_cross_moment(m1, m2, g):
+    """E[relu(z + m1) relu(z + m2)] for z ~ N(0, g^2), elementwise (the same z: one channel with two shifts)."""
+    lo = torch.minimum(m1, m2)
+    t = lo / g
+    pdf, cdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi), torch.special.ndtr(t)
+    return g * g * (cdf - t * pdf) + (m1 + m2) * g * pdf + m1 * m2 * cdf
+
+
+def relu_mean(m, g):
+    """E[relu(z + m)] for z ~ N(0, g^2), elementwise."""
+    t = m / g
+    return g * torch.exp(-t * t / 2) / math.sqrt(2 * math.pi) + m * torch.special.ndtr(t)
+
+
+def refit_selection(basic):
+    """Weight selection (folded, refit): the hidden channels of folded_selection, with conv2 refit by least squares
+    to the BasicBlock's whole pre-residual output (all 6 hidden channels and the shift of bn2), under the BN buffers'
+    model of the hidden activations: pre-activation N(beta1, gamma1^2) in the BasicBlock and the same minus shift1
+    in the small block (no bias), independent across channels and positions. No images: weights and BN buffers only."""
+    c1, shift1, c2, shift2 = (t.double() for t in net.fold_bn(basic))
+    keep = top_hidden(c1, c2)
+    b = torch.arange(len(c1), device=c1.device)[:, None]
+    g = basic['bn1.weight'].double().abs().clamp_min(1e-12)
+    big, small = basic['bn1.bias'].double(), basic['bn1.bias'].double() - shift1  # the hidden channels' mean shifts
+    g_k, big_k, small_k = g[b, keep], big[b, keep], small[b, keep]
+    taps = c2.shape[-1] * c2.shape[-2]
+    mean_big, mean_k = relu_mean(big, g), relu_mean(small_k, g_k)  # (K, 6), (K, 3)
+    var_k = relu_cross_moment(small_k, small_k, g_k) - mean_k ** 2
+    cov_k = relu_cross_moment(small_k, big_k, g_k) - mean_k * mean_big[b, keep]  # kept channel, small vs large block
+    m = mean_k.repeat_interleave(taps, 1)  # features: (kept channel, tap), 27
+    second = torch.diag_embed(var_k.repeat_interleave(taps, 1)) + m[:, :, None] * m[:, None, :]
+    w_k = c2.transpose(1, 2)[b, keep].transpose(1, 2).flatten(2)  # (K, 6, 27)
+    mean_out = (c2.flatten(3).sum(3) * mean_big[:, None, :]).sum(2) + shift2  # (K, 6): the output's mean
+    rhs = m[:, None, :] * mean_out[:, :, None] + cov_k.repeat_interleave(taps, 1)[:, None, :] * w_k
+    v = torch.linalg.solve(second[:, None], rhs.unsqueeze(-1)).squeeze(-1)  # (K, 6, 27)
+    conv1 = c1[b, keep].float()
+    return {'conv1.weight': conv1, 'conv2.weight': v.reshape(*c2.shape[:2], net.HIDDEN, *c2.shape[3:]).float()}
 
 
 def mean_block(targets, k):

@@ -166,6 +166,7 @@ def small_network(begin, last):
 
 BLOCKS = {'begin': BeginBlock, 'basic': BasicBlock, 'simple': SimpleBlock_NoBn, 'last': LastBlock}
 BN_MOMENTUM = 0.1  # nn.BatchNorm2d's default, which the original used
+BN_EPS = 1e-5  # nn.BatchNorm2d's default
 
 
 def stack_states(state_dicts):
@@ -214,7 +215,7 @@ def _bn(x, s, prefix, training):
         s[prefix + 'num_batches_tracked'] += 1
     return F.batch_norm(x, s[prefix + 'running_mean'].view(-1), s[prefix + 'running_var'].view(-1),
                         s[prefix + 'weight'].reshape(-1), s[prefix + 'bias'].reshape(-1),
-                        training, BN_MOMENTUM, 1e-5)
+                        training, BN_MOMENTUM, BN_EPS)
 
 
 def begin_forward(x, s, training=False):
@@ -228,6 +229,18 @@ def begin_forward(x, s, training=False):
         x = _conv(x, s['conv.weight'], k, padding=1)
     x = F.relu(_bn(x, s, 'bn.', training))
     return F.max_pool2d(x, 3, 2, 1)
+
+
+def fold_bn(basic):
+    """A BasicBlock's eval-mode BatchNorms folded into its convs (stacked or one block): [conv1, shift1, conv2,
+    shift2], conv_i scaled per output channel by gamma / sqrt(running_var + eps) and shift_i = beta - running_mean
+    x that scale, so that the block computes relu(conv2(relu(conv1(x) + shift1)) + shift2 + x)."""
+    out = []
+    for i in (1, 2):
+        scale = basic[f'bn{i}.weight'] / torch.sqrt(basic[f'bn{i}.running_var'] + BN_EPS)
+        out += [basic[f'conv{i}.weight'] * scale[..., None, None, None],
+                basic[f'bn{i}.bias'] - basic[f'bn{i}.running_mean'] * scale]
+    return out
 
 
 def basic_forward(x, s, training=False):
