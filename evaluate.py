@@ -193,13 +193,17 @@ def beats(accs, baseline_accs):
 
 
 def verdict(rows, kt='KT (best)'):
-    """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)?"""
+    """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)? The
+    training-free row of highest mean, when one is highest, is named the strongest."""
+    present = [name for name in BASELINES if name in rows]
+    means = sorted((rows[name]['mean'] for name in present), reverse=True)
     parts = []
-    for name in BASELINES:
-        if name in rows:
-            mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
-            word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
-            parts.append(f'{word} {name} ({mean:+.2f} ± {se:.2f} points)')
+    for name in present:
+        mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
+        word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
+        strongest = len(means) > 1 and rows[name]['mean'] == means[0] > means[1]
+        parts.append(f'{word} {name}{", the strongest training-free rule" if strongest else ""} '
+                     f'({mean:+.2f} ± {se:.2f} points)')
     if 'Retrained' in rows:
         parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
     return ('KT (best epoch) ' + ', '.join(parts) + '. (Beat: the margin, paired over the same validation '
