@@ -8,6 +8,7 @@ import math
 
 import torch
 
+import mixer
 import net
 import utils
 
@@ -18,13 +19,21 @@ BASELINES = ('Random Init', 'Mean target', 'Weight selection', 'Weight selection
 
 
 @torch.no_grad()
-def translate(model, conv1, conv2, batch_size=4096):
-    """Eval-mode translation of stacked BasicBlock convs into a stacked SimpleBlock_NoBn state."""
+def translate(model, conv1, conv2, batch_size=4096, bn=()):
+    """Eval-mode translation of stacked BasicBlock convs (and, for a mixer.FunctionTranslator, their
+    net.bn_inputs bn) into a stacked SimpleBlock_NoBn state."""
     was_training = model.training
     model.eval()
-    outs = [model([conv1[i:i + batch_size], conv2[i:i + batch_size]]) for i in range(0, len(conv1), batch_size)]
+    inputs = [conv1, conv2, *bn]
+    outs = [model([t[i:i + batch_size] for t in inputs]) for i in range(0, len(conv1), batch_size)]
     model.train(was_training)
     return {'conv1.weight': torch.cat([o[0] for o in outs]), 'conv2.weight': torch.cat([o[1] for o in outs])}
+
+
+def translate_blocks(model, basic, batch_size=4096):
+    """translate() of stacked BasicBlock states, with the BatchNorm inputs when the translator reads them."""
+    bn = net.bn_inputs(basic) if mixer.needs_bn(model) else ()
+    return translate(model, basic['conv1.weight'], basic['conv2.weight'], batch_size, bn)
 
 
 def eval_chunks(device):
@@ -87,30 +96,12 @@ def reference_rows(score, networks, targets, seed):
     return rows
 
 
-def select_hidden(conv1, conv2, keep):
-    """The small blocks made of stacked BasicBlock convs' hidden channels keep (K, 3): conv1 rows, conv2 columns."""
-    b = torch.arange(len(conv1), device=conv1.device)[:, None]
-    return {'conv1.weight': conv1[b, keep], 'conv2.weight': conv2.transpose(1, 2)[b, keep].transpose(1, 2)}
-
-
-def importance(conv1, conv2):
-    """Per hidden channel h (K, 6): ||conv1[h]|| x ||conv2[:, h]||, how strongly h is driven times how strongly it
-    writes to the output."""
-    return torch.linalg.vector_norm(conv1.flatten(2), dim=2) * \
-        torch.linalg.vector_norm(conv2.transpose(1, 2).flatten(2), dim=2)
-
-
-def top_hidden(conv1, conv2):
-    """The net.HIDDEN hidden channels of largest importance(), in ascending index order (K, 3)."""
-    return importance(conv1, conv2).topk(net.HIDDEN, dim=1).indices.sort(dim=1).values
-
-
 def folded_selection(basic):
     """Weight selection (folded): fold each BatchNorm's scale gamma / sqrt(var + eps) into its conv (net.fold_bn),
     then keep the 3 hidden channels h of largest ||conv1[h]|| x ||conv2[:, h]|| (the shifts are dropped: the small
     block has no bias)."""
     c1, _, c2, _ = net.fold_bn(basic)
-    return select_hidden(c1, c2, top_hidden(c1, c2))
+    return net.select_hidden(c1, c2, net.top_hidden(c1, c2))
 
 
 def relu_cross_moment(m1, m2, g):
@@ -133,7 +124,7 @@ def refit_selection(basic):
     model of the hidden activations: pre-activation N(beta1, gamma1^2) in the BasicBlock and the same minus shift1
     in the small block (no bias), independent across channels and positions. No images: weights and BN buffers only."""
     c1, shift1, c2, shift2 = (t.double() for t in net.fold_bn(basic))
-    keep = top_hidden(c1, c2)
+    keep = net.top_hidden(c1, c2)
     b = torch.arange(len(c1), device=c1.device)[:, None]
     g = basic['bn1.weight'].double().abs().clamp_min(1e-12)
     big, small = basic['bn1.bias'].double(), basic['bn1.bias'].double() - shift1  # the hidden channels' mean shifts

@@ -18,11 +18,13 @@ Outputs go to a run directory named after the hyper-parameters (run_name):
     <log_path>/<run>/   train.log (our lines and the original's), flagfile.txt, args.json, metrics.csv,
                         TensorBoard events (if installed; the original's tags Loss, Lr, Mean_Accuracy)
 
-summary.json: {"run", "checkpoint" (path of the best translator), "config" (MLPMixer kwargs), "best_epoch",
+summary.json: {"run", "checkpoint" (path of the best translator), "config" (MLPMixer kwargs), "kt" (only with
+--inputs/--output beyond the original: {"inputs", "output"}, also in the checkpoints), "best_epoch",
 "best_step", "steps_per_epoch", "num_epochs", "selection" ("val" or "holdout <N>"), "num_val",
 "num_test_images", "train_pairs", "rows": {name: {"mean", "min", "max", "histogram" (20 counts, 5% bins),
 "accs" (per val network)}}} with rows "Large (BasicBlock)", "Random Init", "Mean target" (if the train set
-has small blocks), "Mean canonical target" (with --canonical_targets), "Weight selection", "Retrained" (if the
+has small blocks), "Mean canonical target" (with --canonical_targets), "Weight selection", "Weight selection
+(folded)", "Weight selection (folded, refit)", "Retrained" (if the
 val set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set.
 """
 import argparse
@@ -46,7 +48,8 @@ import losses
 import mnist
 import net
 import utils
-from mixer import NUM_TOKENS, MLPMixer
+import mixer
+from mixer import NUM_TOKENS
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -173,6 +176,13 @@ def make_parser():
                    help='functional term: plus this x the cross-entropy of Begin -> translated block -> Last')
     r.add_argument('--functional_images', type=int, default=64,
                    help='functional term: MNIST training images per step (fresh each step, shared by the networks)')
+    r.add_argument('--inputs', default='conv', choices=['conv', 'folded'],
+                   help='conv: the BasicBlock\'s two conv weights (the original); folded: its convs with the '
+                        'BatchNorm scales folded in, each token with its output channel\'s BatchNorm shift '
+                        '(mixer.FunctionTranslator)')
+    r.add_argument('--output', default='direct', choices=['direct', 'residual'],
+                   help='direct: the translator writes the small block; residual: it writes a delta added to '
+                        'Weight selection (folded), from a zero last layer (untrained, it is that baseline)')
     p.system_flags = tuple(a.dest for a in s._group_actions)
     return p
 
@@ -219,6 +229,9 @@ def check_args(args):
         (args.loss != 'functional' or args.functional_weight == default('functional_weight'),
          '--functional_weight weighs the functional term against the weight MSE of --loss mse+functional; '
          'with --loss functional it is the only term'),
+        (args.output != 'residual' or not args.canonical_targets,
+         '--output residual adds its delta to Weight selection (folded), whose hidden channels are not in the '
+         'canonical form of --canonical_targets; use --output direct with it'),
         (args.loss != 'functional' or not (args.hidden_invariant_loss or args.canonical_targets),
          '--hidden_invariant_loss and --canonical_targets change the weight MSE, which --loss functional '
          'does not have'),
@@ -261,8 +274,9 @@ def run_name(args):
 
 def research_suffix(args):
     """What non-default options beyond the original add to the last sub-directory: nothing for the original's
-    runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv and, with a functional term,
-    _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64."""
+    runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv, with a functional term
+    _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64, and
+    _in-folded, _out-residual."""
     default = PARSER.get_default
     parts = ([f'val{args.val_data_length}'] if args.val_data_length != default('val_data_length') else []) + \
         ([f'test{args.num_test_images}'] if args.num_test_images != default('num_test_images') else []) + \
@@ -272,6 +286,8 @@ def research_suffix(args):
         (['hinv'] if args.hidden_invariant_loss else [])
     if args.loss != 'mse':
         parts.append(f'{args.loss}-w{args.functional_weight:g}-ce{args.ce_weight:g}-img{args.functional_images}')
+    parts += ([f'in-{args.inputs}'] if args.inputs != default('inputs') else []) + \
+        ([f'out-{args.output}'] if args.output != default('output') else [])
     return ''.join('_' + p for p in parts)
 
 
@@ -279,6 +295,12 @@ def translator_config(args):
     """MLPMixer keyword arguments from the flags."""
     return dict(num_layers=args.num_layers, S_dim=args.s_dim, C_dim=args.c_dim, hidden_S_dim=args.hidden_s_dim,
                 hidden_C_dim=args.hidden_c_dim, dropout=args.dropout)
+
+
+def translator_kt(args):
+    """--inputs / --output as mixer.build_translator's kt (None for the original translator)."""
+    kt = {'inputs': args.inputs, 'output': args.output}
+    return None if kt == mixer.DEFAULT_KT else kt
 
 
 def flagfile_text(args):
@@ -491,7 +513,6 @@ def main(argv=None):
     load_time, t0 = time.time() - t0, time.time()
     score = evaluate.Scorer(images, labels, val_set.begin, val_set.last, ctx)
     score_holdout = evaluate.Scorer(images, labels, holdout.begin, holdout.last, ctx) if holdout else None
-    v1, v2 = val_set.basic['conv1.weight'], val_set.basic['conv2.weight']
     cache_time = time.time() - t0
 
     # Run directory, logs, and the state of a killed run.
@@ -532,9 +553,10 @@ def main(argv=None):
         evaluate.log_row(name, accs)
     log_original('Random Init', refs['Random Init'])
 
-    model = MLPMixer(**config).to(device)
+    kt = translator_kt(args)
+    model = mixer.build_translator(config, kt).to(device)
     ctx.seed_rank(args.seed)
-    log.info(f'translator: {config}, {net.num_params(model):,} parameters')
+    log.info(f'translator: {config}{f", {kt}" if kt else ""}, {net.num_params(model):,} parameters')
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     gen = torch.Generator(device=device)
@@ -582,14 +604,13 @@ def main(argv=None):
         log.info(f'Epoch {epoch}, Loss: {row["loss"]:.6f}')
         message = f'epoch {epoch}/{args.num_epochs}: loss {row["loss"]:.6g}  lr {lr:.3g}'
         if (epoch % args.log_step == 0 and epoch != 0) or epoch == args.num_epochs - 1:
-            middle = evaluate.translate(model, v1, v2, bs)
+            middle = evaluate.translate_blocks(model, val_set.basic, bs)
             last_accs = score(middle)
             row.update(mean=last_accs.mean().item(), min=last_accs.min().item(), max=last_accs.max().item())
             log_original(f'Epoch {epoch}', last_accs)
             pick = row['mean']
             if holdout:
-                pick = score_holdout(evaluate.translate(model, *(holdout.basic[f'conv{i}.weight'] for i in (1, 2)),
-                                                        bs)).mean().item()
+                pick = score_holdout(evaluate.translate_blocks(model, holdout.basic, bs)).mean().item()
                 row['holdout'] = pick
                 message += f'  held-out mean {pick:.2f}'
             if pick > best['mean']:
@@ -607,7 +628,7 @@ def main(argv=None):
         rng = dict(rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
         if ctx.is_main:
             write_metrics(metrics_path, metrics)
-            utils.atomic_save({'config': config, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            utils.atomic_save({'config': config, **({'kt': kt} if kt else {}), 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                'scheduler': scheduler.state_dict() if scheduler is not None else None,
                                'epoch': epoch + 1, 'best': best, 'metrics': metrics, 'last_accs': last_accs,
                                'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)}, last_path)
@@ -622,14 +643,15 @@ def main(argv=None):
 
     best_val = best['accs'].mean().item()
     best_path = os.path.join(ckpt_dir, f'{best_val:.2f}.pth')
-    utils.atomic_save({'config': config, 'model': best['model'], 'epoch': best['epoch'],
+    utils.atomic_save({'config': config, **({'kt': kt} if kt else {}), 'model': best['model'], 'epoch': best['epoch'],
                        'mean_acc': best_val, 'args': vars(args)}, best_path)
     for name in os.listdir(ckpt_dir):  # an earlier run of these flags left its best translator here
         if BEST_NAME.fullmatch(name) and name != os.path.basename(best_path):
             os.remove(os.path.join(ckpt_dir, name))
             log.info(f'removed {name}, the best translator of an earlier run in {ckpt_dir}')
     final = {**refs, 'KT (best)': best['accs'], 'KT (last)': last_accs}
-    summary = {'run': run, 'checkpoint': best_path, 'config': config, 'best_epoch': best['epoch'],
+    summary = {'run': run, 'checkpoint': best_path, 'config': config, **({'kt': kt} if kt else {}),
+               'best_epoch': best['epoch'],
                'best_step': (best['epoch'] + 1) * iters, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
                'selection': f'holdout {len(holdout)}' if holdout else 'val', 'num_val': len(val_set),
                'num_test_images': len(images), 'train_pairs': len(train_set),

@@ -21,6 +21,7 @@ import loader
 import mnist
 import net
 import utils
+import mixer
 from mixer import MLPMixer, config_from_state_dict
 from utils import UserError
 
@@ -74,8 +75,9 @@ def load_translator(args):
     """The translator of --ckpt, in eval mode; a UserError if the weights do not fit the configuration."""
     ckpt = utils.load_file(args.ckpt, 'translator checkpoint')
     given = {kw: getattr(args, flag) for flag, (kw, _) in SIZE_FLAGS.items() if getattr(args, flag) is not None}
+    kt = None
     if isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt:
-        config, state = dict(ckpt['config']), ckpt['model']
+        config, state, kt = dict(ckpt['config']), ckpt['model'], ckpt.get('kt')
         clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
                  if kw in given and config.get(kw) != given[kw]]
         if clash:
@@ -88,7 +90,7 @@ def load_translator(args):
     else:
         raise UserError(f'{args.ckpt}: neither a train.py checkpoint (dict with "config" and "model") '
                         f'nor a translator state dict')
-    model = MLPMixer(**config)
+    model = mixer.build_translator(config, kt)  # kt: train.py --inputs/--output, when not the original's
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError):
@@ -141,7 +143,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False  # scored in float32, as train.py does without --tf32
         images, labels = mnist.load_mnist(args.mnist_root, train=False)
     basic = network['basic']
-    translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])
+    translated = evaluate.translate_blocks(model, {k: t[None] for k, t in basic.items()})
     simple = {k: t[0].contiguous() for k, t in translated.items()}
     net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
     utils.atomic_save(simple, args.out)

@@ -26,9 +26,9 @@ def rules(basic):
     c1, c2 = basic['conv1.weight'], basic['conv2.weight']
     f1, _, f2, _ = net.fold_bn(basic)
     first = torch.arange(net.HIDDEN).expand(len(c1), -1)
-    return {'Weight selection': evaluate.select_hidden(c1, c2, first),
-            'scales folded, first 3 channels': evaluate.select_hidden(f1, f2, first),
-            'importance top 3, not folded': evaluate.select_hidden(c1, c2, evaluate.top_hidden(c1, c2)),
+    return {'Weight selection': net.select_hidden(c1, c2, first),
+            'scales folded, first 3 channels': net.select_hidden(f1, f2, first),
+            'importance top 3, not folded': net.select_hidden(c1, c2, net.top_hidden(c1, c2)),
             'Weight selection (folded)': evaluate.folded_selection(basic),
             'Weight selection (folded, refit)': evaluate.refit_selection(basic)}
 

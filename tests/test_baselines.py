@@ -43,7 +43,7 @@ def test_folded_selection_keeps_the_important_channels():
                                                                                                           None])
     assert torch.equal(out['conv2.weight'], 2 * basic['conv2.weight'][:, :, keep])
     # unfolded, only conv2's column norms differ: channels 2 and 5 and one of the tied others
-    assert {2, 5} < set(evaluate.top_hidden(basic['conv1.weight'], basic['conv2.weight'])[0].tolist())
+    assert {2, 5} < set(net.top_hidden(basic['conv1.weight'], basic['conv2.weight'])[0].tolist())
 
 
 def test_relu_moments_match_sampling():
