@@ -4,25 +4,37 @@ A network is scored by its MNIST test accuracy (in %) with a middle block (its o
 translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
 """
 import logging
+import math
 import time
 
 import torch
 
+import mixer
 import net
 import utils
 
 log = logging.getLogger(__name__)
-BASELINES = ('Random Init', 'Mean target', 'Weight selection')  # the training-free rows KT must beat
+# the training-free rows KT must beat (each uses only the training set's or the network's own weights and BN buffers)
+BASELINES = ('Random Init', 'Mean target', 'Weight selection', 'Weight selection (folded)',
+             'Weight selection (folded, refit)')
 
 
 @torch.no_grad()
-def translate(model, conv1, conv2, batch_size=4096):
-    """Eval-mode translation of stacked BasicBlock convs into a stacked SimpleBlock_NoBn state."""
+def translate(model, conv1, conv2, batch_size=4096, bn=()):
+    """Eval-mode translation of stacked BasicBlock convs (and, for a mixer.FunctionTranslator, their
+    net.bn_inputs bn) into a stacked SimpleBlock_NoBn state."""
     was_training = model.training
     model.eval()
-    outs = [model([conv1[i:i + batch_size], conv2[i:i + batch_size]]) for i in range(0, len(conv1), batch_size)]
+    inputs = [conv1, conv2, *bn]
+    outs = [model([t[i:i + batch_size] for t in inputs]) for i in range(0, len(conv1), batch_size)]
     model.train(was_training)
     return {'conv1.weight': torch.cat([o[0] for o in outs]), 'conv2.weight': torch.cat([o[1] for o in outs])}
+
+
+def translate_blocks(model, basic, batch_size=4096):
+    """translate() of stacked BasicBlock states, with the BatchNorm inputs when the translator reads them."""
+    bn = net.bn_inputs(basic) if mixer.needs_bn(model) else ()
+    return translate(model, basic['conv1.weight'], basic['conv2.weight'], batch_size, bn)
 
 
 def eval_chunks(device):
@@ -65,8 +77,9 @@ def reference_rows(score, networks, targets, seed):
     """The rows every run is judged against, for the networks of `score` (networks: their stacked
     blocks; targets: the training set's small-block convs [conv1, conv2], or [] without them):
     Large (their own BasicBlock), Random Init (fresh small blocks, seeded), Mean target (the mean small
-    block of the training set), Weight selection (the BasicBlock's first hidden channels), Retrained
-    (a small block trained in place, when the val set has one)."""
+    block of the training set), Weight selection (the BasicBlock's first hidden channels), Weight selection
+    (folded) and (folded, refit) (folded_selection, refit_selection), Retrained (a small block trained in
+    place, when the val set has one)."""
     k = networks.basic['conv1.weight'].shape[0]
     c1, c2 = networks.basic['conv1.weight'], networks.basic['conv2.weight']
     seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
@@ -77,9 +90,58 @@ def reference_rows(score, networks, targets, seed):
     else:
         log.info('note: no "Mean target" row: the training set has no small blocks')
     rows['Weight selection'] = score({'conv1.weight': c1[:, :net.HIDDEN], 'conv2.weight': c2[:, :, :net.HIDDEN]})
+    rows['Weight selection (folded)'] = score(folded_selection(networks.basic))
+    rows['Weight selection (folded, refit)'] = score(refit_selection(networks.basic))
     if networks.simple is not None:
         rows['Retrained'] = score(networks.simple)
     return rows
+
+
+def folded_selection(basic):
+    """Weight selection (folded): fold each BatchNorm's scale gamma / sqrt(var + eps) into its conv (net.fold_bn),
+    then keep the 3 hidden channels h of largest ||conv1[h]|| x ||conv2[:, h]|| (the shifts are dropped: the small
+    block has no bias)."""
+    c1, _, c2, _ = net.fold_bn(basic)
+    return net.select_hidden(c1, c2, net.top_hidden(c1, c2))
+
+
+def relu_cross_moment(m1, m2, g):
+    """E[relu(z + m1) relu(z + m2)] for z ~ N(0, g^2), elementwise (the same z: one channel with two shifts)."""
+    lo = torch.minimum(m1, m2)
+    t = lo / g
+    pdf, cdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi), torch.special.ndtr(t)
+    return g * g * (cdf - t * pdf) + (m1 + m2) * g * pdf + m1 * m2 * cdf
+
+
+def relu_mean(m, g):
+    """E[relu(z + m)] for z ~ N(0, g^2), elementwise."""
+    t = m / g
+    return g * torch.exp(-t * t / 2) / math.sqrt(2 * math.pi) + m * torch.special.ndtr(t)
+
+
+def refit_selection(basic):
+    """Weight selection (folded, refit): the hidden channels of folded_selection, with conv2 refit by least squares
+    to the BasicBlock's whole pre-residual output (all 6 hidden channels and the shift of bn2), under the BN buffers'
+    model of the hidden activations: pre-activation N(beta1, gamma1^2) in the BasicBlock and the same minus shift1
+    in the small block (no bias), independent across channels and positions. No images: weights and BN buffers only."""
+    c1, shift1, c2, shift2 = (t.double() for t in net.fold_bn(basic))
+    keep = net.top_hidden(c1, c2)
+    b = torch.arange(len(c1), device=c1.device)[:, None]
+    g = basic['bn1.weight'].double().abs().clamp_min(1e-12)
+    big, small = basic['bn1.bias'].double(), basic['bn1.bias'].double() - shift1  # the hidden channels' mean shifts
+    g_k, big_k, small_k = g[b, keep], big[b, keep], small[b, keep]
+    taps = c2.shape[-1] * c2.shape[-2]
+    mean_big, mean_k = relu_mean(big, g), relu_mean(small_k, g_k)  # (K, 6), (K, 3)
+    var_k = relu_cross_moment(small_k, small_k, g_k) - mean_k ** 2
+    cov_k = relu_cross_moment(small_k, big_k, g_k) - mean_k * mean_big[b, keep]  # kept channel, small vs large block
+    m = mean_k.repeat_interleave(taps, 1)  # features: (kept channel, tap), 27
+    second = torch.diag_embed(var_k.repeat_interleave(taps, 1)) + m[:, :, None] * m[:, None, :]
+    w_k = c2.transpose(1, 2)[b, keep].transpose(1, 2).flatten(2)  # (K, 6, 27)
+    mean_out = (c2.flatten(3).sum(3) * mean_big[:, None, :]).sum(2) + shift2  # (K, 6): the output's mean
+    rhs = m[:, None, :] * mean_out[:, :, None] + cov_k.repeat_interleave(taps, 1)[:, None, :] * w_k
+    v = torch.linalg.solve(second[:, None], rhs.unsqueeze(-1)).squeeze(-1)  # (K, 6, 27)
+    conv1 = c1[b, keep].float()
+    return {'conv1.weight': conv1, 'conv2.weight': v.reshape(*c2.shape[:2], net.HIDDEN, *c2.shape[3:]).float()}
 
 
 def mean_block(targets, k):
@@ -123,13 +185,17 @@ def beats(accs, baseline_accs):
 
 
 def verdict(rows, kt='KT (best)'):
-    """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)?"""
+    """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)? The
+    training-free row of highest mean, when one is highest, is named the strongest."""
+    present = [name for name in BASELINES if name in rows]
+    means = sorted((rows[name]['mean'] for name in present), reverse=True)
     parts = []
-    for name in BASELINES:
-        if name in rows:
-            mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
-            word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
-            parts.append(f'{word} {name} ({mean:+.2f} ± {se:.2f} points)')
+    for name in present:
+        mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
+        word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
+        strongest = len(means) > 1 and rows[name]['mean'] == means[0] > means[1]
+        parts.append(f'{word} {name}{", the strongest training-free rule" if strongest else ""} '
+                     f'({mean:+.2f} ± {se:.2f} points)')
     if 'Retrained' in rows:
         parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
     return ('KT (best epoch) ' + ', '.join(parts) + '. (Beat: the margin, paired over the same validation '
@@ -167,9 +233,8 @@ class BestEpoch:
 
     def __init__(self, score, networks, batch_size, score_holdout=None, holdout=None, state=None):
         self.score, self.score_holdout, self.batch_size = score, score_holdout, batch_size
-        convs = ('conv1.weight', 'conv2.weight')
-        self.val_convs = [networks.basic[k] for k in convs]
-        self.holdout_convs = [holdout.basic[k] for k in convs] if holdout else None
+        self.val_basic = networks.basic
+        self.holdout_basic = holdout.basic if holdout else None
         self.best = {'mean': -1.0, 'epoch': -1, 'model': None, 'accs': None}
         self.last_accs = None
         if state is not None:
@@ -178,15 +243,15 @@ class BestEpoch:
     def __call__(self, model, epoch, row):
         """Score `model` at `epoch` into row (mean, min, max, holdout), log the original's lines; the tail of
         our epoch line."""
-        accs = self.last_accs = self.score(translate(model, *self.val_convs, self.batch_size))
+        accs = self.last_accs = self.score(translate_blocks(model, self.val_basic, self.batch_size))
         row.update(mean=accs.mean().item(), min=accs.min().item(), max=accs.max().item())
         log_original(f'Epoch {epoch}', accs)
         pick, message = row['mean'], ''
-        if self.holdout_convs is not None:
-            pick = self.score_holdout(translate(model, *self.holdout_convs, self.batch_size)).mean().item()
+        if self.holdout_basic is not None:
+            pick = self.score_holdout(translate_blocks(model, self.holdout_basic, self.batch_size)).mean().item()
             row['holdout'] = pick
             message += f'  held-out mean {pick:.2f}'
-        held = ' (picked on the held-out mean {:.2f}%)' if self.holdout_convs is not None else ''
+        held = ' (picked on the held-out mean {:.2f}%)' if self.holdout_basic is not None else ''
         if pick > self.best['mean']:
             self.best = {'mean': pick, 'epoch': epoch, 'accs': accs,
                          'model': {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
@@ -206,7 +271,7 @@ class BestEpoch:
 
     def log_final(self, rows, checkpoint, best_step):
         """The original's closing lines, then every row of the run and where the best translator went."""
-        best_val, held = self.best_val(), self.holdout_convs is not None
+        best_val, held = self.best_val(), self.holdout_basic is not None
         log.info(f'Best Mean Accuracy {best_val:.2f}%' +
                  (f' (picked on the held-out mean {self.best["mean"]:.2f}%)' if held else ''))
         log.info(f'Accuracy Distribution {utils.acc_histogram(self.best["accs"])}')

@@ -4,7 +4,9 @@ The faithful objective is the original's: --prob / --noise perturb the inputs an
 is the mean of the two conv weights' MSE against the small block the pair's network was trained with.
 Research options (off by default) change it: --perm_aug (exact channel-permutation augmentation),
 --canonical_targets (symmetry-free targets), --hidden_invariant_loss (MSE under the best hidden order) and
---loss functional / mse+functional (match the BasicBlock's output instead of, or beside, its weights).
+--loss functional / mse+functional (match the BasicBlock's output instead of, or beside, its weights), and
+--inputs / --output (a translator that also reads the BatchNorms, mixer.FunctionTranslator: the inputs then
+carry net.bn_inputs after the two convs, permuted and perturbed as they are).
 """
 from dataclasses import dataclass
 
@@ -51,14 +53,15 @@ def random_perms(n, gen, device):
 
 def perm_augment(inputs, targets, gen):
     """--perm_aug: per pair, fresh P (residual channels) and Q (BasicBlock hidden channels) applied with
-    net.permute_pairs to the inputs and, if any, the targets. Returns (inputs, targets, p)."""
-    c1, c2 = inputs
+    net.permute_pairs to the inputs (net.permute_bn to their BatchNorm inputs, if any) and, if any, the targets.
+    Returns (inputs, targets, p)."""
+    c1, c2, *bn = inputs  # bn: net.bn_inputs when the translator reads them
     p, q = random_perms(len(c1), gen, c1.device), random_perms(len(c1), gen, c1.device)
     # without targets (--loss functional on --skip_simple data) empty stand-ins keep one code path
     s1, s2 = targets if targets else (c1.new_empty(len(c1), 0, *net.SIMPLE_SHAPES['conv1.weight'][1:]),
                                       c1.new_empty(len(c1), net.PLANES, 0, 3, 3))
     c1, c2, s1, s2 = net.permute_pairs(c1, c2, s1, s2, p, q)
-    return [c1, c2], ([s1, s2] if targets else targets), p
+    return [c1, c2, *net.permute_bn(bn, p, q)], ([s1, s2] if targets else targets), p
 
 
 def unpermute_small(outputs, p):
@@ -134,12 +137,14 @@ class Objective:
     def __init__(self, args, train_set, device):
         self.args = args
         self.inputs = [train_set.basic[k].to(device) for k in ('conv1.weight', 'conv2.weight')]
+        if (args.inputs, args.output) != ('conv', 'direct'):  # mixer.FunctionTranslator reads the BatchNorms too
+            self.inputs += [t.to(device) for t in net.bn_inputs(train_set.basic)]
         self.targets = [train_set.simple[k].to(device) for k in ('conv1.weight', 'conv2.weight')] \
             if train_set.simple is not None else []
         self.raw_targets = self.targets  # for the Mean target row
         if args.canonical_targets:
             self.targets = list(net.canonical_simple(*self.targets))
-        self.functional = FunctionalLoss(train_set, self.inputs, args, device) if args.loss != 'mse' else None
+        self.functional = FunctionalLoss(train_set, self.inputs[:2], args, device) if args.loss != 'mse' else None
 
     def batch(self, idx, gen):
         """The pairs idx with the flags' augmentation, fresh draws from gen."""
@@ -162,6 +167,28 @@ class Objective:
                                    batch.idx, gen)
             loss = loss + (args.functional_weight if args.loss == 'mse+functional' else 1.0) * term
         return loss
+
+
+def flag_checks(args, default):
+    """(ok, message) pairs for the research flags (train.check_args raises the first failing one)."""
+    functional_flags = ('functional_weight', 'ce_weight', 'functional_images')
+    return [
+        (args.functional_weight >= 0, f'--functional_weight {args.functional_weight} must be >= 0'),
+        (args.ce_weight >= 0, f'--ce_weight {args.ce_weight} must be >= 0'),
+        (args.functional_images >= 1, f'--functional_images {args.functional_images} must be >= 1'),
+        (args.loss != 'mse' or all(getattr(args, k) == default(k) for k in functional_flags),
+         '--functional_weight, --ce_weight and --functional_images set the functional term: use them with '
+         '--loss functional or mse+functional'),
+        (args.loss != 'functional' or args.functional_weight == default('functional_weight'),
+         '--functional_weight weighs the functional term against the weight MSE of --loss mse+functional; '
+         'with --loss functional it is the only term'),
+        (args.output != 'residual' or not args.canonical_targets,
+         '--output residual adds its delta to Weight selection (folded), whose hidden channels are not in the '
+         'canonical form of --canonical_targets; use --output direct with it'),
+        (args.loss != 'functional' or not (args.hidden_invariant_loss or args.canonical_targets),
+         '--hidden_invariant_loss and --canonical_targets change the weight MSE, which --loss functional '
+         'does not have'),
+    ]
 
 
 def check_data(args, train_set):

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+import net
 from net import BASIC_SHAPES, SIMPLE_SHAPES
 
 KERNEL = 9  # taps of a 3x3 kernel: a token's width before map1 and after map2
@@ -42,13 +43,15 @@ class MixingMLP(nn.Module):
 
 class MLPMixer(nn.Module):
     """[conv1 (B, 6, 6, 3, 3), conv2 (B, 6, 6, 3, 3)] -> (conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3))."""
+    in_width = KERNEL  # values per input token
 
     def __init__(self, num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.):
         super().__init__()
         self.config = dict(num_layers=num_layers, S_dim=S_dim, C_dim=C_dim, hidden_S_dim=hidden_S_dim,
                            hidden_C_dim=hidden_C_dim, dropout=dropout)
-        if C_dim != KERNEL:  # with C_dim == 9 the taps are the channels and no mapping exists
-            self.map1 = nn.Linear(KERNEL, C_dim)
+        if C_dim != KERNEL or self.in_width != KERNEL:  # with C_dim == 9 the taps are the channels
+            self.map1 = nn.Linear(self.in_width, C_dim)
+        if C_dim != KERNEL:
             self.map2 = nn.Linear(C_dim, KERNEL)
         self.layers = nn.Sequential(OrderedDict(
             (f'mixer_layer_{i}', nn.Sequential(
@@ -69,9 +72,12 @@ class MLPMixer(nn.Module):
 
     def forward(self, weights):
         conv1, conv2 = weights
-        b = conv1.shape[0]
         # (B, o, i, 3, 3) -> (B, o*i, 9), tokens in (o, i) row-major order
-        x = torch.cat([conv1.reshape(b, -1, KERNEL), conv2.reshape(b, -1, KERNEL)], dim=1)
+        return self.mix(torch.cat([conv1.reshape(len(conv1), -1, KERNEL), conv2.reshape(len(conv2), -1, KERNEL)], dim=1))
+
+    def mix(self, x):
+        """Input tokens (B, 72, in_width) -> the small block's (conv1, conv2)."""
+        b = x.shape[0]
         if hasattr(self, 'map1'):
             x = self.map1(x)
         x = self.layers(x)
@@ -80,6 +86,62 @@ class MLPMixer(nn.Module):
             x = self.map2(x)
         n1 = OUT_SHAPES[0][0] * OUT_SHAPES[0][1]
         return x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:].reshape(b, *OUT_SHAPES[1])
+
+
+class FunctionTranslator(MLPMixer):
+    """The translator of train.py --inputs / --output (research): reads [conv1, conv2, *net.bn_inputs] (the
+    BasicBlock's BatchNorm scales and shifts), same parameter names as MLPMixer.
+
+    inputs 'folded': the tokens are those of the BN-folded convs (net.scale_convs), each token with one more value,
+    the shift of its output channel (conv1 token (o, i): shift1[o]; conv2 token (o, i): shift2[o]): 72 tokens of 10
+    values, so only map1 changes (9 -> 10 inputs). 'conv': the raw convs' tokens, as MLPMixer.
+    output 'residual': the Mixer writes a delta added to Weight selection (folded) of the same block
+    (net.top_hidden of the folded convs); its last layer starts at zero, so the untrained translator is that
+    baseline exactly. 'direct': the Mixer writes the block, as MLPMixer."""
+
+    def __init__(self, inputs='conv', output='direct', **config):
+        self.in_width = KERNEL + (inputs == 'folded')
+        super().__init__(**config)
+        self.kt = {'inputs': inputs, 'output': output}
+        if output == 'residual':
+            last = self.map2 if hasattr(self, 'map2') else self.fc2
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, weights):
+        conv1, conv2, scale1, shift1, scale2, shift2 = weights
+        f1, f2 = net.scale_convs(conv1, conv2, scale1, scale2)
+        if self.kt['inputs'] == 'folded':
+            t1 = torch.cat([f1.flatten(3), shift1[:, :, None, None].expand(*f1.shape[:3], 1)], dim=3)
+            t2 = torch.cat([f2.flatten(3), shift2[:, :, None, None].expand(*f2.shape[:3], 1)], dim=3)
+            out = self.mix(torch.cat([t1.flatten(1, 2), t2.flatten(1, 2)], dim=1))
+        else:
+            out = super().forward([conv1, conv2])
+        if self.kt['output'] == 'residual':
+            base = net.select_hidden(f1, f2, net.top_hidden(f1, f2))
+            out = (base['conv1.weight'] + out[0], base['conv2.weight'] + out[1])
+        return out
+
+
+DEFAULT_KT = {'inputs': 'conv', 'output': 'direct'}
+
+
+def kt_of(inputs, output):
+    """train.py's --inputs / --output as build_translator's kt (None for the original translator)."""
+    kt = {'inputs': inputs, 'output': output}
+    return None if kt == DEFAULT_KT else kt
+
+
+def build_translator(config, kt=None):
+    """MLPMixer(**config), or a FunctionTranslator when kt ({'inputs', 'output'}) is not the default."""
+    if kt is None or kt == DEFAULT_KT:
+        return MLPMixer(**config)
+    return FunctionTranslator(**kt, **config)
+
+
+def needs_bn(model):
+    """Whether the translator reads the BasicBlock's BatchNorm inputs beside its convs."""
+    return isinstance(model, FunctionTranslator)
 
 
 def mixer_flops(num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.,

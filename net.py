@@ -166,6 +166,7 @@ def small_network(begin, last):
 
 BLOCKS = {'begin': BeginBlock, 'basic': BasicBlock, 'simple': SimpleBlock_NoBn, 'last': LastBlock}
 BN_MOMENTUM = 0.1  # nn.BatchNorm2d's default, which the original used
+BN_EPS = 1e-5  # nn.BatchNorm2d's default
 
 
 def stack_states(state_dicts):
@@ -202,7 +203,7 @@ def _bn(x, s, prefix, training):
         s[prefix + 'num_batches_tracked'] += 1
     return F.batch_norm(x, s[prefix + 'running_mean'].view(-1), s[prefix + 'running_var'].view(-1),
                         s[prefix + 'weight'].reshape(-1), s[prefix + 'bias'].reshape(-1),
-                        training, BN_MOMENTUM, 1e-5)
+                        training, BN_MOMENTUM, BN_EPS)
 
 
 def begin_forward(x, s, training=False, conv_kernel=None):
@@ -214,6 +215,54 @@ def begin_forward(x, s, training=False, conv_kernel=None):
         x = _conv(x, s['conv.weight'], k, conv_kernel, padding=1)
     x = F.relu(_bn(x, s, 'bn.', training))
     return F.max_pool2d(x, 3, 2, 1)
+
+
+def bn_inputs(basic):
+    """A BasicBlock's eval-mode BatchNorms as [scale1, shift1, scale2, shift2] (stacked or one block): scale =
+    gamma / sqrt(running_var + eps) and shift = beta - running_mean x scale per channel."""
+    out = []
+    for i in (1, 2):
+        scale = basic[f'bn{i}.weight'] / torch.sqrt(basic[f'bn{i}.running_var'] + BN_EPS)
+        out += [scale, basic[f'bn{i}.bias'] - basic[f'bn{i}.running_mean'] * scale]
+    return out
+
+
+def scale_convs(conv1, conv2, scale1, scale2):
+    """The convs with each output channel multiplied by its BatchNorm scale (the folded convs of fold_bn)."""
+    return conv1 * scale1[..., None, None, None], conv2 * scale2[..., None, None, None]
+
+
+def fold_bn(basic):
+    """A BasicBlock's eval-mode BatchNorms folded into its convs (stacked or one block): [conv1, shift1, conv2,
+    shift2], each conv scaled per output channel by bn_inputs' scale, so that the block computes
+    relu(conv2(relu(conv1(x) + shift1)) + shift2 + x)."""
+    scale1, shift1, scale2, shift2 = bn_inputs(basic)
+    conv1, conv2 = scale_convs(basic['conv1.weight'], basic['conv2.weight'], scale1, scale2)
+    return [conv1, shift1, conv2, shift2]
+
+
+def select_hidden(conv1, conv2, keep):
+    """The small blocks made of stacked BasicBlock convs' hidden channels keep (K, 3): conv1 rows, conv2 columns."""
+    b = torch.arange(len(conv1), device=conv1.device)[:, None]
+    return {'conv1.weight': conv1[b, keep], 'conv2.weight': conv2.transpose(1, 2)[b, keep].transpose(1, 2)}
+
+
+def importance(conv1, conv2):
+    """Per hidden channel h (K, 6): ||conv1[h]|| x ||conv2[:, h]||, how strongly h is driven times how strongly it
+    writes to the output."""
+    return torch.linalg.vector_norm(conv1.flatten(2), dim=2) * \
+        torch.linalg.vector_norm(conv2.transpose(1, 2).flatten(2), dim=2)
+
+
+def top_hidden(conv1, conv2):
+    """The HIDDEN hidden channels of largest importance(), in ascending index order (K, 3)."""
+    return importance(conv1, conv2).topk(HIDDEN, dim=1).indices.sort(dim=1).values
+
+
+def permute_bn(bn, p, q):
+    """bn_inputs [scale1, shift1, scale2, shift2] (B, 6) each under per-sample permutations p (residual channels,
+    bn2) and q (hidden channels, bn1), as net.permute_pairs permutes the convs."""
+    return [t.gather(1, q if i < 2 else p) for i, t in enumerate(bn)]
 
 
 def basic_forward(x, s, training=False, conv_kernel=None):

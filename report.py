@@ -1,6 +1,7 @@
 """Print the results table of one or more train.py runs (their summary.json files).
 
     python report.py ckpts/nobn/<run>/summary.json [more summary.json ...] [--out table.md] [--hist]
+    python report.py SUMMARIES... --plot OUTDIR [--warm_start warm_start.json]   # PNG figures (needs matplotlib)
 
 One table per run: Large / Random Init / Mean target / Weight selection / KT / Retrained, with mean, min and
 max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline (evaluate.beats:
@@ -8,13 +9,16 @@ its margin, paired over the same val networks, is above two standard errors).
 """
 import argparse
 import json
+import os
+import re
 
 import utils
-from evaluate import BASELINES, verdict  # noqa: F401  (BASELINES: for the tables of experiments/)
+from evaluate import BASELINES, paired_margin, verdict
 
-ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'KT (best)', 'KT (last)',
-         'Retrained']
-NETWORK_ROWS = ('Large (BasicBlock)', 'Weight selection', 'Retrained')  # fixed by the val networks and test images
+ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'Weight selection (folded)',
+         'Weight selection (folded, refit)', 'KT (best)', 'KT (last)', 'Retrained']
+NETWORK_ROWS = ('Large (BasicBlock)', 'Weight selection', 'Weight selection (folded)',
+                'Weight selection (folded, refit)', 'Retrained')  # fixed by the val networks and test images
 
 
 def load_summary(path):
@@ -65,6 +69,123 @@ def side_by_side(summaries, labels):
     return '\n'.join(lines)
 
 
+# ---------------------------------------------------------------------------------------- figures
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or a UserError saying how to get it (it is optional at run time)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise utils.UserError('--plot draws with matplotlib, which is not installed: pip install matplotlib '
+                              '(requirements.txt pins the tested version)') from None
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def objective_of(summary):
+    """A run's objective, from its run name: its research options (e.g. 'perm functional-w1-ce0-img32'), or 'faithful MSE'."""
+    parts = summary['run'].split('/')[-1].split('_')
+    keep = [p for p in parts if not re.fullmatch(r'n\d+|seed\d+|mask-t0|noise-t0|hold\d+|val\d+|test\d+', p)]
+    return ' '.join(keep) or 'faithful MSE'
+
+
+def mean_se(accs):
+    """Mean and standard error of per-network accuracies."""
+    mean, se = paired_margin(accs, [0.0] * len(accs))
+    return mean, se
+
+
+def plot_scaling(summaries, plt):
+    """KT (best) mean ± 1 SE against the number of training networks, a line per objective; the training-free
+    rules of the first summary that are fixed by the val networks as horizontal bands (mean ± 1 SE)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_objective = {}
+    for s in summaries:
+        by_objective.setdefault(objective_of(s), []).append((s['train_pairs'], *mean_se(s['rows']['KT (best)']['accs'])))
+    for label, points in sorted(by_objective.items()):
+        n, mean, se = zip(*sorted(points))
+        ax.errorbar(n, mean, yerr=se, marker='o', capsize=3, label=label)
+    rows = summaries[0]['rows']
+    for i, name in enumerate(b for b in BASELINES if b in rows and b != 'Mean target'):
+        mean, se = mean_se(rows[name]['accs'])
+        ax.axhspan(mean - se, mean + se, color=f'C{i + len(by_objective)}', alpha=0.25, label=f'{name} (± 1 SE)')
+    ax.set_xscale('log')
+    ax.set_xlabel('training networks')
+    ax.set_ylabel(f"mean test accuracy (%), {summaries[0]['num_val']} val networks")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_histograms(summary, plt):
+    """Per-network accuracy histograms (5% bins) of KT (best) beside the training-free rules, one bar group per bin."""
+    names = ['KT (best)'] + [b for b in BASELINES if b in summary['rows']]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 5 / (len(names) + 1)
+    for i, name in enumerate(names):
+        counts = summary['rows'][name]['histogram']
+        ax.bar([5 * b + width * (i + 0.5) for b in range(len(counts))], counts, width, label=name, align='edge')
+    ax.set_xlabel('test accuracy (%)')
+    ax.set_ylabel('val networks')
+    ax.set_title(objective_of(summary) + f", {summary['train_pairs']} training networks", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_warm_start(data, plt):
+    """Warm-start curves from a JSON dict (experiments/warm_start.py writes it):
+        {"steps": [0, 10, ...]  (fine-tuning steps, ascending),
+         "starts": {start name: [[accuracy in % at each step] for each network], ...},
+         "retrained": [accuracy in % per network]  (optional: the small block trained from scratch),
+         "networks": [val network indices]  (optional, for the record)}
+    Drawn: each start's mean accuracy ± 1 SE over the networks against the steps (symlog axis, so step 0
+    shows), and the retrained mean as a dashed line."""
+    steps = data['steps']
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, per_network in data['starts'].items():
+        if any(len(a) != len(steps) for a in per_network):
+            raise utils.UserError(f'warm-start file: start "{name}" has a network without one accuracy per step '
+                                  f'({len(steps)} steps)')
+        stats = [mean_se([a[j] for a in per_network]) for j in range(len(steps))]
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[e for _, e in stats], marker='o', capsize=3, label=name)
+    if data.get('retrained'):
+        ax.axhline(mean_se(data['retrained'])[0], color='k', linestyle='--', label='Retrained')
+    ax.set_xscale('symlog', linthresh=max(1, min((s for s in steps if s > 0), default=1)))
+    ax.set_xlabel('fine-tuning steps')
+    ax.set_ylabel('mean test accuracy (%)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path, plt):
+    """Write a figure as PNG atomically, and close it."""
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot(summaries, paths, outdir, warm_start=None):
+    """--plot: scaling.png (all summaries), hist_<run dir>.png per summary, warm_start.png; returns the paths."""
+    plt = pyplot()
+    os.makedirs(outdir, exist_ok=True)
+    written = [os.path.join(outdir, 'scaling.png')]
+    save_figure(plot_scaling(summaries, plt), written[0], plt)
+    for s, path in zip(summaries, paths):
+        name = os.path.basename(os.path.dirname(os.path.abspath(path))) + \
+            ('' if os.path.basename(path) == 'summary.json' else '_' + os.path.splitext(os.path.basename(path))[0])
+        written.append(os.path.join(outdir, f'hist_{name}.png'))
+        save_figure(plot_histograms(s, plt), written[-1], plt)
+    if warm_start:
+        data = load_summary(warm_start)
+        written.append(os.path.join(outdir, 'warm_start.png'))
+        save_figure(plot_warm_start(data, plt), written[-1], plt)
+    return written
+
+
 def main():
     p = argparse.ArgumentParser(description='Results table of train.py runs.')
     p.add_argument('summaries', nargs='+', help='summary.json files written by train.py')
@@ -72,8 +193,19 @@ def main():
     p.add_argument('--hist', action='store_true', help='add the 20-bin histograms of Random Init and KT')
     p.add_argument('--side_by_side', nargs='+', metavar='LABEL', default=None,
                    help='one table for runs on the same validation networks, a label per summary')
+    p.add_argument('--plot', metavar='OUTDIR', default=None,
+                   help='write PNG figures there instead: accuracy against training networks per objective, '
+                        'per-run histograms (needs matplotlib)')
+    p.add_argument('--warm_start', metavar='JSON', default=None,
+                   help='with --plot: also warm_start.png from this file (schema: report.plot_warm_start)')
     args = p.parse_args()
     summaries = [load_summary(path) for path in args.summaries]
+    if args.plot is not None:
+        for path in plot(summaries, args.summaries, args.plot, args.warm_start):
+            print(f'wrote {path}')
+        return
+    if args.warm_start:
+        raise utils.UserError('--warm_start goes with --plot OUTDIR')
     text = []
     if args.side_by_side is not None:
         if len(args.side_by_side) != len(summaries):

@@ -39,7 +39,8 @@ def run_name(args, default):
 def research_suffix(args, default):
     """What non-default options beyond the original add to the last sub-directory: nothing for the original's
     runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv and, with a functional term,
-    _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64."""
+    _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64, and
+    _in-folded, _out-residual."""
     parts = ([f'val{args.val_data_length}'] if args.val_data_length != default('val_data_length') else []) + \
         ([f'test{args.num_test_images}'] if args.num_test_images != default('num_test_images') else []) + \
         (['tf32'] if args.tf32 else []) + ([args.amp] if args.amp != 'none' else []) + \
@@ -48,6 +49,8 @@ def research_suffix(args, default):
         (['hinv'] if args.hidden_invariant_loss else [])
     if args.loss != 'mse':
         parts.append(f'{args.loss}-w{args.functional_weight:g}-ce{args.ce_weight:g}-img{args.functional_images}')
+    parts += ([f'in-{args.inputs}'] if args.inputs != default('inputs') else []) + \
+        ([f'out-{args.output}'] if args.output != default('output') else [])
     return ''.join('_' + p for p in parts)
 
 
@@ -244,6 +247,7 @@ class Run:
         "holdout <N>"), "num_val", "num_test_images", "train_pairs", "rows": {name: {"mean", "min", "max",
         "histogram" (20 counts, 5% bins), "accs" (per val network)}}} with rows "Large (BasicBlock)", "Random Init",
         "Mean target" (if the train set has small blocks), "Mean canonical target" (with --canonical_targets),
-        "Weight selection", "Retrained" (if the val set has retrained small blocks), "KT (best)", "KT (last)";
-        accuracies in % on the MNIST test set."""
+        "Weight selection", "Weight selection (folded)", "Weight selection (folded, refit)", "Retrained" (if the val
+        set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set; "kt"
+        ({"inputs", "output"}) when --inputs or --output is not the original's."""
         utils.atomic_write(os.path.join(self.ckpt_dir, 'summary.json'), json.dumps(summary, indent=1))

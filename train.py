@@ -27,11 +27,12 @@ import distributed
 import evaluate
 import loader
 import losses
+import mixer
 import mnist
 import net
 import runs
 import utils
-from mixer import NUM_TOKENS, MLPMixer
+from mixer import NUM_TOKENS
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def make_parser():
                    help='functional term: plus this x the cross-entropy of Begin -> translated block -> Last')
     r.add_argument('--functional_images', type=int, default=64,
                    help='functional term: MNIST training images per step (fresh each step, shared by the networks)')
+    r.add_argument('--inputs', default='conv', choices=['conv', 'folded'],
+                   help='conv: the BasicBlock\'s two conv weights (the original); folded: its convs with the '
+                        'BatchNorm scales folded in, each token with its output channel\'s BatchNorm shift '
+                        '(mixer.FunctionTranslator)')
+    r.add_argument('--output', default='direct', choices=['direct', 'residual'],
+                   help='direct: the translator writes the small block; residual: it writes a delta added to '
+                        'Weight selection (folded), from a zero last layer (untrained, it is that baseline)')
     p.system_flags = tuple(a.dest for a in s._group_actions)
     return p
 
@@ -147,8 +155,6 @@ def get_args(argv=None):
 
 def check_args(args):
     """Refuse out-of-range flags with a message naming the flag."""
-    default = PARSER.get_default
-    functional_flags = ('functional_weight', 'ce_weight', 'functional_images')
     checks = [
         (0 <= args.prob <= 1, f'--prob {args.prob} must be in [0, 1]'),
         (args.noise >= 0, f'--noise {args.noise} must be >= 0'),
@@ -169,20 +175,8 @@ def check_args(args):
         (args.val_data_length >= 1, f'--val_data_length {args.val_data_length} must be >= 1'),
         (1 <= args.num_test_images <= 10000, f'--num_test_images {args.num_test_images} must be in [1, 10000]'),
         (args.holdout_networks >= 0, f'--holdout_networks {args.holdout_networks} must be >= 0'),
-        (args.functional_weight >= 0, f'--functional_weight {args.functional_weight} must be >= 0'),
-        (args.ce_weight >= 0, f'--ce_weight {args.ce_weight} must be >= 0'),
-        (args.functional_images >= 1, f'--functional_images {args.functional_images} must be >= 1'),
-        (args.loss != 'mse' or all(getattr(args, k) == default(k) for k in functional_flags),
-         '--functional_weight, --ce_weight and --functional_images set the functional term: use them with '
-         '--loss functional or mse+functional'),
-        (args.loss != 'functional' or args.functional_weight == default('functional_weight'),
-         '--functional_weight weighs the functional term against the weight MSE of --loss mse+functional; '
-         'with --loss functional it is the only term'),
-        (args.loss != 'functional' or not (args.hidden_invariant_loss or args.canonical_targets),
-         '--hidden_invariant_loss and --canonical_targets change the weight MSE, which --loss functional '
-         'does not have'),
     ]
-    for ok, message in checks:
+    for ok, message in checks + losses.flag_checks(args, PARSER.get_default):
         if not ok:
             raise UserError(message)
     parse_scheduler(args.scheduler)
@@ -346,9 +340,10 @@ def main(argv=None):
     log_setup(args, score, holdout, objective, len(train_set), cache_time)
     refs = evaluate.run_references(score, val_set, objective, args, state)  # measured once per run
 
-    model = MLPMixer(**config).to(device)
+    kt = mixer.kt_of(args.inputs, args.output)
+    model = mixer.build_translator(config, kt).to(device)
     ctx.seed_rank(args.seed)
-    log.info(f'translator: {config}, {net.num_params(model):,} parameters')
+    log.info(f'translator: {config}{f", {kt}" if kt else ""}, {net.num_params(model):,} parameters')
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     gen = torch.Generator(device=device)
@@ -389,7 +384,7 @@ def main(argv=None):
         metrics.append(row)
         rng = dict(runs.rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
         run.end_epoch(metrics, optimizer.param_groups[0]['lr'], {
-            'config': config, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
+            'config': config, **({'kt': kt} if kt else {}), 'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
             'scheduler': scheduler.state_dict() if scheduler is not None else None, 'metrics': metrics,
             **evaluation.state(), 'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)})
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
@@ -403,11 +398,11 @@ def main(argv=None):
     best = evaluation.best
     best_step = (best['epoch'] + 1) * iters
     best_path = run.save_best(best['model'], evaluation.best_val(), {
-        'config': config, 'epoch': best['epoch'], 'step': best_step, 'mean_acc': evaluation.best_val(),
+        'config': config, **({'kt': kt} if kt else {}), 'epoch': best['epoch'], 'step': best_step, 'mean_acc': evaluation.best_val(),
         'args': vars(args)})
     final = {**refs, 'KT (best)': best['accs'], 'KT (last)': evaluation.last_accs}
     run.write_summary({
-        'run': run.name, 'checkpoint': best_path, 'config': config, 'best_epoch': best['epoch'],
+        'run': run.name, 'checkpoint': best_path, 'config': config, **({'kt': kt} if kt else {}), 'best_epoch': best['epoch'],
         'best_step': best_step, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
         'selection': f'holdout {len(holdout)}' if holdout else 'val', 'num_val': len(val_set),
         'num_test_images': len(images), 'train_pairs': len(train_set),

@@ -20,6 +20,7 @@ import torch
 import evaluate
 import loader
 import mnist
+import mixer
 import net
 import runs
 import utils
@@ -78,6 +79,7 @@ def load_translator(args):
     meta = runs.read_meta(args.ckpt) if bare else None
     if meta is not None or (isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt):
         config, state = (dict(meta['config']), ckpt) if meta is not None else (dict(ckpt['config']), ckpt['model'])
+        kt = (meta or ckpt).get('kt')  # train.py --inputs/--output, when not the original's
         clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
                  if kw in given and config.get(kw) != given[kw]]
         if clash:
@@ -86,11 +88,11 @@ def load_translator(args):
     elif bare:
         config = {kw: default for _, (kw, default) in SIZE_FLAGS.items()}
         config.update(given, dropout=0.)
-        state = ckpt
+        state, kt = ckpt, None
     else:
         raise UserError(f'{args.ckpt}: neither a translator state dict (train.py\'s or the original\'s) nor an '
                         f'older train.py checkpoint (dict with "config" and "model")')
-    model = MLPMixer(**config)
+    model = mixer.build_translator(config, kt)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError):
@@ -143,7 +145,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False  # scored in float32, as train.py does without --tf32
         images, labels = mnist.load_mnist(args.mnist_root, train=False)
     basic = network['basic']
-    translated = evaluate.translate(model, basic['conv1.weight'][None], basic['conv2.weight'][None])
+    translated = evaluate.translate_blocks(model, {k: t[None] for k, t in basic.items()})
     simple = {k: t[0].contiguous() for k, t in translated.items()}
     net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
     utils.atomic_save(simple, args.out)

@@ -146,7 +146,10 @@ def paper_recipe():
     canon = {n: runs['canon', n]['rows']['Mean canonical target']['mean'] for n in (64, 224) if runs['canon', n]}
     r = ref['rows']
     print(f"\nReference rows: Random Init {r['Random Init']['mean']:.2f}, Weight selection "
-          f"{r['Weight selection']['mean']:.2f}, Retrained {r['Retrained']['mean']:.2f}; Mean target "
+          f"{r['Weight selection']['mean']:.2f}, "
+          + ''.join(f"{name} {r[name]['mean']:.2f}, " for name in ('Weight selection (folded)',
+                                                                    'Weight selection (folded, refit)') if name in r)
+          + f"Retrained {r['Retrained']['mean']:.2f}; Mean target "
           + ', '.join(f'{m:.2f} ({n} networks)' for n, m in means.items()) + '; mean canonical target '
           + ', '.join(f'{m:.2f} ({n} networks)' for n, m in canon.items()) + '.')
 
@@ -157,17 +160,20 @@ def main():
         sys.exit('no runs yet: bash experiments/run_results.sh 1 (and 2)')
     print('Reference rows (the same 100 validation networks in every run):\n')
     print('| row | mean | min | max |\n| --- | --- | --- | --- |')
-    for name in ('Large (BasicBlock)', 'Random Init', 'Weight selection', 'Retrained'):
+    for name in ('Large (BasicBlock)', 'Random Init', 'Weight selection', 'Weight selection (folded)',
+                 'Weight selection (folded, refit)', 'Retrained'):
+        if name not in first['rows']:
+            continue
         r = first['rows'][name]
         print(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
     for title, names in GROUPS:
         print(f'\n#### {title}\n')
-        print('| run | pairs | epochs | options | KT mean | KT min | KT max | vs Random Init | vs Mean target '
-              '| vs Weight selection |')
-        print('| --- ' * 10 + '|')
+        print('| run | pairs | epochs | options | KT mean | KT min | KT max | '
+              + ' | '.join(f'vs {b}' for b in BASELINES) + ' |')
+        print('| --- ' * (7 + len(BASELINES)) + '|')
         for name in names:
             s = load(name)
-            print(row(name, s) if s else f'| {name} | not run | | | | | | | | |')
+            print(row(name, s) if s else f'| {name} | not run |' + ' |' * (5 + len(BASELINES)))
         means = [f"{name}: {s['rows']['Mean target']['mean']:.2f}" for name in names
                  if (s := load(name)) and 'Mean target' in s['rows']]
         print(f"\nMean target (depends on the pairs used): {', '.join(means) or 'n/a'}")

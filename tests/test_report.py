@@ -36,6 +36,11 @@ def test_verdict_and_side_by_side(tmp_path):
     lose = summary([10.5, 19.0, 30.2, 40.1], **{'Random Init': base, 'Mean target': base, 'Weight selection': base})
     assert evaluate.verdict(win['rows']).startswith('KT (best epoch) beat Random Init (+2.00 ± ')
     assert 'did NOT beat Mean target' in evaluate.verdict(lose['rows'])
+    assert 'strongest' not in evaluate.verdict(lose['rows'])  # three equal baselines: none is the strongest
+    folded = dict(lose['rows'], **summary(base, **{'Weight selection (folded)': [10.6, 20.1, 30.3, 40.2]})['rows'])
+    folded['KT (best)'] = lose['rows']['KT (best)']
+    assert 'did NOT beat Weight selection (folded), the strongest training-free rule (-0.35 ± ' in \
+        evaluate.verdict(folded)
     for name, s in (('win', win), ('lose', lose)):
         with open(tmp_path / f'{name}.json', 'w') as f:
             json.dump(s, f)

@@ -92,6 +92,7 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     assert float(metrics[3]['loss']) < float(metrics[0]['loss'])
     summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
     assert set(summary['rows']) == {'Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection',
+                                    'Weight selection (folded)', 'Weight selection (folded, refit)',
                                     'Retrained', 'KT (best)', 'KT (last)'}
     for row in summary['rows'].values():
         assert len(row['histogram']) == 20 and sum(row['histogram']) == 3 and len(row['accs']) == 3
@@ -123,6 +124,8 @@ def test_end_to_end_outputs(finished_run, pair_sets):
             'Mean target': ({k: t.mean(0, keepdim=True).expand(3, *t.shape[1:]) for k, t in train_simple.items()},
                             'simple'),
             'Weight selection': ({'conv1.weight': c1[:, :3], 'conv2.weight': c2[:, :, :3]}, 'simple'),
+            'Weight selection (folded)': (evaluate.folded_selection(val.basic), 'simple'),
+            'Weight selection (folded, refit)': (evaluate.refit_selection(val.basic), 'simple'),
             'Random Init': ({k: torch.stack([sd[k] for sd in random_init]) for k in random_init[0]}, 'simple')}
     for name, (middle, kind) in rows.items():
         accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, kind)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Translator inputs that carry the function (train.py --inputs / --output) on the paper's recipe (data/demo),
+# as experiments/paper_recipe.sh: objectives {faithful MSE, --loss functional --functional_images 32 --perm_aug}
+# x inputs {conv, folded} x output {direct, residual}, at 64 and 224 training networks, best epoch picked on
+# the next 32 training networks (--holdout_networks 32), 100 epochs of batch 64, the same small Mixer.
+# Each run's logs and summary.json go to $OUT/runs/<name>/; its best translator is kept in $OUT/ckpts/<name>.pth
+# (ignored by git) for later reading. A finished run (summary.json present) is skipped: rerun to resume.
+#
+#   bash experiments/function_inputs.sh QUEUE     # QUEUE = 1 or 2: two queues run side by side on 2 cores
+# A tiny check (minutes) into /tmp:
+#   OUT=/tmp/fi SIZES=8 EXTRA="--num_epochs 2 --log_step 1 --num_test_images 200" bash experiments/function_inputs.sh 1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+OUT=${OUT:-results/function_inputs}
+SIZES=${SIZES:-224 64}
+BASE="--device cpu --train_path data/demo/train --val_path data/demo/val --val_data_length 100
+      --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256 --batch_size 64 --lr 1e-3
+      --num_epochs 100 --log_step 10 --holdout_networks 32 ${EXTRA:-}"
+FUNCTIONAL="--loss functional --functional_images 32 --perm_aug"
+
+source experiments/train_run.sh
+run() {  # run NAME N FLAGS...: one translator run on training networks 0..N-1 into $OUT/runs/NAME_N
+  local name=$1_$2 n=$2; shift 2
+  train_run $OUT/runs/$name $BASE --train_data_length $n "$@"
+  local best
+  best=$(find "/tmp/kt_results/$OUT/runs/$name/ckpts" -name '[0-9]*.[0-9][0-9].pth' 2>/dev/null | head -1)
+  if [ -n "$best" ]; then mkdir -p $OUT/ckpts && cp "$best" $OUT/ckpts/$name.pth; fi
+}
+variants() {  # variants OBJECTIVE FLAGS...: the four input/output combinations of one objective
+  local objective=$1; shift
+  run ${objective}_conv_direct $n "$@"
+  run ${objective}_folded_direct $n "$@" --inputs folded
+  run ${objective}_conv_residual $n "$@" --output residual
+  run ${objective}_folded_residual $n "$@" --inputs folded --output residual
+}
+
+for n in $SIZES; do
+  if [ "${1:-1}" = 1 ]; then variants mse; else variants functional_perm $FUNCTIONAL; fi
+done
