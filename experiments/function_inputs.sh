@@ -24,8 +24,10 @@ run() {  # run NAME N FLAGS...: one translator run on training networks 0..N-1 i
   local name=$1_$2 n=$2; shift 2
   train_run $OUT/runs/$name $BASE --train_data_length $n "$@"
   local best
-  best=$(find "/tmp/kt_results/$OUT/runs/$name/ckpts" -name '[0-9]*.[0-9][0-9].pth' 2>/dev/null | head -1)
-  if [ -n "$best" ]; then mkdir -p $OUT/ckpts && cp "$best" $OUT/ckpts/$name.pth; fi
+  best=$(find "/tmp/kt_results/$OUT/runs/$name/ckpts" -name '[0-9]*.pth' 2>/dev/null | head -1)
+  if [ -n "$best" ]; then  # the best translator (a plain state dict) and its metadata beside it
+    mkdir -p $OUT/ckpts && cp "$best" $OUT/ckpts/$name.pth && cp "${best%.pth}.json" $OUT/ckpts/$name.json
+  fi
 }
 variants() {  # variants OBJECTIVE FLAGS...: the four input/output combinations of one objective
   local objective=$1; shift
