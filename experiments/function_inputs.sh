@@ -31,10 +31,10 @@ run() {  # run NAME N FLAGS...: one translator run on training networks 0..N-1 i
 }
 variants() {  # variants OBJECTIVE FLAGS...: the four input/output combinations of one objective
   local objective=$1; shift
-  run ${objective}_conv_direct $n "$@"
+  run ${objective}_folded_residual $n "$@" --inputs folded --output residual
   run ${objective}_folded_direct $n "$@" --inputs folded
   run ${objective}_conv_residual $n "$@" --output residual
-  run ${objective}_folded_residual $n "$@" --inputs folded --output residual
+  run ${objective}_conv_direct $n "$@"  # the flags of paper_recipe.sh's runs: last, to keep its translator
 }
 
 for n in $SIZES; do
