@@ -166,11 +166,12 @@ def load_done(path, flags):
     """The JSON of an earlier run with the same flags, or None; a UserError if it was made with other flags."""
     if not os.path.exists(path):
         return None
+    with open(path) as f:
+        text = f.read()
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise utils.UserError(f'{path}: not a readable warm-start JSON ({e}); move it away or choose another --out')
+        data = json.loads(text)
+    except ValueError as e:  # a file of something else: the JSON itself is only ever replaced whole
+        raise utils.UserError(f'{path}: not a warm-start JSON ({e}); move it away or choose another --out') from None
     if data.get('flags') != flags:
         raise utils.UserError(f'{path} was made with other flags ({data.get("flags")}); rerun with those or give '
                               f'another --out')
