@@ -117,5 +117,8 @@ def test_resume_skips_finished_networks_and_refuses_other_flags(pair_sets, tmp_p
     assert calls == [1]
     with pytest.raises(utils.UserError, match='other flags'):
         run(pair_sets, out, '--lr', '0.02')
+    (tmp_path / 'bad.json').write_text('not json')
+    with pytest.raises(utils.UserError, match='bad.json: not a warm-start JSON'):
+        run(pair_sets, tmp_path / 'bad.json')
     with pytest.raises(utils.UserError, match='NAME=PATH'):
         warm_start.get_args(['--translator', 'nopath'])
