@@ -80,8 +80,8 @@ def reference_rows(score, networks, targets, seed):
     block of the training set), Weight selection (the BasicBlock's first hidden channels), Weight selection
     (folded) and (folded, refit) (folded_selection, refit_selection), Retrained (a small block trained in
     place, when the val set has one)."""
-    k = networks.basic['conv1.weight'].shape[0]
-    c1, c2 = networks.basic['conv1.weight'], networks.basic['conv2.weight']
+    c1 = networks.basic['conv1.weight']
+    k = c1.shape[0]
     seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
     rows = {'Large (BasicBlock)': score(networks.basic, 'basic'),
             'Random Init': score(net.fresh_states('simple', seeds, c1.device))}
@@ -89,12 +89,18 @@ def reference_rows(score, networks, targets, seed):
         rows['Mean target'] = score(mean_block(targets, k))
     else:
         log.info('note: no "Mean target" row: the training set has no small blocks')
-    rows['Weight selection'] = score({'conv1.weight': c1[:, :net.HIDDEN], 'conv2.weight': c2[:, :, :net.HIDDEN]})
+    rows['Weight selection'] = score(weight_selection(networks.basic))
     rows['Weight selection (folded)'] = score(folded_selection(networks.basic))
     rows['Weight selection (folded, refit)'] = score(refit_selection(networks.basic))
     if networks.simple is not None:
         rows['Retrained'] = score(networks.simple)
     return rows
+
+
+def weight_selection(basic):
+    """Weight selection: the BasicBlock's first 3 hidden channels, conv1 rows and conv2 columns, as they are."""
+    return {'conv1.weight': basic['conv1.weight'][:, :net.HIDDEN],
+            'conv2.weight': basic['conv2.weight'][:, :, :net.HIDDEN]}
 
 
 def folded_selection(basic):

@@ -265,7 +265,6 @@ def write_original(root, shard, dirs):
             atomic_save(net.unstack_state(shard[block], j), os.path.join(root, d, f'{i}.pth'))
 
 
-
 # ----------------------------------------------------------------------------------------
 # The folder a generation process writes: its layout, what is made, checks before it starts.
 
@@ -357,6 +356,7 @@ def log_original(shard, epochs, kind, train_small):
             lines.append(f'Before Train, Test Accuracy {shard["acc_small_init"][j].item()}%')
             lines += [f'Epoch {e}, Simple Test Accuracy {a[j].item()}%' for e, a in enumerate(epochs['small'])]
         logging.info('\n'.join(lines))
+
 
 def as_float(stacked):
     """A stacked block in float32 (whatever precision the files were saved in), contiguous; None stays None."""

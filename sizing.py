@@ -53,7 +53,6 @@ def use_begin_cache(args, k, share):
     return args.num_epochs > 1 and begin_cache_bytes(k, args.num_train_images) <= share // 2
 
 
-
 def begin_cache_fits(num_epochs, k, num_images, device):
     """Whether make_pairs caches Begin's outputs when not told: over one epoch, in half the free memory."""
     return num_epochs > 1 and utils.fits_in_memory(begin_cache_bytes(k, num_images), device, 0.5)

@@ -26,7 +26,7 @@ def rules(basic):
     c1, c2 = basic['conv1.weight'], basic['conv2.weight']
     f1, _, f2, _ = net.fold_bn(basic)
     first = torch.arange(net.HIDDEN).expand(len(c1), -1)
-    return {'Weight selection': net.select_hidden(c1, c2, first),
+    return {'Weight selection': evaluate.weight_selection(basic),
             'scales folded, first 3 channels': net.select_hidden(f1, f2, first),
             'importance top 3, not folded': net.select_hidden(c1, c2, net.top_hidden(c1, c2)),
             'Weight selection (folded)': evaluate.folded_selection(basic),
@@ -38,7 +38,7 @@ def main():
     p.add_argument('--val_path', default='data/demo/val')
     p.add_argument('--val_data_length', type=int, default=100)
     p.add_argument('--num_test_images', type=int, default=10000)
-    p.add_argument('--mnist_root', default='data')
+    utils.add_shared_flags(p, 'mnist_root')
     args = p.parse_args()
     t0 = time.time()
     val = loader.ValDataset(args.val_path, args.val_data_length)

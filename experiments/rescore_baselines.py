@@ -54,8 +54,7 @@ def main():
     val = loader.ValDataset(VAL, NUM_VAL)
     images, labels = mnist.load_mnist('data', train=False)
     score = evaluate.Scorer(images[:NUM_TEST], labels[:NUM_TEST], val.begin, val.last)
-    c1, c2 = val.basic['conv1.weight'], val.basic['conv2.weight']
-    selection = [round(a, 4) for a in score({'conv1.weight': c1[:, :3], 'conv2.weight': c2[:, :, :3]}).tolist()]
+    selection = [round(a, 4) for a in score(evaluate.weight_selection(val.basic)).tolist()]
     rows = {name: evaluate.acc_row(score(rule(val.basic))) for name, rule in NEW_ROWS.items()}
     for name, row in rows.items():
         print(f'{name}: mean {row["mean"]:.2f}, paired vs Weight selection '
