@@ -9,6 +9,9 @@
 #   bash experiments/function_inputs.sh QUEUE     # QUEUE = 1 or 2: two queues run side by side on 2 cores
 # A tiny check (minutes) into /tmp:
 #   OUT=/tmp/fi SIZES=8 EXTRA="--num_epochs 2 --log_step 1 --num_test_images 200" bash experiments/function_inputs.sh 1
+# Second translator seeds of the runs whose margin over a training-free rule is within 3 standard errors
+# (runs <name>_seed1):
+#   ONLY="$(python experiments/function_inputs_table.py --close)" SEED=1 bash experiments/function_inputs.sh 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -18,10 +21,14 @@ BASE="--device cpu --train_path data/demo/train --val_path data/demo/val --val_d
       --num_layers 4 --c_dim 64 --hidden_s_dim 128 --hidden_c_dim 256 --batch_size 64 --lr 1e-3
       --num_epochs 100 --log_step 10 --holdout_networks 32 ${EXTRA:-}"
 FUNCTIONAL="--loss functional --functional_images 32 --perm_aug"
+SEED=${SEED:-0}  # the translator's --seed; runs of another seed are named <name>_seed<SEED>
+ONLY=${ONLY:-}  # when set, only these run names (of seed 0) are run
 
 source experiments/train_run.sh
 run() {  # run NAME N FLAGS...: one translator run on training networks 0..N-1 into $OUT/runs/NAME_N
   local name=$1_$2 n=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $(echo $ONLY) " != *" $name "* ]]; then return; fi
+  if [ "$SEED" != 0 ]; then name=${name}_seed$SEED; set -- "$@" --seed $SEED; fi
   train_run $OUT/runs/$name $BASE --train_data_length $n "$@"
   local best
   best=$(find "/tmp/kt_results/$OUT/runs/$name/ckpts" -name '[0-9]*.pth' 2>/dev/null | head -1)

@@ -1,6 +1,7 @@
 """The function-inputs study's table: each run's KT (best) mean and its paired margins over the training-free rules.
 
     python experiments/function_inputs_table.py > results/function_inputs/table.md
+    python experiments/function_inputs_table.py --close   # seed-0 runs within 3 SE of a rule: they get a 2nd seed
 """
 import glob
 import json
@@ -11,19 +12,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 
 RULES = ('Weight selection', 'Weight selection (folded)', 'Weight selection (folded, refit)')
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/function_inputs/runs')
 
 
-def main():
-    """Print one Markdown row per run of results/function_inputs/runs."""
-    print('| run | KT (best) mean | ' + ' | '.join(f'vs {r}' for r in RULES) + ' |')
-    print('| --- ' * (2 + len(RULES)) + '|')
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/function_inputs/runs')
+def margins(root=ROOT):
+    """{run name: (KT (best) mean, [(margin, se) over each rule])} for every finished run under root."""
+    out = {}
     for path in sorted(glob.glob(os.path.join(root, '*', 'summary.json'))):
         rows = json.load(open(path))['rows']
         kt = rows['KT (best)']['accs']
-        margins = ['{:+.2f} ± {:.2f}'.format(*evaluate.paired_margin(kt, rows[r]['accs'])) for r in RULES]
-        print(f'| {os.path.basename(os.path.dirname(path))} | {rows["KT (best)"]["mean"]:.2f} | ' + ' | '.join(margins) + ' |')
+        out[os.path.basename(os.path.dirname(path))] = (rows['KT (best)']['mean'],
+                                                        [evaluate.paired_margin(kt, rows[r]['accs']) for r in RULES])
+    return out
+
+
+def close(runs, within=3.0):
+    """Seed-0 runs whose margin over some rule is within `within` standard errors of zero."""
+    return [name for name, (_, ms) in runs.items()
+            if '_seed' not in name and any(abs(m) < within * se for m, se in ms)]
+
+
+def main(argv):
+    """Print one Markdown row per run, or with --close the names of close runs."""
+    runs = margins()
+    if argv == ['--close']:
+        print(' '.join(close(runs)))
+        return
+    if argv:
+        sys.exit(f'usage: {sys.argv[0]} [--close]')
+    print('| run | KT (best) mean | ' + ' | '.join(f'vs {r}' for r in RULES) + ' |')
+    print('| --- ' * (2 + len(RULES)) + '|')
+    for name, (mean, ms) in runs.items():
+        print(f'| {name} | {mean:.2f} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in ms) + ' |')
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:])
