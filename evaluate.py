@@ -4,7 +4,6 @@ A network is scored by its MNIST test accuracy (in %) with a middle block (its o
 translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
 """
 import logging
-import math
 import time
 
 import torch
@@ -111,43 +110,10 @@ def folded_selection(basic):
     return net.select_hidden(c1, c2, net.top_hidden(c1, c2))
 
 
-def relu_cross_moment(m1, m2, g):
-    """E[relu(z + m1) relu(z + m2)] for z ~ N(0, g^2), elementwise (the same z: one channel with two shifts)."""
-    lo = torch.minimum(m1, m2)
-    t = lo / g
-    pdf, cdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi), torch.special.ndtr(t)
-    return g * g * (cdf - t * pdf) + (m1 + m2) * g * pdf + m1 * m2 * cdf
-
-
-def relu_mean(m, g):
-    """E[relu(z + m)] for z ~ N(0, g^2), elementwise."""
-    t = m / g
-    return g * torch.exp(-t * t / 2) / math.sqrt(2 * math.pi) + m * torch.special.ndtr(t)
-
-
 def refit_selection(basic):
-    """Weight selection (folded, refit): the hidden channels of folded_selection, with conv2 refit by least squares
-    to the BasicBlock's whole pre-residual output (all 6 hidden channels and the shift of bn2), under the BN buffers'
-    model of the hidden activations: pre-activation N(beta1, gamma1^2) in the BasicBlock and the same minus shift1
-    in the small block (no bias), independent across channels and positions. No images: weights and BN buffers only."""
-    c1, shift1, c2, shift2 = (t.double() for t in net.fold_bn(basic))
-    keep = net.top_hidden(c1, c2)
-    b = torch.arange(len(c1), device=c1.device)[:, None]
-    g = basic['bn1.weight'].double().abs().clamp_min(1e-12)
-    big, small = basic['bn1.bias'].double(), basic['bn1.bias'].double() - shift1  # the hidden channels' mean shifts
-    g_k, big_k, small_k = g[b, keep], big[b, keep], small[b, keep]
-    taps = c2.shape[-1] * c2.shape[-2]
-    mean_big, mean_k = relu_mean(big, g), relu_mean(small_k, g_k)  # (K, 6), (K, 3)
-    var_k = relu_cross_moment(small_k, small_k, g_k) - mean_k ** 2
-    cov_k = relu_cross_moment(small_k, big_k, g_k) - mean_k * mean_big[b, keep]  # kept channel, small vs large block
-    m = mean_k.repeat_interleave(taps, 1)  # features: (kept channel, tap), 27
-    second = torch.diag_embed(var_k.repeat_interleave(taps, 1)) + m[:, :, None] * m[:, None, :]
-    w_k = c2.transpose(1, 2)[b, keep].transpose(1, 2).flatten(2)  # (K, 6, 27)
-    mean_out = (c2.flatten(3).sum(3) * mean_big[:, None, :]).sum(2) + shift2  # (K, 6): the output's mean
-    rhs = m[:, None, :] * mean_out[:, :, None] + cov_k.repeat_interleave(taps, 1)[:, None, :] * w_k
-    v = torch.linalg.solve(second[:, None], rhs.unsqueeze(-1)).squeeze(-1)  # (K, 6, 27)
-    conv1 = c1[b, keep].float()
-    return {'conv1.weight': conv1, 'conv2.weight': v.reshape(*c2.shape[:2], net.HIDDEN, *c2.shape[3:]).float()}
+    """Weight selection (folded, refit): folded_selection's hidden channels with conv2 refit by least squares to the
+    BasicBlock's whole pre-residual output, from the weights and BN buffers alone (net.refit_hidden)."""
+    return net.refit_hidden(*net.fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
 
 
 def mean_block(targets, k):

@@ -182,8 +182,8 @@ def flag_checks(args, default):
         (args.loss != 'functional' or args.functional_weight == default('functional_weight'),
          '--functional_weight weighs the functional term against the weight MSE of --loss mse+functional; '
          'with --loss functional it is the only term'),
-        (args.output != 'residual' or not args.canonical_targets,
-         '--output residual adds its delta to Weight selection (folded), whose hidden channels are not in the '
+        (args.output == 'direct' or not args.canonical_targets,
+         f'--output {args.output} adds its delta to a weight selection, whose hidden channels are not in the '
          'canonical form of --canonical_targets; use --output direct with it'),
         (args.loss != 'functional' or not (args.hidden_invariant_loss or args.canonical_targets),
          '--hidden_invariant_loss and --canonical_targets change the weight MSE, which --loss functional '

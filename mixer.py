@@ -90,26 +90,26 @@ class MLPMixer(nn.Module):
 
 class FunctionTranslator(MLPMixer):
     """The translator of train.py --inputs / --output (research): reads [conv1, conv2, *net.bn_inputs] (the
-    BasicBlock's BatchNorm scales and shifts), same parameter names as MLPMixer.
+    BasicBlock's BatchNorms), same parameter names as MLPMixer.
 
     inputs 'folded': the tokens are those of the BN-folded convs (net.scale_convs), each token with one more value,
     the shift of its output channel (conv1 token (o, i): shift1[o]; conv2 token (o, i): shift2[o]): 72 tokens of 10
     values, so only map1 changes (9 -> 10 inputs). 'conv': the raw convs' tokens, as MLPMixer.
-    output 'residual': the Mixer writes a delta added to Weight selection (folded) of the same block
-    (net.top_hidden of the folded convs); its last layer starts at zero, so the untrained translator is that
-    baseline exactly. 'direct': the Mixer writes the block, as MLPMixer."""
+    output 'residual' / 'refit': the Mixer writes a delta added to a training-free rule applied to the same block,
+    Weight selection (folded) / (folded, refit) (net.top_hidden / net.refit_hidden); its last layer starts at zero,
+    so the untrained translator is that rule exactly. 'direct': the Mixer writes the block, as MLPMixer."""
 
     def __init__(self, inputs='conv', output='direct', **config):
         self.in_width = KERNEL + (inputs == 'folded')
         super().__init__(**config)
         self.kt = {'inputs': inputs, 'output': output}
-        if output == 'residual':
+        if output != 'direct':
             last = self.map2 if hasattr(self, 'map2') else self.fc2
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
     def forward(self, weights):
-        conv1, conv2, scale1, shift1, scale2, shift2 = weights
+        conv1, conv2, scale1, shift1, scale2, shift2, *bn1 = weights  # bn1: gamma1, beta1 (older callers: none)
         f1, f2 = net.scale_convs(conv1, conv2, scale1, scale2)
         if self.kt['inputs'] == 'folded':
             t1 = torch.cat([f1.flatten(3), shift1[:, :, None, None].expand(*f1.shape[:3], 1)], dim=3)
@@ -117,10 +117,16 @@ class FunctionTranslator(MLPMixer):
             out = self.mix(torch.cat([t1.flatten(1, 2), t2.flatten(1, 2)], dim=1))
         else:
             out = super().forward([conv1, conv2])
-        if self.kt['output'] == 'residual':
-            base = net.select_hidden(f1, f2, net.top_hidden(f1, f2))
+        if self.kt['output'] != 'direct':
+            base = self.base(f1, shift1, f2, shift2, *bn1)
             out = (base['conv1.weight'] + out[0], base['conv2.weight'] + out[1])
         return out
+
+    def base(self, conv1, shift1, conv2, shift2, gamma1=None, beta1=None):
+        """The rule a residual output adds its delta to, from folded convs (net.fold_bn) and bn1's affine."""
+        if self.kt['output'] == 'refit':
+            return net.refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1)
+        return net.select_hidden(conv1, conv2, net.top_hidden(conv1, conv2))
 
 
 DEFAULT_KT = {'inputs': 'conv', 'output': 'direct'}

@@ -9,6 +9,7 @@ Two halves:
     scores all val networks at once, and the functional loss runs translated blocks.
 """
 import itertools
+import math
 
 import torch
 import torch.nn as nn
@@ -218,13 +219,14 @@ def begin_forward(x, s, training=False, conv_kernel=None):
 
 
 def bn_inputs(basic):
-    """A BasicBlock's eval-mode BatchNorms as [scale1, shift1, scale2, shift2] (stacked or one block): scale =
-    gamma / sqrt(running_var + eps) and shift = beta - running_mean x scale per channel."""
+    """A BasicBlock's eval-mode BatchNorms as [scale1, shift1, scale2, shift2, gamma1, beta1] (stacked or one
+    block): scale = gamma / sqrt(running_var + eps) and shift = beta - running_mean x scale per channel; gamma1 and
+    beta1, bn1's own affine, are the std and mean of the hidden pre-activations under BN's model (refit_hidden)."""
     out = []
     for i in (1, 2):
         scale = basic[f'bn{i}.weight'] / torch.sqrt(basic[f'bn{i}.running_var'] + BN_EPS)
         out += [scale, basic[f'bn{i}.bias'] - basic[f'bn{i}.running_mean'] * scale]
-    return out
+    return out + [basic['bn1.weight'], basic['bn1.bias']]
 
 
 def scale_convs(conv1, conv2, scale1, scale2):
@@ -236,7 +238,7 @@ def fold_bn(basic):
     """A BasicBlock's eval-mode BatchNorms folded into its convs (stacked or one block): [conv1, shift1, conv2,
     shift2], each conv scaled per output channel by bn_inputs' scale, so that the block computes
     relu(conv2(relu(conv1(x) + shift1)) + shift2 + x)."""
-    scale1, shift1, scale2, shift2 = bn_inputs(basic)
+    scale1, shift1, scale2, shift2, *_ = bn_inputs(basic)
     conv1, conv2 = scale_convs(basic['conv1.weight'], basic['conv2.weight'], scale1, scale2)
     return [conv1, shift1, conv2, shift2]
 
@@ -259,10 +261,51 @@ def top_hidden(conv1, conv2):
     return importance(conv1, conv2).topk(HIDDEN, dim=1).indices.sort(dim=1).values
 
 
+def relu_cross_moment(m1, m2, g):
+    """E[relu(z + m1) relu(z + m2)] for z ~ N(0, g^2), elementwise (the same z: one channel with two shifts)."""
+    lo = torch.minimum(m1, m2)
+    t = lo / g
+    pdf, cdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi), torch.special.ndtr(t)
+    return g * g * (cdf - t * pdf) + (m1 + m2) * g * pdf + m1 * m2 * cdf
+
+
+def relu_mean(m, g):
+    """E[relu(z + m)] for z ~ N(0, g^2), elementwise."""
+    t = m / g
+    return g * torch.exp(-t * t / 2) / math.sqrt(2 * math.pi) + m * torch.special.ndtr(t)
+
+
+def refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1):
+    """Weight selection (folded, refit) of stacked folded BasicBlocks (fold_bn's [conv1, shift1, conv2, shift2] and
+    bn1's gamma1, beta1): the top_hidden channels, with conv2 refit by least squares to the BasicBlock's whole
+    pre-residual output (all 6 hidden channels and shift2), under the BN buffers' model of the hidden activations:
+    pre-activation N(beta1, gamma1^2) in the BasicBlock and the same minus shift1 in the small block (no bias),
+    independent across channels and positions. No images: weights and BN buffers only."""
+    dtype = conv1.dtype
+    c1, shift1, c2, shift2 = (t.double() for t in (conv1, shift1, conv2, shift2))
+    keep = top_hidden(c1, c2)
+    b = torch.arange(len(c1), device=c1.device)[:, None]
+    g = gamma1.double().abs().clamp_min(1e-12)
+    big, small = beta1.double(), beta1.double() - shift1  # the hidden channels' mean shifts
+    g_k, big_k, small_k = g[b, keep], big[b, keep], small[b, keep]
+    taps = c2.shape[-1] * c2.shape[-2]
+    mean_big, mean_k = relu_mean(big, g), relu_mean(small_k, g_k)  # (K, 6), (K, 3)
+    var_k = relu_cross_moment(small_k, small_k, g_k) - mean_k ** 2
+    cov_k = relu_cross_moment(small_k, big_k, g_k) - mean_k * mean_big[b, keep]  # kept channel, small vs large block
+    m = mean_k.repeat_interleave(taps, 1)  # features: (kept channel, tap), 27
+    second = torch.diag_embed(var_k.repeat_interleave(taps, 1)) + m[:, :, None] * m[:, None, :]
+    w_k = c2.transpose(1, 2)[b, keep].transpose(1, 2).flatten(2)  # (K, 6, 27)
+    mean_out = (c2.flatten(3).sum(3) * mean_big[:, None, :]).sum(2) + shift2  # (K, 6): the output's mean
+    rhs = m[:, None, :] * mean_out[:, :, None] + cov_k.repeat_interleave(taps, 1)[:, None, :] * w_k
+    v = torch.linalg.solve(second[:, None], rhs.unsqueeze(-1)).squeeze(-1)  # (K, 6, 27)
+    return {'conv1.weight': conv1[b, keep],
+            'conv2.weight': v.reshape(*c2.shape[:2], HIDDEN, *c2.shape[3:]).to(dtype)}
+
+
 def permute_bn(bn, p, q):
-    """bn_inputs [scale1, shift1, scale2, shift2] (B, 6) each under per-sample permutations p (residual channels,
-    bn2) and q (hidden channels, bn1), as net.permute_pairs permutes the convs."""
-    return [t.gather(1, q if i < 2 else p) for i, t in enumerate(bn)]
+    """bn_inputs [scale1, shift1, scale2, shift2, gamma1, beta1] (B, 6) each under per-sample permutations p
+    (residual channels, bn2) and q (hidden channels, bn1), as net.permute_pairs permutes the convs."""
+    return [t.gather(1, p if i in (2, 3) else q) for i, t in enumerate(bn)]
 
 
 def basic_forward(x, s, training=False, conv_kernel=None):

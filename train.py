@@ -137,9 +137,10 @@ def make_parser():
                    help='conv: the BasicBlock\'s two conv weights (the original); folded: its convs with the '
                         'BatchNorm scales folded in, each token with its output channel\'s BatchNorm shift '
                         '(mixer.FunctionTranslator)')
-    r.add_argument('--output', default='direct', choices=['direct', 'residual'],
-                   help='direct: the translator writes the small block; residual: it writes a delta added to '
-                        'Weight selection (folded), from a zero last layer (untrained, it is that baseline)')
+    r.add_argument('--output', default='direct', choices=['direct', 'residual', 'refit'],
+                   help='direct: the translator writes the small block; residual / refit: it writes a delta added '
+                        'to Weight selection (folded) / (folded, refit), from a zero last layer (untrained, it is '
+                        'that baseline)')
     p.system_flags = tuple(a.dest for a in s._group_actions)
     return p
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Translator inputs that carry the function (train.py --inputs / --output) on the paper's recipe (data/demo),
 # as experiments/paper_recipe.sh: objectives {faithful MSE, --loss functional --functional_images 32 --perm_aug}
-# x inputs {conv, folded} x output {direct, residual}, at 64 and 224 training networks, best epoch picked on
+# x inputs {conv, folded} x output {direct, residual, refit}, at 64 and 224 training networks, best epoch picked on
 # the next 32 training networks (--holdout_networks 32), 100 epochs of batch 64, the same small Mixer.
 # Each run's logs and summary.json go to $OUT/runs/<name>/; its best translator is kept in $OUT/ckpts/<name>.pth
 # (ignored by git) for later reading. A finished run (summary.json present) is skipped: rerun to resume.
@@ -36,8 +36,10 @@ run() {  # run NAME N FLAGS...: one translator run on training networks 0..N-1 i
     mkdir -p $OUT/ckpts && cp "$best" $OUT/ckpts/$name.pth && cp "${best%.pth}.json" $OUT/ckpts/$name.json
   fi
 }
-variants() {  # variants OBJECTIVE FLAGS...: the four input/output combinations of one objective
+variants() {  # variants OBJECTIVE FLAGS...: the six input/output combinations of one objective
   local objective=$1; shift
+  run ${objective}_folded_refit $n "$@" --inputs folded --output refit
+  run ${objective}_conv_refit $n "$@" --output refit
   run ${objective}_folded_residual $n "$@" --inputs folded --output residual
   run ${objective}_folded_direct $n "$@" --inputs folded
   run ${objective}_conv_residual $n "$@" --output residual

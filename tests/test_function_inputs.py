@@ -1,4 +1,4 @@
-"""train.py --inputs folded / --output residual: translators that read the BasicBlock's BatchNorms."""
+"""train.py --inputs folded / --output residual, refit: translators that read the BasicBlock's BatchNorms."""
 import json
 import pathlib
 import os
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 CONFIG = dict(num_layers=1, S_dim=72, C_dim=16, hidden_S_dim=16, hidden_C_dim=16)
 
 
-def folded_block(x, c1, c2, scale1, shift1, scale2, shift2):
+def folded_block(x, c1, c2, scale1, shift1, scale2, shift2, *_):
     """One BasicBlock computed from translator inputs: BN-folded convs plus shifts."""
     f1, f2 = net.scale_convs(c1, c2, scale1, scale2)
     h = F.relu(F.conv2d(x, f1, padding=1) + shift1[:, None, None])
@@ -60,25 +60,49 @@ def test_folded_tokens_carry_the_shifts():
     assert mixer.build_translator(CONFIG, dict(mixer.DEFAULT_KT)).__class__ is mixer.MLPMixer
 
 
+RULES = {'residual': evaluate.folded_selection, 'refit': evaluate.refit_selection}
+
+
+@pytest.mark.parametrize('output', ['residual', 'refit'])
 @pytest.mark.parametrize('inputs', ['conv', 'folded'])
-def test_untrained_residual_translator_is_folded_selection(pair_sets, inputs):
+def test_untrained_residual_translator_is_its_rule(pair_sets, inputs, output):
     val = loader.ValDataset(pair_sets['val'], 3)
     images, labels = mnist.load_mnist('data', train=False)
     score = evaluate.Scorer(images[:200], labels[:200], val.begin, val.last)
-    model = mixer.build_translator(CONFIG, {'inputs': inputs, 'output': 'residual'})
+    model = mixer.build_translator(CONFIG, {'inputs': inputs, 'output': output})
     middle = evaluate.translate_blocks(model, val.basic)
-    want = evaluate.folded_selection(val.basic)
+    want = RULES[output](val.basic)
     assert all(torch.equal(middle[k], want[k]) for k in want)
     assert torch.equal(score(middle), score(want))
 
 
-def test_run_with_folded_inputs_and_residual_output(pair_sets, tmp_path, capsys):
-    argv = train_argv(pair_sets, tmp_path, '--inputs', 'folded', '--output', 'residual', '--perm_aug',
+def test_refit_base_follows_perm_aug():
+    """The refit rule of --perm_aug inputs is the same function with the residual channels permuted: gamma1 and
+    beta1 move with the hidden channels."""
+    gen = torch.Generator().manual_seed(2)
+    basic = {k: torch.randn(4, *shape, generator=gen) for k, shape in net.BASIC_SHAPES.items()}
+    for i in (1, 2):
+        basic[f'bn{i}.running_var'] = basic[f'bn{i}.running_var'].abs() + 0.3
+    inputs = [basic['conv1.weight'], basic['conv2.weight'], *net.bn_inputs(basic)]
+    perm_in, _, p = losses.perm_augment(inputs, [], gen)
+    model = mixer.build_translator(CONFIG, {'inputs': 'conv', 'output': 'refit'}).eval()
+    x = torch.randn(2, 4 * 6, 14, 14, generator=gen)
+    xp = torch.cat([x[:, 6 * j:6 * j + 6][:, p[j]] for j in range(4)], 1)
+    with torch.no_grad():
+        want = net.simple_forward(x, dict(zip(('conv1.weight', 'conv2.weight'), model(inputs))))
+        got = net.simple_forward(xp, dict(zip(('conv1.weight', 'conv2.weight'), model(perm_in))))
+    for j in range(4):
+        assert torch.allclose(got[:, 6 * j:6 * j + 6], want[:, 6 * j:6 * j + 6][:, p[j]], atol=1e-4)
+
+
+@pytest.mark.parametrize('output', ['residual', 'refit'])
+def test_run_with_folded_inputs_and_residual_output(pair_sets, tmp_path, capsys, output):
+    argv = train_argv(pair_sets, tmp_path, '--inputs', 'folded', '--output', output, '--perm_aug',
                       '--loss', 'mse+functional', '--functional_images', '4', '--num_epochs', '2', '--log_step', '1')
-    assert run_dirs(argv)[0].endswith('_perm_mse+functional-w1-ce0-img4_in-folded_out-residual')
+    assert run_dirs(argv)[0].endswith(f'_perm_mse+functional-w1-ce0-img4_in-folded_out-{output}')
     train.main(argv)
     summary = json.load(open(os.path.join(run_dirs(argv)[0], 'summary.json')))
-    assert summary['kt'] == {'inputs': 'folded', 'output': 'residual'}
+    assert summary['kt'] == {'inputs': 'folded', 'output': output}
     meta = runs.read_meta(summary['checkpoint'])  # the best translator is a plain state dict; its metadata beside
     assert meta['kt'] == summary['kt'] and meta['config'] == summary['config']
     # translate.py rebuilds the same translator from the checkpoint: the same accuracy for network k
