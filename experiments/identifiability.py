@@ -12,15 +12,19 @@ orders (net.best_order_cosine). Reported, mean ± standard error over pairs:
   * drift:        each retrained block against its own init;
   * chance:       independent fresh inits against each other (what best-of-6 cosine gives for nothing);
   * the test accuracy of the retrained blocks (sanity), of the stored targets and of the inits;
-  * per --translators checkpoint: its outputs against the stored targets, the retrainings and each other
-    (outputs of different networks that agree: a collapse to the mean), the ratio of output norm to
-    target norm (raw weights) and the outputs' test accuracy.
+  * per --translators checkpoint, and per training-free rule of evaluate.py (for scale: a rule writes a
+    different block per network by construction): its outputs against the stored targets, the retrainings and
+    each other (outputs of different networks that agree: a collapse to the mean), the ratio of output norm to
+    target norm (raw weights) and the outputs' test accuracy;
+  * per --output residual translator, also its delta (output - the rule it adds to): the ratio of the delta's
+    norm to the rule's, and the raw cosine of the deltas of different networks (near +1: the same correction
+    for every network).
 
     python experiments/identifiability.py --data_root data/demo/val --num_networks 6 --num_inits 2
 
 Writes <out>.json, <out>.md (the table), <out>.log and <out>.blocks.pt (the retrained blocks, from which a
-killed run resumes); --out defaults to
-results/identifiability/<data root's last two folders>_<epochs>ep.
+killed run resumes; --blocks reads and writes another file, to compare new translators against retrainings
+already made); --out defaults to results/identifiability/<data root's last two folders>_<epochs>ep.
 """
 import argparse
 import json
@@ -57,6 +61,12 @@ TRANSLATOR_ROWS = (
     ('retrained', 'output vs the retrainings of its network'),
     ('across', 'outputs of different networks'),
 )
+DELTA_ROWS = (
+    ('delta_norm', 'delta norm / norm of the rule it adds to'),
+    ('delta_across', 'deltas of different networks (raw cosine)'),
+)
+RULES = {'Weight selection': evaluate.weight_selection, 'Weight selection (folded)': evaluate.folded_selection,
+         'Weight selection (folded, refit)': evaluate.refit_selection}
 
 
 def get_args(argv=None):
@@ -73,6 +83,7 @@ def get_args(argv=None):
     p.add_argument('--translators', nargs='+', default=[], metavar='CKPT',
                    help="train.py checkpoints (or the original's state dicts) whose outputs to compare too")
     p.add_argument('--out', default=None, help='output path prefix: <out>.json, <out>.md, <out>.log')
+    p.add_argument('--blocks', default=None, help='the retrained blocks\' file (default <out>.blocks.pt)')
     utils.add_shared_flags(p, 'device', device='cpu')
     p.add_argument('--models_per_step', type=int, default=0,
                    help='retrainings side by side (0: 1 on a CPU, all on a GPU)')
@@ -246,7 +257,28 @@ def load_translators(paths):
 @torch.no_grad()
 def translator_metrics(model, data, targets, ret, k, r, score):
     """A translator's outputs on the K networks against the stored targets, the retrainings and each other."""
-    out = evaluate.translate(model, data.basic['conv1.weight'][:k], data.basic['conv2.weight'][:k])
+    basic = take(data.basic, slice(0, k))
+    out = evaluate.translate_blocks(model, basic)
+    rows = block_metrics(out, targets, ret, k, r, score)
+    base = residual_base(model, basic)
+    if base is not None:
+        delta = torch.cat([(out[n] - base[n]).flatten(1) for n in sorted(out)], 1)
+        flat_base = torch.cat([base[n].flatten(1) for n in sorted(base)], 1)
+        pairs = torch.tensor([(i, j) for i in range(k) for j in range(i + 1, k)]).T
+        rows['delta_norm'] = summary(delta.norm(dim=1) / flat_base.norm(dim=1))
+        rows['delta_across'] = summary(torch.nn.functional.cosine_similarity(delta[pairs[0]], delta[pairs[1]]))
+    return rows
+
+
+def residual_base(model, basic):
+    """The rule a --output residual translator adds its delta to, on the blocks basic (None for other translators)."""
+    if (getattr(model, 'kt', None) or {}).get('output') != 'residual':
+        return None
+    return evaluate.folded_selection(basic)
+
+
+def block_metrics(out, targets, ret, k, r, score):
+    """Stacked small blocks out (one per network) against the stored targets, the retrainings and each other."""
     rows = {
         'target': summary(pair_cosines(out, targets, [(i, i) for i in range(k)])),
         'retrained': summary(pair_cosines(out, ret['trained'], [(x // r, x) for x in range(k * r)])),
@@ -271,7 +303,7 @@ def fmt(row):
 
 
 def markdown(report):
-    """The report as a short markdown table (cosines) plus the accuracies."""
+    """The report as markdown: the cosines of the retrainings, then one row per rule and translator."""
     rc = report['recipe']
     lines = [f'Identifiability of `{report["data_root"]}`: K = {report["num_networks"]} networks, '
              f'R = {report["num_inits"]} inits each, small block retrained {rc["num_epochs"]} epoch(s) on '
@@ -279,14 +311,20 @@ def markdown(report):
              f'under the best of the 3! hidden orders, mean ± standard error over pairs.', '',
              '| compared | cosine | pairs | min | max |', '| --- | --- | --- | --- | --- |']
     lines += [f'| {what} | {fmt(report["cosine"][key])} |' for key, what in COSINE_ROWS]
-    for name, tr in report['translators'].items():
-        lines += [f'| {name}: {what} | {fmt(tr[key])} |' for key, what in TRANSLATOR_ROWS]
-        lines.append(f'| {name}: output norm / target norm | {fmt(tr["norm_ratio"])} |')
+    blocks = {**report['rules'], **report['translators']}
+    if blocks:
+        keys = [key for key, _ in TRANSLATOR_ROWS] + ['norm_ratio'] + [key for key, _ in DELTA_ROWS]
+        heads = [what for _, what in TRANSLATOR_ROWS] + ['output norm / target norm'] + [w for _, w in DELTA_ROWS]
+        lines += ['', 'Rules and translators on the same networks (cosines as above; "-": not a residual):', '',
+                  '| blocks | ' + ' | '.join(heads) + ' | test accuracy (%) |', '| --- ' * (len(keys) + 2) + '|']
+        cell = lambda row: f'{row["mean"]:+.3f} ± {row["se"]:.3f}' if row else '-'  # noqa: E731
+        lines += [f'| {name} | ' + ' | '.join(cell(tr.get(key)) for key in keys) + f' | {tr["acc"]["mean"]:.2f} |'
+                  for name, tr in blocks.items()]
     lines += ['', f'Test accuracy on {rc["num_test_images"]} images (%):', '',
               '| blocks | mean | min | max |', '| --- | --- | --- | --- |']
     accs = [('stored targets', report['acc']['target']), ('retrained', report['acc']['retrained']),
             ('fresh inits', report['acc']['init'])]
-    accs += [(f'{name} outputs', tr['acc']) for name, tr in report['translators'].items()]
+    accs += [(f'{name} outputs', tr['acc']) for name, tr in blocks.items()]
     lines += [f'| {what} | {a["mean"]:.2f} | {a["min"]:.2f} | {a["max"]:.2f} |' for what, a in accs]
     return '\n'.join(lines) + '\n'
 
@@ -308,7 +346,7 @@ def main(argv=None):
     rargs = recipe_args(recipe, args.mnist_root)
     mnist = generation.load_mnist_to(device, rargs)
     t0 = time.time()
-    ret = retrain_all(data, args, rargs, mnist, device, out + '.blocks.pt')
+    ret = retrain_all(data, args, rargs, mnist, device, args.blocks or out + '.blocks.pt')
     k, r = args.num_networks, args.num_inits
     targets = take(data.simple, slice(0, k))
     score = evaluate.Scorer(mnist[2], mnist[3], on_device(data.begin, device), on_device(data.last, device))
@@ -319,6 +357,8 @@ def main(argv=None):
               'cosine': cosine_metrics(targets, ret, k, r),
               'acc': {'target': summary(score(on_device(targets, device))), 'retrained': summary(ret['acc']),
                       'init': summary(ret['acc_init'])},
+              'rules': {name: block_metrics(rule(take(data.basic, slice(0, k))), targets, ret, k, r, score)
+                        for name, rule in RULES.items()},
               'translators': {path: translator_metrics(model, data, targets, ret, k, r, score)
                               for path, model in translators}}
     utils.atomic_write(out + '.json', json.dumps(report, indent=1) + '\n')

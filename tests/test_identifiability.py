@@ -9,6 +9,7 @@ import torch
 import construct_train
 import generation
 import loader
+import mixer
 import net
 import utils
 from conftest import write_shards
@@ -41,8 +42,13 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
     model = MLPMixer(num_layers=1, C_dim=16, hidden_S_dim=32, hidden_C_dim=32)
     ckpt = str(tmp_path / 'translator.pth')
     torch.save({'config': model.config, 'model': model.state_dict()}, ckpt)
+    kt = {'inputs': 'folded', 'output': 'residual'}  # untrained: it writes Weight selection (folded), delta 0
+    residual = mixer.build_translator(model.config, kt)
+    residual_ckpt = str(tmp_path / 'residual.pth')
+    torch.save({'config': model.config, 'kt': kt, 'model': residual.state_dict()}, residual_ckpt)
     out = str(tmp_path / 'report')
-    identifiability.main(['--data_root', val_root, '-K', '2', '-R', '2', '--translators', ckpt, '--out', out])
+    identifiability.main(['--data_root', val_root, '-K', '2', '-R', '2', '--translators', ckpt, residual_ckpt,
+                          '--out', out])
     with open(out + '.json') as f:
         report = json.load(f)
     assert report['recipe'] == {'num_epochs': 1, 'lr': 0.01, 'batch_size': 128, 'num_train_images': 256,
@@ -54,10 +60,16 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
     tr = report['translators'][ckpt]
     assert [tr[key]['n'] for key in ('target', 'retrained', 'across', 'norm_ratio', 'acc')] == [2, 4, 1, 2, 2]
     assert all(in_range(tr[key]) for key in ('target', 'retrained', 'across'))
-    assert tr['norm_ratio']['min'] > 0 and in_range(tr['acc'], 0, 100)
+    assert tr['norm_ratio']['min'] > 0 and in_range(tr['acc'], 0, 100) and 'delta_norm' not in tr
+    # the residual translator's rows are its rule's, and its delta is zero
+    res, rule = report['translators'][residual_ckpt], report['rules']['Weight selection (folded)']
+    assert all(res[key]['values'] == rule[key]['values'] for key in ('target', 'retrained', 'across', 'acc'))
+    assert res['delta_norm']['max'] == 0 and res['delta_across']['n'] == 1
+    assert set(report['rules']) == set(identifiability.RULES)
     with open(out + '.md') as f:
         table = f.read()
-    assert '| retrained vs the stored target |' in table and f'| {ckpt}: outputs of different networks |' in table
+    assert '| retrained vs the stored target |' in table and f'| {ckpt} | ' in table
+    assert f'| Weight selection (folded, refit) | ' in table and f'| {residual_ckpt} outputs | ' in table
     assert os.path.getsize(out + '.log') > 0
     # a second run (as after a kill) reuses the retrained blocks instead of training them again
     blocks = torch.load(out + '.blocks.pt', weights_only=True)['blocks']
@@ -67,6 +79,12 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
     with open(out + '.json') as f:
         again = json.load(f)
     assert os.path.getmtime(out + '.blocks.pt') == stamp and again['cosine'] == report['cosine']
+    # --blocks: another report on the same retrainings, without training them again
+    other = str(tmp_path / 'other')
+    identifiability.main(['--data_root', val_root, '-K', '2', '-R', '2', '--out', other, '--blocks', out + '.blocks.pt'])
+    with open(other + '.json') as f:
+        assert json.load(f)['cosine'] == report['cosine']
+    assert os.path.getmtime(out + '.blocks.pt') == stamp and not os.path.exists(other + '.blocks.pt')
     # the 'target' row pairs retraining (i, s) with network i's own stored block
     val = loader.ValDataset(val_root, 2)
     trained = {tuple(b['job']): b['trained'] for b in blocks.values()}
