@@ -16,7 +16,7 @@ orders (net.best_order_cosine). Reported, mean ± standard error over pairs:
     different block per network by construction): its outputs against the stored targets, the retrainings and
     each other (outputs of different networks that agree: a collapse to the mean), the ratio of output norm to
     target norm (raw weights) and the outputs' test accuracy;
-  * per --output residual translator, also its delta (output - the rule it adds to): the ratio of the delta's
+  * per --output residual / refit translator, also its delta (output - the rule it adds to): the ratio of the delta's
     norm to the rule's, and the raw cosine of the deltas of different networks (near +1: the same correction
     for every network).
 
@@ -42,6 +42,7 @@ import construct_train  # noqa: E402
 import evaluate  # noqa: E402
 import generation  # noqa: E402
 import loader  # noqa: E402
+import mixer  # noqa: E402
 import net  # noqa: E402
 import translate  # noqa: E402
 import utils  # noqa: E402
@@ -271,10 +272,10 @@ def translator_metrics(model, data, targets, ret, k, r, score):
 
 
 def residual_base(model, basic):
-    """The rule a --output residual translator adds its delta to, on the blocks basic (None for other translators)."""
-    if (getattr(model, 'kt', None) or {}).get('output') != 'residual':
+    """The rule a --output residual / refit translator adds its delta to, on the blocks basic (None for others)."""
+    if not mixer.needs_bn(model) or model.kt['output'] == 'direct':
         return None
-    return evaluate.folded_selection(basic)
+    return model.base(*net.fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
 
 
 def block_metrics(out, targets, ret, k, r, score):
