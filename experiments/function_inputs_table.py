@@ -1,4 +1,5 @@
-"""The function-inputs study's table: each run's KT (best) mean and its paired margins over the training-free rules.
+"""The function-inputs study's table: each run's KT (best) mean, its paired margins over the training-free rules and,
+from the identifiability report, how much its outputs differ between networks.
 
     python experiments/function_inputs_table.py > results/function_inputs/table.md
     python experiments/function_inputs_table.py --close   # seed-0 runs within 3 SE of a rule: they get a 2nd seed
@@ -12,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 
 RULES = ('Weight selection', 'Weight selection (folded)', 'Weight selection (folded, refit)')
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results/function_inputs/runs')
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(HERE, 'results/function_inputs/runs')
+IDENTIFIABILITY = os.path.join(HERE, 'results/identifiability/function_inputs_K12.json')
 
 
 def margins(root=ROOT):
@@ -32,6 +35,15 @@ def close(runs, within=3.0):
             if '_seed' not in name and any(abs(m) < within * se for m, se in ms)]
 
 
+def agreement(path=IDENTIFIABILITY):
+    """{run name: (outputs' cosine across networks, deltas' cosine across networks or None)} of the report."""
+    if not os.path.exists(path):
+        return {}
+    report = json.load(open(path))['translators']
+    return {os.path.basename(ckpt)[:-len('.pth')]: (tr['across']['mean'], tr.get('delta_across', {}).get('mean'))
+            for ckpt, tr in report.items()}
+
+
 def main(argv):
     """Print one Markdown row per run, or with --close the names of close runs."""
     runs = margins()
@@ -40,10 +52,16 @@ def main(argv):
         return
     if argv:
         sys.exit(f'usage: {sys.argv[0]} [--close]')
-    print('| run | KT (best) mean | ' + ' | '.join(f'vs {r}' for r in RULES) + ' |')
-    print('| --- ' * (2 + len(RULES)) + '|')
+    agree = agreement()
+    print('| run | KT (best) mean | ' + ' | '.join(f'vs {r}' for r in RULES) +
+          ' | beats every rule by > 2 SE | outputs across networks | deltas across networks |')
+    print('| --- ' * (5 + len(RULES)) + '|')
     for name, (mean, ms) in runs.items():
-        print(f'| {name} | {mean:.2f} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in ms) + ' |')
+        across, delta = agree.get(name, (None, None))
+        cos = lambda v: '' if v is None else f'{v:+.3f}'  # noqa: E731
+        wins = 'yes' if all(m > 2 * se for m, se in ms) else 'no'
+        print(f'| {name} | {mean:.2f} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in ms) +
+              f' | {wins} | {cos(across)} | {cos(delta)} |')
 
 
 if __name__ == '__main__':
