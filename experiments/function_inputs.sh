@@ -6,7 +6,8 @@
 # Each run's logs and summary.json go to $OUT/runs/<name>/; its best translator is kept in $OUT/ckpts/<name>.pth
 # (ignored by git) for later reading. A finished run (summary.json present) is skipped: rerun to resume.
 #
-#   bash experiments/function_inputs.sh QUEUE     # QUEUE = 1 or 2: two queues run side by side on 2 cores
+#   bash experiments/function_inputs.sh QUEUE     # QUEUE = 1 (MSE) or 2 (functional): side by side on 2 cores;
+#                                                 # 3: functional + --ce_weight 1 (select runs with ONLY)
 # A tiny check (minutes) into /tmp:
 #   OUT=/tmp/fi SIZES=8 EXTRA="--num_epochs 2 --log_step 1 --num_test_images 200" bash experiments/function_inputs.sh 1
 # Second translator seeds of the runs whose margin over a training-free rule is within 3 standard errors
@@ -47,5 +48,9 @@ variants() {  # variants OBJECTIVE FLAGS...: the six input/output combinations o
 }
 
 for n in $SIZES; do
-  if [ "${1:-1}" = 1 ]; then variants mse; else variants functional_perm $FUNCTIONAL; fi
+  case "${1:-1}" in
+    1) variants mse ;;
+    2) variants functional_perm $FUNCTIONAL ;;
+    3) variants functional_ce_perm $FUNCTIONAL --ce_weight 1 ;;  # plus the cross-entropy through Last
+  esac
 done
