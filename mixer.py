@@ -109,7 +109,7 @@ class FunctionTranslator(MLPMixer):
             nn.init.zeros_(last.bias)
 
     def forward(self, weights):
-        conv1, conv2, scale1, shift1, scale2, shift2, *bn1 = weights  # bn1: gamma1, beta1 (older callers: none)
+        conv1, conv2, scale1, shift1, scale2, shift2, *bn1 = weights  # bn1: gamma1, beta1, for the refit rule
         f1, f2 = net.scale_convs(conv1, conv2, scale1, scale2)
         if self.kt['inputs'] == 'folded':
             t1 = torch.cat([f1.flatten(3), shift1[:, :, None, None].expand(*f1.shape[:3], 1)], dim=3)

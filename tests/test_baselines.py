@@ -1,4 +1,7 @@
 """The training-free reference rules: BatchNorm folding, folded weight selection and its refit."""
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +73,26 @@ def test_refit_is_exact_when_nothing_is_dropped():
     # a dropped channel that does write: the refit changes conv2, the folded selection does not see it
     basic['conv2.weight'][:, :, 5] = 0.01
     assert not torch.allclose(evaluate.refit_selection(basic)['conv2.weight'], c2[:, :, :3], atol=1e-3)
+
+
+def test_data_refit_recovers_conv2_when_nothing_is_dropped():
+    """experiments/data_refit.py: when the dropped hidden channels write nothing and no shift is lost, the least
+    squares fit on real activations finds the kept channels' folded conv2 (and changes it when a dropped one writes)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+    import data_refit
+    gen = torch.Generator().manual_seed(3)
+    basic = random_basic(gen, k=2)
+    basic['conv2.weight'][:, :, 3:] = 0
+    for key in ('conv1.weight', 'bn1.weight'):  # Begin's outputs are >= 0: no dead hidden channel
+        basic[key] = basic[key].abs()
+    for i in (1, 2):  # shift = 0: beta = running_mean x scale
+        scale = basic[f'bn{i}.weight'] / torch.sqrt(basic[f'bn{i}.running_var'] + net.BN_EPS)
+        basic[f'bn{i}.bias'] = basic[f'bn{i}.running_mean'] * scale
+    begin = net.fresh_states('begin', [0, 1])
+    images = torch.rand(8, 1, 28, 28, generator=gen)
+    c1, _, c2, _ = net.fold_bn(basic)
+    out = data_refit.data_refit(basic, begin, images)
+    assert torch.allclose(out['conv1.weight'], c1[:, :3]) and torch.allclose(out['conv2.weight'], c2[:, :, :3],
+                                                                               atol=1e-4)
+    basic['conv2.weight'][:, :, 5] = 0.5
+    assert not torch.allclose(data_refit.data_refit(basic, begin, images)['conv2.weight'], c2[:, :, :3], atol=1e-3)
