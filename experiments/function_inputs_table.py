@@ -19,20 +19,25 @@ IDENTIFIABILITY = os.path.join(HERE, 'results/identifiability/function_inputs_K1
 
 
 def margins(root=ROOT):
-    """{run name: (KT (best) mean, [(margin, se) over each rule])} for every finished run under root."""
+    """{run name: (KT (best) mean, [(margin, se) over each rule])} for every finished run under root, plus
+    '<name> (2 seeds)' for a run with a _seed1 twin: the per-network mean of the two translators' accuracies."""
+    rows = {os.path.basename(os.path.dirname(path)): json.load(open(path))['rows']
+            for path in sorted(glob.glob(os.path.join(root, '*', 'summary.json')))}
     out = {}
-    for path in sorted(glob.glob(os.path.join(root, '*', 'summary.json'))):
-        rows = json.load(open(path))['rows']
-        kt = rows['KT (best)']['accs']
-        out[os.path.basename(os.path.dirname(path))] = (rows['KT (best)']['mean'],
-                                                        [evaluate.paired_margin(kt, rows[r]['accs']) for r in RULES])
-    return out
+    for name, r in rows.items():
+        runs = [(name, r['KT (best)']['accs'])]
+        if name + '_seed1' in rows:
+            twin = rows[name + '_seed1']['KT (best)']['accs']
+            runs.append((f'{name} (2 seeds)', [(a + b) / 2 for a, b in zip(r['KT (best)']['accs'], twin)]))
+        for label, kt in runs:
+            out[label] = (sum(kt) / len(kt), [evaluate.paired_margin(kt, r[rule]['accs']) for rule in RULES])
+    return dict(sorted(out.items()))
 
 
 def close(runs, within=3.0):
     """Seed-0 runs whose margin over some rule is within `within` standard errors of zero."""
     return [name for name, (_, ms) in runs.items()
-            if '_seed' not in name and any(abs(m) < within * se for m, se in ms)]
+            if '_seed' not in name and '(' not in name and any(abs(m) < within * se for m, se in ms)]
 
 
 def agreement(path=IDENTIFIABILITY):
