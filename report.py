@@ -99,21 +99,22 @@ def mean_se(accs):
 def plot_scaling(summaries, plt):
     """KT (best) mean ± 1 SE against the number of training networks, a line per objective; the training-free
     rules of the first summary that are fixed by the val networks as horizontal bands (mean ± 1 SE)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     by_objective = {}
     for s in summaries:
         by_objective.setdefault(objective_of(s), []).append((s['train_pairs'], *mean_se(s['rows']['KT (best)']['accs'])))
-    for label, points in sorted(by_objective.items()):
+    lines, bands = plt.get_cmap('tab20'), plt.get_cmap('Set2')  # distinct colours for up to 20 objectives
+    for i, (label, points) in enumerate(sorted(by_objective.items())):
         n, mean, se = zip(*sorted(points))
-        ax.errorbar(n, mean, yerr=se, marker='o', capsize=3, label=label)
+        ax.errorbar(n, mean, yerr=se, marker='os^D'[i // 20 % 4], capsize=3, color=lines(i % 20), label=label)
     rows = summaries[0]['rows']
     for i, name in enumerate(b for b in BASELINES if b in rows and b != 'Mean target'):
         mean, se = mean_se(rows[name]['accs'])
-        ax.axhspan(mean - se, mean + se, color=f'C{i + len(by_objective)}', alpha=0.25, label=f'{name} (± 1 SE)')
+        ax.axhspan(mean - se, mean + se, color=bands(i), alpha=0.35, label=f'{name} (± 1 SE)')
     ax.set_xscale('log')
     ax.set_xlabel('training networks')
     ax.set_ylabel(f"mean test accuracy (%), {summaries[0]['num_val']} val networks")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 
