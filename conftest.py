@@ -2,19 +2,15 @@
 import os
 import sys
 
-# Triton kernels (speed/triton_conv.py) run on the CPU in Triton's interpreter, which is chosen when triton is first
-# imported: before anything imports it
-os.environ.setdefault('TRITON_INTERPRET', '1')
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:  # the scripts are top-level modules of the repository
     sys.path.insert(0, ROOT)
 
-import loader  # noqa: E402
 import net  # noqa: E402
+import shards  # noqa: E402
 
 TEST_RECIPE = {'made_by': 'tests/conftest.py', 'epochs': 0}
 
@@ -47,13 +43,13 @@ def make_pairs(n, start=0, seed=0, simple=True):
 
 def write_shards(root, n, shard_size=4, seed=0, simple=True):
     """Write pairs [0, n) as shards of shard_size under root; returns the merged shard dict."""
-    loader.claim_root(str(root), dict(TEST_RECIPE))
+    shards.claim_root(str(root), dict(TEST_RECIPE))
     parts = []
     for start in range(0, n, shard_size):
         part = make_pairs(min(shard_size, n - start), start, seed, simple)
-        loader.write_shard(str(root), part)
+        shards.write_shard(str(root), part)
         parts.append(part)
-    return loader._concat_shards(parts)
+    return shards._concat_shards(parts)
 
 
 def write_original(root, n, split, seed=0):

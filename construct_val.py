@@ -6,8 +6,8 @@ retrained between its frozen Begin and Last: the "Retrained" reference of the re
 
     python construct_val.py --num_data 100 --data_root ./data/val --train_simple
 """
-import generation
+import construct_train
 import utils
 
 if __name__ == '__main__':
-    utils.run_main(lambda: generation.main('val'))
+    utils.run_main(lambda: construct_train.main('val'))

@@ -10,6 +10,7 @@ import torch
 
 import mixer
 import net
+import rules
 import utils
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ BASELINES = ('Random Init', 'Mean target', 'Weight selection', 'Weight selection
 @torch.no_grad()
 def translate(model, conv1, conv2, batch_size=4096, bn=()):
     """Eval-mode translation of stacked BasicBlock convs (and, for a mixer.FunctionTranslator, their
-    net.bn_inputs bn) into a stacked SimpleBlock_NoBn state."""
+    rules.bn_inputs bn) into a stacked SimpleBlock_NoBn state."""
     was_training = model.training
     model.eval()
     inputs = [conv1, conv2, *bn]
@@ -32,7 +33,7 @@ def translate(model, conv1, conv2, batch_size=4096, bn=()):
 
 def translate_blocks(model, basic, batch_size=4096):
     """translate() of stacked BasicBlock states, with the BatchNorm inputs when the translator reads them."""
-    bn = net.bn_inputs(basic) if mixer.needs_bn(model) else ()
+    bn = rules.bn_inputs(basic) if mixer.needs_bn(model) else ()
     return translate(model, basic['conv1.weight'], basic['conv2.weight'], batch_size, bn)
 
 
@@ -88,32 +89,12 @@ def reference_rows(score, networks, targets, seed):
         rows['Mean target'] = score(mean_block(targets, k))
     else:
         log.info('note: no "Mean target" row: the training set has no small blocks')
-    rows['Weight selection'] = score(weight_selection(networks.basic))
-    rows['Weight selection (folded)'] = score(folded_selection(networks.basic))
-    rows['Weight selection (folded, refit)'] = score(refit_selection(networks.basic))
+    rows['Weight selection'] = score(rules.weight_selection(networks.basic))
+    rows['Weight selection (folded)'] = score(rules.folded_selection(networks.basic))
+    rows['Weight selection (folded, refit)'] = score(rules.refit_selection(networks.basic))
     if networks.simple is not None:
         rows['Retrained'] = score(networks.simple)
     return rows
-
-
-def weight_selection(basic):
-    """Weight selection: the BasicBlock's first 3 hidden channels, conv1 rows and conv2 columns, as they are."""
-    return {'conv1.weight': basic['conv1.weight'][:, :net.HIDDEN],
-            'conv2.weight': basic['conv2.weight'][:, :, :net.HIDDEN]}
-
-
-def folded_selection(basic):
-    """Weight selection (folded): fold each BatchNorm's scale gamma / sqrt(var + eps) into its conv (net.fold_bn),
-    then keep the 3 hidden channels h of largest ||conv1[h]|| x ||conv2[:, h]|| (the shifts are dropped: the small
-    block has no bias)."""
-    c1, _, c2, _ = net.fold_bn(basic)
-    return net.select_hidden(c1, c2, net.top_hidden(c1, c2))
-
-
-def refit_selection(basic):
-    """Weight selection (folded, refit): folded_selection's hidden channels with conv2 refit by least squares to the
-    BasicBlock's whole pre-residual output, from the weights and BN buffers alone (net.refit_hidden)."""
-    return net.refit_hidden(*net.fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
 
 
 def mean_block(targets, k):

@@ -6,7 +6,7 @@ Research options (off by default) change it: --perm_aug (exact channel-permutati
 --canonical_targets (symmetry-free targets), --hidden_invariant_loss (MSE under the best hidden order) and
 --loss functional / mse+functional (match the BasicBlock's output instead of, or beside, its weights), and
 --inputs / --output (a translator that also reads the BatchNorms, mixer.FunctionTranslator: the inputs then
-carry net.bn_inputs after the two convs, permuted and perturbed as they are).
+carry rules.bn_inputs after the two convs, permuted and perturbed as they are).
 """
 from dataclasses import dataclass
 
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 import mnist
 import net
+import rules
+import symmetry
 from distributed import take_share
-from net import HIDDEN_ORDERS
 from utils import UserError
 
 
@@ -53,20 +54,20 @@ def random_perms(n, gen, device):
 
 def perm_augment(inputs, targets, gen):
     """--perm_aug: per pair, fresh P (residual channels) and Q (BasicBlock hidden channels) applied with
-    net.permute_pairs to the inputs (net.permute_bn to their BatchNorm inputs, if any) and, if any, the targets.
+    symmetry.permute_pairs to the inputs (symmetry.permute_bn to their BatchNorm inputs, if any) and, if any, the targets.
     Returns (inputs, targets, p)."""
-    c1, c2, *bn = inputs  # bn: net.bn_inputs when the translator reads them
+    c1, c2, *bn = inputs  # bn: rules.bn_inputs when the translator reads them
     p, q = random_perms(len(c1), gen, c1.device), random_perms(len(c1), gen, c1.device)
     # without targets (--loss functional on --skip_simple data) empty stand-ins keep one code path
     s1, s2 = targets if targets else (c1.new_empty(len(c1), 0, *net.SIMPLE_SHAPES['conv1.weight'][1:]),
                                       c1.new_empty(len(c1), net.PLANES, 0, 3, 3))
-    c1, c2, s1, s2 = net.permute_pairs(c1, c2, s1, s2, p, q)
-    return [c1, c2, *net.permute_bn(bn, p, q)], ([s1, s2] if targets else targets), p
+    c1, c2, s1, s2 = symmetry.permute_pairs(c1, c2, s1, s2, p, q)
+    return [c1, c2, *symmetry.permute_bn(bn, p, q)], ([s1, s2] if targets else targets), p
 
 
 def unpermute_small(outputs, p):
     """Small blocks written for P-permuted inputs, back in their networks' own channel order (the inverse
-    of net.permute_pairs on s1, s2)."""
+    of symmetry.permute_pairs on s1, s2)."""
     inv = p.argsort(1)
     b = torch.arange(len(p), device=p.device)[:, None]
     return [outputs[0].transpose(1, 2)[b, inv].transpose(1, 2), outputs[1][b, inv]]
@@ -78,7 +79,7 @@ def hidden_invariant_loss(outputs, targets):
     o1, o2 = outputs
     t1, t2 = targets
     per_order = [((o1 - t1[:, r]).square().flatten(1).mean(1) + (o2 - t2[:, :, r]).square().flatten(1).mean(1)) / 2
-                 for r in map(list, HIDDEN_ORDERS)]
+                 for r in map(list, symmetry.HIDDEN_ORDERS)]
     return torch.stack(per_order, 1).amin(1).mean()
 
 
@@ -138,12 +139,12 @@ class Objective:
         self.args = args
         self.inputs = [train_set.basic[k].to(device) for k in ('conv1.weight', 'conv2.weight')]
         if (args.inputs, args.output) != ('conv', 'direct'):  # mixer.FunctionTranslator reads the BatchNorms too
-            self.inputs += [t.to(device) for t in net.bn_inputs(train_set.basic)]
+            self.inputs += [t.to(device) for t in rules.bn_inputs(train_set.basic)]
         self.targets = [train_set.simple[k].to(device) for k in ('conv1.weight', 'conv2.weight')] \
             if train_set.simple is not None else []
         self.raw_targets = self.targets  # for the Mean target row
         if args.canonical_targets:
-            self.targets = list(net.canonical_simple(*self.targets))
+            self.targets = list(symmetry.canonical_simple(*self.targets))
         self.functional = FunctionalLoss(train_set, self.inputs[:2], args, device) if args.loss != 'mse' else None
 
     def batch(self, idx, gen):

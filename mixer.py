@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-import net
+import rules
 from net import BASIC_SHAPES, SIMPLE_SHAPES
 
 KERNEL = 9  # taps of a 3x3 kernel: a token's width before map1 and after map2
@@ -89,14 +89,14 @@ class MLPMixer(nn.Module):
 
 
 class FunctionTranslator(MLPMixer):
-    """The translator of train.py --inputs / --output (research): reads [conv1, conv2, *net.bn_inputs] (the
+    """The translator of train.py --inputs / --output (research): reads [conv1, conv2, *rules.bn_inputs] (the
     BasicBlock's BatchNorms), same parameter names as MLPMixer.
 
-    inputs 'folded': the tokens are those of the BN-folded convs (net.scale_convs), each token with one more value,
+    inputs 'folded': the tokens are those of the BN-folded convs (rules.scale_convs), each token with one more value,
     the shift of its output channel (conv1 token (o, i): shift1[o]; conv2 token (o, i): shift2[o]): 72 tokens of 10
     values, so only map1 changes (9 -> 10 inputs). 'conv': the raw convs' tokens, as MLPMixer.
     output 'residual' / 'refit': the Mixer writes a delta added to a training-free rule applied to the same block,
-    Weight selection (folded) / (folded, refit) (net.top_hidden / net.refit_hidden); its last layer starts at zero,
+    Weight selection (folded) / (folded, refit) (rules.top_hidden / rules.refit_hidden); its last layer starts at zero,
     so the untrained translator is that rule exactly. 'direct': the Mixer writes the block, as MLPMixer."""
 
     def __init__(self, inputs='conv', output='direct', **config):
@@ -110,7 +110,7 @@ class FunctionTranslator(MLPMixer):
 
     def forward(self, weights):
         conv1, conv2, scale1, shift1, scale2, shift2, *bn1 = weights  # bn1: gamma1, beta1, for the refit rule
-        f1, f2 = net.scale_convs(conv1, conv2, scale1, scale2)
+        f1, f2 = rules.scale_convs(conv1, conv2, scale1, scale2)
         if self.kt['inputs'] == 'folded':
             t1 = torch.cat([f1.flatten(3), shift1[:, :, None, None].expand(*f1.shape[:3], 1)], dim=3)
             t2 = torch.cat([f2.flatten(3), shift2[:, :, None, None].expand(*f2.shape[:3], 1)], dim=3)
@@ -123,10 +123,10 @@ class FunctionTranslator(MLPMixer):
         return out
 
     def base(self, conv1, shift1, conv2, shift2, gamma1=None, beta1=None):
-        """The rule a residual output adds its delta to, from folded convs (net.fold_bn) and bn1's affine."""
+        """The rule a residual output adds its delta to, from folded convs (rules.fold_bn) and bn1's affine."""
         if self.kt['output'] == 'refit':
-            return net.refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1)
-        return net.select_hidden(conv1, conv2, net.top_hidden(conv1, conv2))
+            return rules.refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1)
+        return rules.select_hidden(conv1, conv2, rules.top_hidden(conv1, conv2))
 
 
 DEFAULT_KT = {'inputs': 'conv', 'output': 'direct'}

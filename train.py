@@ -33,6 +33,7 @@ import net
 import runs
 import utils
 from mixer import NUM_TOKENS
+import shards
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def make_parser():
                         'channels and of the BasicBlock\'s 6 hidden channels, applied to inputs and targets '
                         'before --prob/--noise (the networks\' functions are unchanged)')
     r.add_argument('--canonical_targets', action='store_true',
-                   help='train on the canonical form of each target (net.canonical_simple: hidden channels '
+                   help='train on the canonical form of each target (symmetry.canonical_simple: hidden channels '
                         'rescaled to unit conv1 norm and put in a fixed order; the same function)')
     r.add_argument('--hidden_invariant_loss', action='store_true',
                    help='weight MSE against the best of the 3! orders of the target\'s hidden channels')
@@ -270,7 +271,7 @@ def load_data(args, device, announce=True):
     """(training set, validation set on the device, held-out training networks on the device or None); announce:
     print the original's 'load N training data' and 'load N validation data' lines."""
     for flag, path, kind in (('--train_path', args.train_path, 'train'), ('--val_path', args.val_path, 'val')):
-        made = (loader.read_recipe(path) or {}).get('kind', kind)  # the original layout has no recipe.json
+        made = (shards.read_recipe(path) or {}).get('kind', kind)  # the original layout has no recipe.json
         if made != kind:  # training on validation networks, or picking epochs on training ones, leaks
             raise UserError(f'{flag} {path} holds {made} networks (construct_{made}.py); '
                             f'it takes {kind} networks from construct_{kind}.py')

@@ -25,6 +25,7 @@ import net
 import runs
 import utils
 from mixer import MLPMixer, config_from_state_dict
+import original_layout
 from utils import UserError
 
 # flag -> (MLPMixer keyword, its default: the same as train.py's flag)
@@ -120,7 +121,7 @@ def load_block(path, block, what):
 
 def read_network(root, index):
     """Network `index` of a dataset as plain float32 state dicts: begin, basic, last, and simple if it has one."""
-    if os.path.isdir(os.path.join(root, loader.ORIGINAL_DIRS['train']['basic'])):  # the original train layout
+    if os.path.isdir(os.path.join(root, original_layout.ORIGINAL_DIRS['train']['basic'])):  # the original train layout
         data = loader.TrainDataset(root, 1, with_networks=True, start=index)
         data.require('begin', f'scoring network {index}')  # optional in a training set, ValDataset requires them
         data.require('last', f'scoring network {index}')

@@ -225,3 +225,24 @@ def load_file(path, what='file', hint=''):
     except Exception as e:
         raise UserError(f'{what} {path} cannot be read ({type(e).__name__}: {e}): '
                         f'corrupt or not a torch file{hint}') from None
+
+
+def missing_ranges(indices, start, stop):
+    """Contiguous ranges [a, b) of [start, stop) not in `indices`."""
+    ranges, a = [], None
+    for i in range(start, stop):
+        if i in indices:
+            if a is not None:
+                ranges.append((a, i))
+                a = None
+        elif a is None:
+            a = i
+    if a is not None:
+        ranges.append((a, stop))
+    return ranges
+
+
+def format_ranges(ranges, limit=10):
+    """'a-b, c, ...' for a list of [a, b) ranges."""
+    parts = [f'{a}' if b == a + 1 else f'{a}-{b - 1}' for a, b in ranges[:limit]]
+    return ', '.join(parts) + (f', ... ({len(ranges)} ranges)' if len(ranges) > limit else '')

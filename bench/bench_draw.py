@@ -1,6 +1,6 @@
 """What drawing the recipe's random orders and flips costs on this machine's CPU: generation draws them with
 one torch.Generator per network (network i depends only on (seed, i)), K networks per epoch, and overlaps
-the next epoch's draw with the current epoch's training (construct_train.train_phase).
+the next epoch's draw with the current epoch's training (construct.train_phase).
 
     python bench/bench_draw.py --k 128 512
 """
@@ -9,7 +9,7 @@ import argparse
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
-import construct_train
+import construct
 
 
 def main():
@@ -19,8 +19,8 @@ def main():
     args = p.parse_args()
     print(f'{common.machine("cpu")}; one epoch of 60,000 images, the recipe has 10 + 10 epochs')
     for k in args.k:
-        gens = [construct_train.data_generator(seed) for seed in range(k)]
-        best = min(common.timed(lambda: construct_train.draw_epoch(gens, 60000, torch.device('cpu')), 'cpu')
+        gens = [construct.data_generator(seed) for seed in range(k)]
+        best = min(common.timed(lambda: construct.draw_epoch(gens, 60000, torch.device('cpu')), 'cpu')
                    for _ in range(args.repeats))
         print(f'K = {k}: {best:.3f} s an epoch, {best * 20 / k * 1e3:.1f} ms a pair over the recipe\'s 20 epochs')
 

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 from common import sync, write_json  # noqa: E402
 import generation  # noqa: E402
-import loader  # noqa: E402
 import net  # noqa: E402
+import shards  # noqa: E402
 import sizing  # noqa: E402
 import utils  # noqa: E402
 
@@ -104,7 +105,7 @@ VARIANTS = {'cache': ['--begin_cache', 'on'], 'no_cache': ['--begin_cache', 'off
 
 def plain_steps(argv, device):
     """(construct_train.py's parsed flags argv, the plain Steps): how a row's flags become generation's step."""
-    return construct_train.get_args('train', argv), construct_train.PLAIN
+    return construct_train.get_args('train', argv), construct.PLAIN
 
 
 def parse_row(spec, variants=VARIANTS):
@@ -157,14 +158,14 @@ def ours(args, mnist, device, k, flags, share, steps_for=plain_steps):
     torch._dynamo.reset()  # each compiled row from scratch: no shapes made dynamic by an earlier row's K
     workspaces = {}
     t0 = time.perf_counter()
-    construct_train.make_pairs(range(k), gen_args.recipe, mnist, device, cache, workspaces, steps)
+    construct.make_pairs(range(k), gen_args.recipe, mnist, device, cache, workspaces, steps)
     sync(device)
     t1 = time.perf_counter()
     # the recipe's 3 test evaluations are timed apart, and the small-block phase (2 of them inside it)
     with timing(net, 'stacked_accuracy', device) as evaluations, \
-            timing(construct_train, 'small_phase', device) as small, \
-            timing(construct_train.Workspace, 'begin_cache', device) as cache_builds:
-        shard = construct_train.make_pairs(range(k, 2 * k), gen_args.recipe, mnist, device, cache, workspaces, steps)
+            timing(construct, 'small_phase', device) as small, \
+            timing(construct.Workspace, 'begin_cache', device) as cache_builds:
+        shard = construct.make_pairs(range(k, 2 * k), gen_args.recipe, mnist, device, cache, workspaces, steps)
     sync(device)
     total = time.perf_counter() - t1
     t_eval = sum(evaluations)
@@ -177,7 +178,7 @@ def ours(args, mnist, device, k, flags, share, steps_for=plain_steps):
 
 def storage_per_1000(tmp):
     """(bytes, files) per 1,000 pairs: original four .pth files per pair vs our shards."""
-    sds = construct_train.init_pair(0)
+    sds = construct.init_pair(0)
     names = ('backup_begin', 'inputs', 'backup_last', 'labels')
     orig = 0
     for name, sd in zip(names, sds):
@@ -185,12 +186,12 @@ def storage_per_1000(tmp):
         torch.save(sd, path)
         orig += os.path.getsize(path)
     n = 100
-    stacked = [net.stack_states([construct_train.init_pair(i)[j] for i in range(n)]) for j in range(4)]
+    stacked = [net.stack_states([construct.init_pair(i)[j] for i in range(n)]) for j in range(4)]
     shard = {'recipe': {}, 'index': torch.arange(n), 'seed': torch.arange(n), 'begin': stacked[0],
              'basic': stacked[1], 'last': stacked[2], 'simple': stacked[3],
              **{k: torch.zeros(n, dtype=torch.float64) for k in ('acc_large', 'acc_small_init', 'acc_small')}}
-    loader.write_shard(tmp, shard)
-    ours_bytes = os.path.getsize(loader.shard_path(tmp, 0, n)) / n
+    shards.write_shard(tmp, shard)
+    ours_bytes = os.path.getsize(shards.shard_path(tmp, 0, n)) / n
     return {'original_bytes': orig * 1000, 'original_files': 4000, 'shard_bytes': ours_bytes * 1000}
 
 

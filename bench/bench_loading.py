@@ -6,7 +6,7 @@ torch DataLoader vs (b) our in-memory path, on one synthetic set written in both
     tensors and the 2 target convs, as the original did; DataLoader(shuffle=True, batch_size) with 0, 2 and
     all cores of workers (DataLoader's default non-persistent workers, which start again every epoch). The
     tensors the model uses (conv1/conv2 in, conv1/conv2 out) are moved to the device per batch.
-(b) loader.TrainDataset (else loader.read_pairs) loaded once from the shards, conv1/conv2 moved to the
+(b) loader.TrainDataset (else shards.read_pairs) loaded once from the shards, conv1/conv2 moved to the
     device, then a batch is an index lookup with a random permutation, as train.py does (epoch time: the
     mean of 5 consecutive epochs). Its one-time load is timed separately (also TrainDataset on the original
     layout, which reads every file once).
@@ -30,6 +30,7 @@ import common
 from common import default_device, machine, median, print_table, set_threads, sync, timed, write_json
 import loader
 import net
+import shards
 import utils
 
 BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
@@ -87,7 +88,7 @@ def write_sets(root, n, shard_size, networks):
     gen = torch.Generator().manual_seed(0)
     blocks = ('basic', 'simple') + (('begin', 'last') if networks else ())
     shards_root, orig_root = os.path.join(root, 'shards'), os.path.join(root, 'original')
-    loader.claim_root(shards_root, RECIPE)
+    shards.claim_root(shards_root, RECIPE)
     t_shards = t_orig = 0.0
     folders = {'basic': 'inputs', 'simple': 'labels', 'begin': 'backup_begin', 'last': 'backup_last'}
     for b in blocks:
@@ -97,9 +98,9 @@ def write_sets(root, n, shard_size, networks):
         states = {b: random_states(b, m, gen) for b in blocks}
         shard = {'recipe': dict(RECIPE), 'index': torch.arange(start, start + m),
                  'seed': torch.arange(start, start + m), **states,
-                 **{k: torch.full((m,), float('nan'), dtype=torch.float64) for k in loader.ACC_KEYS}}
+                 **{k: torch.full((m,), float('nan'), dtype=torch.float64) for k in shards.ACC_KEYS}}
         t0 = time.perf_counter()
-        loader.write_shard(shards_root, shard)
+        shards.write_shard(shards_root, shard)
         t1 = time.perf_counter()
         for b in blocks:
             for j in range(m):
@@ -163,7 +164,7 @@ def load_in_memory(root, n, device):
         ds = loader.TrainDataset(root, n)
         basic, simple = ds.basic, ds.simple
     else:  # before loader.TrainDataset existed
-        pairs = loader.read_pairs(root, n)
+        pairs = shards.read_pairs(root, n)
         basic, simple = pairs['basic'], pairs['simple']
     return tuple(d[k].float().to(device) for d in (basic, simple) for k in SIMPLE_KEYS)
 
@@ -250,7 +251,7 @@ def main(argv=None):
         'args': vars(args), 'num_pairs': n, 'batch': bs, 'rows': out_rows,
         'load_s': load, 'load_s_all': load_times, 'write_s': {'shards': t_write_shards, 'original': t_write_orig},
         'disk': {k: {'apparent_bytes': a, 'allocated_bytes': al, 'files': c} for k, (a, al, c) in usage.items()},
-        'uses': 'loader.TrainDataset' if hasattr(loader, 'TrainDataset') else 'loader.read_pairs'})
+        'uses': 'loader.TrainDataset' if hasattr(loader, 'TrainDataset') else 'shards.read_pairs'})
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """Where one eager training step of the large network (batch 128) spends its time: torch.profiler table.
 
 Without --k: one nn.Module network on the CPU (the original's structure). With --k K: generation's own step
-(construct_train.Steps) of K networks side by side, on --device, with any of speed/generate.py's flags, e.g.
+(construct.Steps) of K networks side by side, on --device, with any of speed/generate.py's flags, e.g.
 
     python bench/profile_step.py
     python bench/profile_step.py --device cuda --k 128 [--channels_last] [--conv triton] [--fused_begin] [--fused_basic]
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import common  # noqa: F401  (puts the repository on sys.path)
-import construct_train
+import construct
 import net
 import utils
 
@@ -41,11 +41,11 @@ def module_step():
 def stacked_step(k, device, flags):
     """K large networks' SGD step as generation runs it, on random images: the step function."""
     args = generate.get_args(['--device', str(device), *flags])
-    steps = generate.FastSteps(args, device) if flags else construct_train.PLAIN
+    steps = generate.FastSteps(args, device) if flags else construct.PLAIN
     images = torch.randint(0, 256, (1024, 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (1024,), device=device)
     begin, basic, last = (net.fresh_states(b, range(k), device) for b in ('begin', 'basic', 'last'))
-    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    params = construct.trainable(begin) + construct.trainable(basic) + construct.trainable(last)
     step, reset = steps.build(params, steps.large_loss(images, labels, begin, basic, last), args.recipe)
     reset()
     idx = torch.randint(0, 1024, (k, 128), device=device)

@@ -18,19 +18,20 @@ import evaluate  # noqa: E402
 import loader  # noqa: E402
 import mnist  # noqa: E402
 import net  # noqa: E402
+import rules  # noqa: E402
 import utils  # noqa: E402
 
 
-def rules(basic):
+def every_rule(basic):
     """Name -> stacked small blocks of every training-free rule measured here."""
     c1, c2 = basic['conv1.weight'], basic['conv2.weight']
-    f1, _, f2, _ = net.fold_bn(basic)
+    f1, _, f2, _ = rules.fold_bn(basic)
     first = torch.arange(net.HIDDEN).expand(len(c1), -1)
-    return {'Weight selection': evaluate.weight_selection(basic),
-            'scales folded, first 3 channels': net.select_hidden(f1, f2, first),
-            'importance top 3, not folded': net.select_hidden(c1, c2, net.top_hidden(c1, c2)),
-            'Weight selection (folded)': evaluate.folded_selection(basic),
-            'Weight selection (folded, refit)': evaluate.refit_selection(basic)}
+    return {'Weight selection': rules.weight_selection(basic),
+            'scales folded, first 3 channels': rules.select_hidden(f1, f2, first),
+            'importance top 3, not folded': rules.select_hidden(c1, c2, rules.top_hidden(c1, c2)),
+            'Weight selection (folded)': rules.folded_selection(basic),
+            'Weight selection (folded, refit)': rules.refit_selection(basic)}
 
 
 def main():
@@ -45,7 +46,7 @@ def main():
     images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images], labels[:args.num_test_images]
     score = evaluate.Scorer(images, labels, val.begin, val.last)
-    accs = {name: score(block) for name, block in rules(val.basic).items()}
+    accs = {name: score(block) for name, block in every_rule(val.basic).items()}
     accs['Large (BasicBlock)'] = score(val.basic, 'basic')
     if val.simple is not None:
         accs['Retrained'] = score(val.simple)

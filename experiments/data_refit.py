@@ -1,7 +1,7 @@
 """Where the missing information is: conv2 refit by least squares on real activations instead of the BatchNorm model.
 
 Weight selection (folded, refit) solves for conv2 under a model of the hidden activations built from the BN buffers
-alone (independent Gaussian channels). Here the same kept channels (net.top_hidden of the folded convs) get conv2 by
+alone (independent Gaussian channels). Here the same kept channels (rules.top_hidden of the folded convs) get conv2 by
 least squares on the activations of N MNIST training images through the network's own frozen Begin: the small
 block's hidden activations relu(conv1_kept * x) against the BasicBlock's pre-residual output bn2(conv2(hidden)).
 This uses images, so it is not a rule KT competes with (a translator reads weights only); it measures how much of
@@ -22,15 +22,16 @@ import evaluate  # noqa: E402
 import loader  # noqa: E402
 import mnist  # noqa: E402
 import net  # noqa: E402
+import rules  # noqa: E402
 import utils  # noqa: E402
 
 
 def data_refit(basic, begin, images):
     """Stacked small blocks: folded_selection's conv1, conv2 fit by least squares on the activations of `images`
     (float (N, 1, 28, 28)) after each network's Begin."""
-    c1, shift1, c2, shift2 = net.fold_bn(basic)
-    keep = net.top_hidden(c1, c2)
-    small = net.select_hidden(c1, c2, keep)
+    c1, shift1, c2, shift2 = rules.fold_bn(basic)
+    keep = rules.top_hidden(c1, c2)
+    small = rules.select_hidden(c1, c2, keep)
     conv2 = []
     for i in range(len(c1)):
         x = net.begin_forward(images, {k: t[i:i + 1] for k, t in begin.items()})  # (N, 6, 14, 14)
@@ -60,8 +61,8 @@ def main():
     score = evaluate.Scorer(images[:args.num_test_images], labels[:args.num_test_images], val.begin, val.last)
     train_images, _ = mnist.load_mnist(args.mnist_root, train=True)
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))
-    accs = {'Weight selection (folded)': score(evaluate.folded_selection(val.basic)),
-            'Weight selection (folded, refit)': score(evaluate.refit_selection(val.basic))}
+    accs = {'Weight selection (folded)': score(rules.folded_selection(val.basic)),
+            'Weight selection (folded, refit)': score(rules.refit_selection(val.basic))}
     with torch.no_grad():
         for n in args.num_images:
             x = net.to_float(train_images[order[:n]]).unsqueeze(1)

@@ -22,7 +22,7 @@ fi
 machine
 step construct_val 90 python construct_val.py --device "$DEVICE" --num_data "$NUM_VAL" --train_simple --data_root "$WORK/val" $GEN
 step construct_train "$GEN_SECONDS" python construct_train.py --device "$DEVICE" --num_data 1000000 --data_root "$WORK/train" $GEN
-MADE=$(python -c "import loader; print(len(loader.covered_indices('$WORK/train')))")
+MADE=$(python -c "import loader; print(len(shards.covered_indices('$WORK/train')))")
 NUM_TRAIN=$(( MADE - HOLD ))
 say "training pairs made: $MADE ($NUM_TRAIN for training, $HOLD held out for picking epochs)"
 DATA="--device $DEVICE --train_path $WORK/train --val_path $WORK/val --val_data_length $NUM_VAL --train_data_length $NUM_TRAIN"

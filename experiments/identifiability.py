@@ -3,9 +3,9 @@
 A translator trained on weights can at best learn what the recipe determines. For K validation networks
 of a data root (construct_val.py --train_simple) this retrains each network's SimpleBlock_NoBn from R
 fresh inits (fresh init and fresh data order, as another run of the recipe would draw, with the
-repository's own recipe code: construct_train.small_phase) and compares blocks as orbits of the small
+repository's own recipe code: construct.small_phase) and compares blocks as orbits of the small
 block's symmetries: cosine in canonical scale (unit-norm hidden filters) under the best of the 3! hidden
-orders (net.best_order_cosine). Reported, mean ± standard error over pairs:
+orders (symmetry.best_order_cosine). Reported, mean ± standard error over pairs:
   * inits:        retrainings of the same network from different inits;
   * target:       each retraining against the stored target (the shard's 'simple' block);
   * across:       retrainings of different networks; stored targets of different networks;
@@ -38,12 +38,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 import evaluate  # noqa: E402
 import generation  # noqa: E402
 import loader  # noqa: E402
 import mixer  # noqa: E402
 import net  # noqa: E402
+import rules  # noqa: E402
+import symmetry  # noqa: E402
 import translate  # noqa: E402
 import utils  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -66,8 +69,8 @@ DELTA_ROWS = (
     ('delta_norm', 'delta norm / norm of the rule it adds to'),
     ('delta_across', 'deltas of different networks (raw cosine)'),
 )
-RULES = {'Weight selection': evaluate.weight_selection, 'Weight selection (folded)': evaluate.folded_selection,
-         'Weight selection (folded, refit)': evaluate.refit_selection}
+RULES = {'Weight selection': rules.weight_selection, 'Weight selection (folded)': rules.folded_selection,
+         'Weight selection (folded, refit)': rules.refit_selection}
 
 
 def get_args(argv=None):
@@ -105,9 +108,9 @@ def recipe_for(args, stored):
     """The small-block recipe of the retrainings: the stored one, with the flags' overrides."""
     if stored is None:
         raise UserError(f'{args.data_root}: no recipe.json; these shards were not made by construct_val.py')
-    if stored.get('momentum') != construct_train.MOMENTUM:
+    if stored.get('momentum') != construct.MOMENTUM:
         raise UserError(f'{args.data_root}: made with momentum {stored.get("momentum")}, but construct_train.py '
-                        f'trains with {construct_train.MOMENTUM}: its recipe cannot be replayed here')
+                        f'trains with {construct.MOMENTUM}: its recipe cannot be replayed here')
     recipe = {k: stored[k] for k in ('num_epochs', 'lr', 'batch_size', 'num_train_images', 'num_test_images')}
     recipe.update({k: getattr(args, k) for k in ('num_epochs', 'num_train_images', 'num_test_images')
                    if getattr(args, k) is not None})
@@ -117,7 +120,7 @@ def recipe_for(args, stored):
 
 
 def recipe_args(recipe, mnist_root):
-    """The namespace construct_train's recipe functions read."""
+    """The namespace construct's recipe functions read."""
     args = construct_train.get_args('val', ['--mnist_root', mnist_root])  # the speed options' defaults
     vars(args).update(recipe)
     args.recipe = construct_train.recipe_of(args)
@@ -145,7 +148,7 @@ def retrain(data, nets, init, gens, rargs, mnist):
     idx = torch.tensor(nets)
     begin, last = ({k: t.to(device) for k, t in take(d, idx).items()} for d in (data.begin, data.last))
     simple = {k: t.clone().to(device) for k, t in init.items()}
-    acc_init, acc = construct_train.small_phase(begin, last, simple, gens, rargs.recipe, mnist)
+    acc_init, acc = construct.small_phase(begin, last, simple, gens, rargs.recipe, mnist)
     return {k: t.cpu() for k, t in simple.items()}, acc_init.cpu(), acc.cpu()
 
 
@@ -169,7 +172,7 @@ def retrain_all(data, args, rargs, mnist, device, cache_path):
             if not group:
                 continue
             init = net.fresh_states('simple', [seeds[x] for x in group])
-            gens = [construct_train.data_generator(seeds[x]) for x in group]
+            gens = [construct.data_generator(seeds[x]) for x in group]
             t0 = time.time()
             out, a0, a1 = retrain(data, [jobs[x][0] for x in group], init, gens, rargs, mnist)
             for n, x in enumerate(group):
@@ -200,9 +203,9 @@ def convs(state):
 
 
 def pair_cosines(a, b, pairs):
-    """net.best_order_cosine of a[i] and b[j] for each (i, j) in pairs; a, b stacked small-block states."""
+    """symmetry.best_order_cosine of a[i] and b[j] for each (i, j) in pairs; a, b stacked small-block states."""
     i, j = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T
-    return net.best_order_cosine(tuple(t[i] for t in convs(a)), tuple(t[j] for t in convs(b)))
+    return symmetry.best_order_cosine(tuple(t[i] for t in convs(a)), tuple(t[j] for t in convs(b)))
 
 
 def summary(values):
@@ -275,7 +278,7 @@ def residual_base(model, basic):
     """The rule a --output residual / refit translator adds its delta to, on the blocks basic (None for others)."""
     if not mixer.needs_bn(model) or model.kt['output'] == 'direct':
         return None
-    return model.base(*net.fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
+    return model.base(*rules.fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
 
 
 def block_metrics(out, targets, ret, k, r, score):

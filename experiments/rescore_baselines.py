@@ -17,12 +17,13 @@ sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 import loader  # noqa: E402
 import mnist  # noqa: E402
+import rules  # noqa: E402
 import utils  # noqa: E402
 
 VAL, NUM_VAL, NUM_TEST = 'data/demo/val', 100, 10000
 PATTERNS = ('results/demo/*.json', 'results/paper_recipe/runs/*/summary.json', 'results/runs/*/summary.json')
-NEW_ROWS = {'Weight selection (folded)': evaluate.folded_selection,
-            'Weight selection (folded, refit)': evaluate.refit_selection}
+NEW_ROWS = {'Weight selection (folded)': rules.folded_selection,
+            'Weight selection (folded, refit)': rules.refit_selection}
 
 
 def val_path_of(path):
@@ -54,7 +55,7 @@ def main():
     val = loader.ValDataset(VAL, NUM_VAL)
     images, labels = mnist.load_mnist('data', train=False)
     score = evaluate.Scorer(images[:NUM_TEST], labels[:NUM_TEST], val.begin, val.last)
-    selection = [round(a, 4) for a in score(evaluate.weight_selection(val.basic)).tolist()]
+    selection = [round(a, 4) for a in score(rules.weight_selection(val.basic)).tolist()]
     rows = {name: evaluate.acc_row(score(rule(val.basic))) for name, rule in NEW_ROWS.items()}
     for name, row in rows.items():
         print(f'{name}: mean {row["mean"]:.2f}, paired vs Weight selection '

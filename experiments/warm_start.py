@@ -5,7 +5,7 @@
         --out results/warm_start/warm_start.json
 
 Each start is a SimpleBlock_NoBn for every validation network, fine-tuned in place for one epoch by the recipe's
-own small-block phase, construct_train.small_phase (SGD lr 0.01, momentum 0.9, batch 128, random flips, all
+own small-block phase, construct.small_phase (SGD lr 0.01, momentum 0.9, batch 128, random flips, all
 60,000 training images: 469 steps, Begin and Last frozen in eval mode). The starts of network i are trained side
 by side, each with its own copy of the generator data_generator(seed_for(seed, 'warm_start', i)): every start of a
 network sees the same batches and flips, so comparisons between starts are paired over the networks. The test
@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import construct_train  # noqa: E402
+import construct  # noqa: E402
 import evaluate  # noqa: E402
 import generation  # noqa: E402
 import loader  # noqa: E402
@@ -103,7 +103,7 @@ def step_grid(num_images, batch_size):
     return [0] + [s for s in CHECKPOINTS if s < last] + [last]
 
 
-class ScoredSteps(construct_train.Steps):
+class ScoredSteps(construct.Steps):
     """The plain SGD step, with the stacked small blocks' test accuracy scored after each step of `at`."""
 
     def __init__(self, at, test_x, test_y, begin, last, simple):
@@ -142,9 +142,9 @@ def start_blocks(val, targets, seed, translators):
 
 def fine_tune(i, blocks, val, recipe, mnist, seed, grid, group):
     """Network i's accuracy curves on the grid, {start: [acc at each grid step]}, and the fine-tuned blocks: every
-    start fine-tuned by construct_train.small_phase with the same batches and flips, `group` starts side by side
+    start fine-tuned by construct.small_phase with the same batches and flips, `group` starts side by side
     (on a CPU grouped convolutions are slower than one start at a time)."""
-    g = construct_train.data_generator(utils.seed_for(seed, 'warm_start', i))
+    g = construct.data_generator(utils.seed_for(seed, 'warm_start', i))
     curves, tuned = {}, {}
     names = list(blocks)
     for n0 in range(0, len(names), group):
@@ -154,9 +154,9 @@ def fine_tune(i, blocks, val, recipe, mnist, seed, grid, group):
                        for s in (val.begin, val.last))
         simple = {n: torch.stack([blocks[name][n][i] for name in part]).contiguous() for n in blocks[part[0]]}
         steps = ScoredSteps(grid[1:-1], *mnist[2:], begin, last, simple)
-        ws = construct_train.Workspace({'begin': begin, 'last': last, 'simple': simple}, recipe, mnist, steps)
+        ws = construct.Workspace({'begin': begin, 'last': last, 'simple': simple}, recipe, mnist, steps)
         gens = [torch.Generator().set_state(g.get_state()) for _ in part]  # copies: g itself is never drawn from
-        acc0, acc_end = construct_train.small_phase(begin, last, simple, gens, recipe, mnist, ws=ws)
+        acc0, acc_end = construct.small_phase(begin, last, simple, gens, recipe, mnist, ws=ws)
         curves.update(zip(part, torch.stack([acc0, *(steps.accs[s] for s in grid[1:-1]), acc_end], 1).tolist()))
         tuned.update((name, {n: t[j] for n, t in simple.items()}) for j, name in enumerate(part))
     return curves, tuned
@@ -252,7 +252,7 @@ def main(argv=None):
     val.to(device)
     blocks = {name: {n: t.to(device) for n, t in b.items()} for name, b in blocks.items()}
     mnist = generation.load_mnist_to(device, args)
-    recipe = construct_train.Recipe(kind='val', seed=args.seed, num_epochs=1, lr=args.lr, batch_size=args.batch_size,
+    recipe = construct.Recipe(kind='val', seed=args.seed, num_epochs=1, lr=args.lr, batch_size=args.batch_size,
                                     num_train_images=args.num_train_images, num_test_images=args.num_test_images)
     grid = step_grid(args.num_train_images, args.batch_size)
     retrained = net.stacked_accuracy(*mnist[2:], val.begin, val.simple, val.last, 'simple').tolist()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the top-level modules
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 import generate  # noqa: E402  (speed/generate.py)
 import generation  # noqa: E402
@@ -33,11 +34,11 @@ def large_steps(flags, images, labels, steps=4):
     speed/generate.py's `flags` (speed/tests/test_generate_speed.py compares step variants with it too)."""
     args = generate.get_args(TINY + flags)
     fast = generate.FastSteps(args, images.device)
-    sds = [construct_train.init_pair(s) for s in (5, 6)]
+    sds = [construct.init_pair(s) for s in (5, 6)]
     begin, basic, last = (net.stack_states([sd[j] for sd in sds]) for j in range(3))
-    perm, flip = construct_train.draw_epoch([construct_train.data_generator(s) for s in (5, 6)], len(images),
+    perm, flip = construct.draw_epoch([construct.data_generator(s) for s in (5, 6)], len(images),
                                             images.device)
-    params = construct_train.trainable(begin) + construct_train.trainable(basic) + construct_train.trainable(last)
+    params = construct.trainable(begin) + construct.trainable(basic) + construct.trainable(last)
     step, reset = fast.build(params, fast.large_loss(images, labels, begin, basic, last), args.recipe)
     reset()
     for b0 in range(0, steps * 64, 64):
@@ -62,8 +63,8 @@ def main():
         print(f'{name}, 4 steps: compiled vs eager {max_diff(eager, large_steps(["--compile"], images, lab)):.1e}, '
               f'channels-last vs plain {max_diff(eager, large_steps(["--channels_last"], images, lab)):.1e}')
     cpu, fast = torch.device('cpu'), generate.get_args(TINY + ['--channels_last'])
-    plain = construct_train.make_pairs(range(2), fast.recipe, mnist, cpu, True)
-    last = construct_train.make_pairs(range(2), fast.recipe, mnist, cpu, True, steps=generate.FastSteps(fast, cpu))
+    plain = construct.make_pairs(range(2), fast.recipe, mnist, cpu, True)
+    last = construct.make_pairs(range(2), fast.recipe, mnist, cpu, True, steps=generate.FastSteps(fast, cpu))
     diff = max((plain[b][n] - last[b][n]).abs().max().item() for b in ('begin', 'basic', 'last', 'simple')
                for n in plain[b] if plain[b][n].is_floating_point())
     print(f'make_pairs, 2 + 2 epochs of 5 steps on 600 MNIST images: channels-last vs plain {diff:.1e} '

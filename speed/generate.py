@@ -3,17 +3,20 @@
 construct_train.py's flags, and these: --compile (the whole SGD step), --cuda_graph (each step replayed from a
 CUDA graph), --channels_last, --amp bf16, --conv triton, --fused_begin, --fused_basic, --fused_small (Triton
 kernels of triton_conv.py). --val makes validation networks (construct_val.py's flags). They plug into
-generation.generate and construct_train.make_pairs through their one interface, a Steps object (FastSteps below).
+generation.generate and construct.make_pairs through their one interface, a Steps object (FastSteps below).
 
     python speed/generate.py --num_data 128 --data_root ./data/train --fused_begin --fused_basic --fused_small
     python speed/generate.py --val --num_data 100 --data_root ./data/val --cuda_graph
 """
+import dataclasses
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the top-level modules
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 import generation  # noqa: E402
 import net  # noqa: E402
@@ -57,7 +60,45 @@ def get_args(argv=None):
     kernels = triton_flags(args)
     if args.amp == 'bf16' and kernels:
         raise utils.UserError(f'{kernels}: float32 only; drop --amp bf16 or {kernels}')
+    args.recipe = FastRecipe(**dataclasses.asdict(args.recipe), amp=args.amp)
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class FastRecipe(construct.Recipe):
+    """The recipe with --amp: bf16 networks are another recipe, recorded so that they never mix with fp32 ones."""
+    amp: str = 'none'
+
+    def as_json(self):
+        """recipe.json's dict; an fp32 recipe keeps the original keys (no 'amp')."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'amp' or v != 'none'}
+
+
+def conv3x3(x, w, conv):
+    """net's stacked 3x3 convolution (stride 1, padding 1) of x (B, K*Cin, H, W) by w (K, Cout, Cin, 3, 3), run by
+    conv(x, weights, groups) (triton_conv.grouped_conv3x3) when given, else by torch."""
+    if conv is None:
+        return F.conv2d(x, w.reshape(-1, *w.shape[2:]), groups=w.shape[0], padding=1)
+    return conv(x, w.reshape(-1, *w.shape[2:]), w.shape[0])
+
+
+def begin_forward(x, s, training, conv):
+    """net.begin_forward with conv3x3's convolution."""
+    if x.shape[1] == 1 and s['conv.weight'].shape[0] > 1:  # same images for every network: net's own way
+        return net.begin_forward(x, s, training)
+    x = F.relu(net.batch_norm(conv3x3(x, s['conv.weight'], conv), s, 'bn.', training))
+    return F.max_pool2d(x, 3, 2, 1)
+
+
+def basic_forward(x, s, training, conv):
+    """net.basic_forward with conv3x3's convolutions."""
+    out = F.relu(net.batch_norm(conv3x3(x, s['conv1.weight'], conv), s, 'bn1.', training))
+    return F.relu(net.batch_norm(conv3x3(out, s['conv2.weight'], conv), s, 'bn2.', training) + x)
+
+
+def simple_forward(x, s, conv):
+    """net.simple_forward with conv3x3's convolutions."""
+    return F.relu(conv3x3(F.relu(conv3x3(x, s['conv1.weight'], conv)), s['conv2.weight'], conv) + x)
 
 
 def triton_flags(args):
@@ -82,7 +123,7 @@ def load_kernels(args, device):
     return triton_conv
 
 
-class FastSteps(construct_train.Steps):
+class FastSteps(construct.Steps):
     """The plain steps with the speed flags of args: other kernels, layouts, precision, compilation, graphs."""
 
     def __init__(self, args, device):
@@ -96,9 +137,11 @@ class FastSteps(construct_train.Steps):
                 f'{", Triton convolutions" if a.conv == "triton" else ""}{", fused Begin" if a.fused_begin else ""}'
                 f'{", fused Basic" if a.fused_basic else ""}{", fused small step" if a.fused_small else ""}')
 
-    def keep_addresses(self, tensors):
+    def keep_addresses(self, *tensors):
+        """With --compile: the tensors a workspace keeps for the whole run, read in place by compiled steps."""
         if self.args.compile:
-            mark_static(tensors)
+            mark_static([t for x in tensors for t in (x.values() if isinstance(x, dict) else [x])
+                         if isinstance(t, torch.Tensor)])
 
     def layout(self, x):
         """x in channels-last memory format with --channels_last (the same values)."""
@@ -108,24 +151,27 @@ class FastSteps(construct_train.Steps):
         """Begin's forward by the fused kernels (--fused_begin) or torch's with --conv's convolution."""
         x = self.layout(x)
         return self.tc.begin_block(x, begin, training) if self.args.fused_begin else \
-            net.begin_forward(x, begin, training, self.conv)
+            begin_forward(x, begin, training, self.conv)
 
     def cross_entropy(self, logits_fn, labels):
-        """construct_train.cross_entropy, the logits under --amp's autocast."""
+        """construct.cross_entropy, the logits under --amp's autocast."""
         def logits(idx, flip):
             with torch.autocast(labels.device.type, torch.bfloat16, enabled=self.args.amp == 'bf16'):
                 return logits_fn(idx, flip).float()
-        return construct_train.cross_entropy(logits, labels)
+        return construct.cross_entropy(logits, labels)
 
     def large_loss(self, images, labels, begin, basic, last):
+        self.keep_addresses(images, labels, begin, basic, last)
+
         def logits(idx, flip):
-            h = self.begin(construct_train.augment(images, idx, flip), begin, training=True)
+            h = self.begin(construct.augment(images, idx, flip), begin, training=True)
             if self.args.fused_basic:
                 return net.last_head(self.tc.basic_block_train(h, basic, last), last, training=True)
-            return net.last_forward(net.basic_forward(h, basic, True, self.conv), last, training=True)
+            return net.last_forward(basic_forward(h, basic, True, self.conv), last, training=True)
         return self.cross_entropy(logits, labels)
 
     def small_loss(self, images, labels, begin, last, simple, cache):
+        self.keep_addresses(images, labels, begin, last, simple, *([] if cache is None else [cache]))
         k, device = begin['conv.weight'].shape[0], images.device
         knets = torch.arange(k, device=device)[:, None]
 
@@ -136,7 +182,7 @@ class FastSteps(construct_train.Steps):
                                                                           *net.FEATURE[1:])
                 return self.layout(h)
             with torch.no_grad():
-                return self.begin(construct_train.augment(images, idx, flip), begin)
+                return self.begin(construct.augment(images, idx, flip), begin)
 
         def fused_loss(idx, flip):
             """The loss by triton_conv's one-kernel step, reading the Begin cache in place when there is one."""
@@ -150,22 +196,35 @@ class FastSteps(construct_train.Steps):
         if self.args.fused_small:
             return fused_loss
         return self.cross_entropy(lambda idx, flip: net.last_forward(
-            net.simple_forward(begin_out(idx, flip), simple, conv_kernel=self.conv), last), labels)
-
-    def update_fn(self, bufs):
-        if not self.args.compile:
-            return construct_train.sgd_update
-        mark_static(bufs)
-        return torch.compile(construct_train.sgd_update, mode=self.args.compile)
+            simple_forward(begin_out(idx, flip), simple, self.conv), last), labels)
 
     def build(self, params, loss_fn, recipe):
         if self.args.compile:
-            loss_fn = torch.compile(loss_fn, mode=self.args.compile)
-        step, reset = super().build(params, loss_fn, recipe)
+            step, reset = self.compiled_step(params, torch.compile(loss_fn, mode=self.args.compile), recipe)
+        else:
+            step, reset = super().build(params, loss_fn, recipe)
         if self.args.cuda_graph:
             if params[0].device.type != 'cuda':
                 raise utils.UserError(f'--cuda_graph: CUDA graphs need a CUDA GPU (device here: {params[0].device})')
             step = cuda_graphed(step)
+        return step, reset
+
+
+    def compiled_step(self, params, loss_fn, recipe):
+        """construct.Steps.build with the SGD update compiled too, its momentum buffers static."""
+        bufs = [torch.zeros_like(p) for p in params]
+        mark_static(bufs)
+        update = torch.compile(construct.sgd_update, mode=self.args.compile)
+
+        def step(idx, flip):
+            loss_fn(idx, flip).backward()
+            update(params, [p.grad for p in params], bufs, recipe.lr, recipe.momentum)
+            for p in params:
+                p.grad = None
+
+        def reset():
+            for b in bufs:
+                b.zero_()
         return step, reset
 
 

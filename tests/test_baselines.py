@@ -5,8 +5,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import evaluate
 import net
+import rules
 
 
 def random_basic(gen, k=1):
@@ -24,7 +24,7 @@ def test_fold_bn_computes_the_block(one_thread):
     block = net.BasicBlock().eval()
     block.load_state_dict(net.unstack_state(basic, 0), strict=False)
     x = torch.randn(4, 6, 14, 14, generator=gen)
-    c1, t1, c2, t2 = (t[0] for t in net.fold_bn(basic))
+    c1, t1, c2, t2 = (t[0] for t in rules.fold_bn(basic))
     h = F.relu(F.conv2d(x, c1, padding=1) + t1[:, None, None])
     want = F.relu(F.conv2d(h, c2, padding=1) + t2[:, None, None] + x)
     with torch.no_grad():
@@ -40,13 +40,13 @@ def test_folded_selection_keeps_the_important_channels():
     basic['conv2.weight'] = basic['conv2.weight'] * torch.tensor([1., 1., 5., 1., 1., 3.])[None, None, :, None, None]
     # importance per h (times 6 x 3 x 2): 1x1, 4x1, 1x5, 3x1, 1x1, 2x3 -> channels 5 (6), 2 (5), 1 (4)
     basic['bn2.weight'] = torch.full((1, 6), 2.)
-    out = evaluate.folded_selection(basic)
+    out = rules.folded_selection(basic)
     keep = [1, 2, 5]
     assert torch.equal(out['conv1.weight'], basic['conv1.weight'][:, keep] * basic['bn1.weight'][0, keep][:, None, None,
                                                                                                           None])
     assert torch.equal(out['conv2.weight'], 2 * basic['conv2.weight'][:, :, keep])
     # unfolded, only conv2's column norms differ: channels 2 and 5 and one of the tied others
-    assert {2, 5} < set(net.top_hidden(basic['conv1.weight'], basic['conv2.weight'])[0].tolist())
+    assert {2, 5} < set(rules.top_hidden(basic['conv1.weight'], basic['conv2.weight'])[0].tolist())
 
 
 def test_relu_moments_match_sampling():
@@ -55,8 +55,8 @@ def test_relu_moments_match_sampling():
     for m1, m2 in ((0.3, -0.8), (1.2, 1.2), (-2.0, 0.5)):
         a, b = F.relu(z + m1), F.relu(z + m2)
         m1, m2, g = (torch.tensor(v, dtype=torch.float64) for v in (m1, m2, 1.7))
-        assert abs(net.relu_cross_moment(m1, m2, g).item() - (a * b).mean().item()) < 0.02
-        assert abs(net.relu_mean(m1, g).item() - a.mean().item()) < 0.01
+        assert abs(rules.relu_cross_moment(m1, m2, g).item() - (a * b).mean().item()) < 0.02
+        assert abs(rules.relu_mean(m1, g).item() - a.mean().item()) < 0.01
 
 
 def test_refit_is_exact_when_nothing_is_dropped():
@@ -64,15 +64,15 @@ def test_refit_is_exact_when_nothing_is_dropped():
     gen = torch.Generator().manual_seed(1)
     basic = random_basic(gen, k=2)
     basic['conv2.weight'][:, :, 3:] = 0  # channels 3..5 write nothing: the top 3 by importance are 0..2
-    c1, _, c2, _ = net.fold_bn(basic)
+    c1, _, c2, _ = rules.fold_bn(basic)
     scale1 = basic['bn1.weight'] / torch.sqrt(basic['bn1.running_var'] + net.BN_EPS)
     basic['bn1.bias'] = basic['bn1.running_mean'] * scale1  # shift1 = 0
     basic['bn2.bias'] = basic['bn2.running_mean'] * basic['bn2.weight'] / torch.sqrt(basic['bn2.running_var'] + net.BN_EPS)
-    out = evaluate.refit_selection(basic)
+    out = rules.refit_selection(basic)
     assert torch.allclose(out['conv1.weight'], c1[:, :3]) and torch.allclose(out['conv2.weight'], c2[:, :, :3], atol=1e-5)
     # a dropped channel that does write: the refit changes conv2, the folded selection does not see it
     basic['conv2.weight'][:, :, 5] = 0.01
-    assert not torch.allclose(evaluate.refit_selection(basic)['conv2.weight'], c2[:, :, :3], atol=1e-3)
+    assert not torch.allclose(rules.refit_selection(basic)['conv2.weight'], c2[:, :, :3], atol=1e-3)
 
 
 def test_data_refit_recovers_conv2_when_nothing_is_dropped():
@@ -90,7 +90,7 @@ def test_data_refit_recovers_conv2_when_nothing_is_dropped():
         basic[f'bn{i}.bias'] = basic[f'bn{i}.running_mean'] * scale
     begin = net.fresh_states('begin', [0, 1])
     images = torch.rand(8, 1, 28, 28, generator=gen)
-    c1, _, c2, _ = net.fold_bn(basic)
+    c1, _, c2, _ = rules.fold_bn(basic)
     out = data_refit.data_refit(basic, begin, images)
     assert torch.allclose(out['conv1.weight'], c1[:, :3]) and torch.allclose(out['conv2.weight'], c2[:, :, :3],
                                                                                atol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import loader
+import shards
 from conftest import write_original, write_shards
 from utils import UserError
 
@@ -74,7 +75,7 @@ def test_too_many_pairs_says_how_many(pair_sets, tmp_path):
 
 def test_missing_indices_are_listed(tmp_path):
     write_shards(tmp_path / 's', 12, shard_size=4)
-    os.remove(loader.shard_path(str(tmp_path / 's'), 4, 8))
+    os.remove(shards.shard_path(str(tmp_path / 's'), 4, 8))
     with pytest.raises(UserError, match='missing indices: 4-7'):
         loader.TrainDataset(str(tmp_path / 's'), 12)
     write_original(tmp_path / 'o', 4, 'train')
@@ -85,7 +86,7 @@ def test_missing_indices_are_listed(tmp_path):
 
 def test_corrupt_file_is_named(tmp_path):
     write_shards(tmp_path / 's', 8, shard_size=4)
-    bad = loader.shard_path(str(tmp_path / 's'), 4, 8)
+    bad = shards.shard_path(str(tmp_path / 's'), 4, 8)
     with open(bad, 'wb') as f:
         f.write(b'not a torch file')
     with pytest.raises(UserError, match=bad):
@@ -101,9 +102,9 @@ def test_corrupt_file_is_named(tmp_path):
 def test_overlapping_shards_are_refused(tmp_path):
     root = tmp_path / 's'
     write_shards(root, 8, shard_size=4)
-    part = loader._slice_shard(loader.load_shard(loader.shard_path(str(root), 4, 8)), 0, 2)
+    part = shards._slice_shard(shards.load_shard(shards.shard_path(str(root), 4, 8)), 0, 2)
     part['index'] = torch.arange(2, 4)  # networks 2..3 made a second time
-    loader.write_shard(str(root), part)
+    shards.write_shard(str(root), part)
     with pytest.raises(UserError, match='shards overlap: .*shard_00000000_00000004.pt .*shard_00000002_00000004.pt'):
         loader.TrainDataset(str(root), 8)
 
@@ -111,7 +112,7 @@ def test_overlapping_shards_are_refused(tmp_path):
 def test_renamed_shard_and_corrupt_recipe_are_named(tmp_path):
     root = tmp_path / 's'
     write_shards(root, 8, shard_size=4)
-    shutil.copy(loader.shard_path(str(root), 0, 4), loader.shard_path(str(root), 4, 8))  # networks 0..3 as 4..7
+    shutil.copy(shards.shard_path(str(root), 0, 4), shards.shard_path(str(root), 4, 8))  # networks 0..3 as 4..7
     with pytest.raises(UserError, match='its networks are not 4..7 as its name says'):
         loader.TrainDataset(str(root), 8)
     (root / 'recipe.json').write_text('{"seed": ')

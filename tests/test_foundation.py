@@ -11,6 +11,7 @@ import torch
 
 import mnist
 import net
+import symmetry
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,7 +254,7 @@ def test_channel_permutations_keep_both_networks_functions():
     gen = torch.Generator().manual_seed(0)
     p, q = torch.randperm(6, generator=gen), torch.randperm(6, generator=gen)
     assert not torch.equal(p, torch.arange(6)) and not torch.equal(q, torch.arange(6))
-    permuted = net.permute_network(*sds, p, q)
+    permuted = symmetry.permute_network(*sds, p, q)
     x = torch.rand(4, 1, 28, 28)
 
     def outputs(states):
@@ -268,7 +269,7 @@ def test_channel_permutations_keep_both_networks_functions():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not torch.equal(permuted[1]['conv1.weight'], sds[1]['conv1.weight'])
     # the batched form used for augmentation gives the same tensors
-    c1, c2, s1, s2 = net.permute_pairs(sds[1]['conv1.weight'][None], sds[1]['conv2.weight'][None],
+    c1, c2, s1, s2 = symmetry.permute_pairs(sds[1]['conv1.weight'][None], sds[1]['conv2.weight'][None],
                                        sds[3]['conv1.weight'][None], sds[3]['conv2.weight'][None], p[None], q[None])
     for got, want in zip((c1, c2, s1, s2), (permuted[1]['conv1.weight'], permuted[1]['conv2.weight'],
                                             permuted[3]['conv1.weight'], permuted[3]['conv2.weight'])):

@@ -13,6 +13,7 @@ import losses
 import mixer
 import mnist
 import net
+import rules
 import runs
 import train
 import translate
@@ -24,7 +25,7 @@ CONFIG = dict(num_layers=1, S_dim=72, C_dim=16, hidden_S_dim=16, hidden_C_dim=16
 
 def folded_block(x, c1, c2, scale1, shift1, scale2, shift2, *_):
     """One BasicBlock computed from translator inputs: BN-folded convs plus shifts."""
-    f1, f2 = net.scale_convs(c1, c2, scale1, scale2)
+    f1, f2 = rules.scale_convs(c1, c2, scale1, scale2)
     h = F.relu(F.conv2d(x, f1, padding=1) + shift1[:, None, None])
     return F.relu(F.conv2d(h, f2, padding=1) + shift2[:, None, None] + x)
 
@@ -34,7 +35,7 @@ def test_folded_inputs_compute_the_block_and_perm_aug_keeps_it():
     basic = {k: torch.randn(4, *shape, generator=gen) for k, shape in net.BASIC_SHAPES.items()}
     for i in (1, 2):
         basic[f'bn{i}.running_var'] = basic[f'bn{i}.running_var'].abs() + 0.3
-    inputs = [basic['conv1.weight'], basic['conv2.weight'], *net.bn_inputs(basic)]
+    inputs = [basic['conv1.weight'], basic['conv2.weight'], *rules.bn_inputs(basic)]
     x = torch.randn(2, 6, 14, 14, generator=gen)
     perm_in, _, p = losses.perm_augment(inputs, [], gen)
     for j in range(4):
@@ -60,7 +61,7 @@ def test_folded_tokens_carry_the_shifts():
     assert mixer.build_translator(CONFIG, dict(mixer.DEFAULT_KT)).__class__ is mixer.MLPMixer
 
 
-RULES = {'residual': evaluate.folded_selection, 'refit': evaluate.refit_selection}
+RULES = {'residual': rules.folded_selection, 'refit': rules.refit_selection}
 
 
 @pytest.mark.parametrize('output', ['residual', 'refit'])
@@ -83,7 +84,7 @@ def test_refit_base_follows_perm_aug():
     basic = {k: torch.randn(4, *shape, generator=gen) for k, shape in net.BASIC_SHAPES.items()}
     for i in (1, 2):
         basic[f'bn{i}.running_var'] = basic[f'bn{i}.running_var'].abs() + 0.3
-    inputs = [basic['conv1.weight'], basic['conv2.weight'], *net.bn_inputs(basic)]
+    inputs = [basic['conv1.weight'], basic['conv2.weight'], *rules.bn_inputs(basic)]
     perm_in, _, p = losses.perm_augment(inputs, [], gen)
     model = mixer.build_translator(CONFIG, {'inputs': 'conv', 'output': 'refit'}).eval()
     x = torch.randn(2, 4 * 6, 14, 14, generator=gen)

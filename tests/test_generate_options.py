@@ -15,6 +15,8 @@ import generate_sh
 import generation
 import loader
 import net
+import original_layout
+import shards
 import sizing
 import utils
 from conftest import write_original
@@ -139,13 +141,13 @@ def _assert_same_sets(a, b, blocks):
 
 
 def test_original_layout_round_trip_equals_shards(tmp_path):
-    orig, shards = tmp_path / 'orig', tmp_path / 'shards'
+    orig, sharded = tmp_path / 'orig', tmp_path / 'shards'
     generation.generate(tiny_args(orig, '--num_data', '3', '--models_per_step', '3', '--layout', 'original'))
-    generation.generate(tiny_args(shards, '--num_data', '3', '--models_per_step', '3'))
-    assert sorted(os.listdir(orig / 'inputs')) == ['0.pth', '1.pth', '2.pth'] and not loader.list_shards(orig)
-    assert loader.read_recipe(orig) == loader.read_recipe(shards)
+    generation.generate(tiny_args(sharded, '--num_data', '3', '--models_per_step', '3'))
+    assert sorted(os.listdir(orig / 'inputs')) == ['0.pth', '1.pth', '2.pth'] and not shards.list_shards(orig)
+    assert shards.read_recipe(orig) == shards.read_recipe(sharded)
     a = loader.TrainDataset(str(orig), 3, with_networks=True)
-    b = loader.TrainDataset(str(shards), 3, with_networks=True)
+    b = loader.TrainDataset(str(sharded), 3, with_networks=True)
     assert a.layout == 'original' and b.layout == 'shards'
     _assert_same_sets(a, b, ('basic', 'simple', 'begin', 'last'))
     # the layout has no place for the test accuracies: the log has them, a line per network
@@ -162,12 +164,12 @@ def test_original_layout_round_trip_equals_shards(tmp_path):
 
 
 def test_original_val_layout_and_skip_simple(tmp_path):
-    orig, shards = tmp_path / 'val_orig', tmp_path / 'val_shards'
+    orig, sharded = tmp_path / 'val_orig', tmp_path / 'val_shards'
     extra = ('--num_data', '2', '--models_per_step', '2', '--train_simple')
     generation.generate(tiny_args(orig, *extra, '--layout', 'original', kind='val'))
-    generation.generate(tiny_args(shards, *extra, kind='val'))
+    generation.generate(tiny_args(sharded, *extra, kind='val'))
     assert sorted(os.listdir(orig)) == ['begin', 'complex', 'last', 'logs', 'recipe.json', 'simple']
-    a, b = loader.ValDataset(str(orig), 2), loader.ValDataset(str(shards), 2)
+    a, b = loader.ValDataset(str(orig), 2), loader.ValDataset(str(sharded), 2)
     _assert_same_sets(a, b, ('begin', 'basic', 'last', 'simple'))  # simple/: the Retrained row
     plain = tmp_path / 'val_plain'
     generation.generate(tiny_args(plain, '--num_data', '1', '--layout', 'original', kind='val'))
@@ -189,7 +191,7 @@ def test_partial_original_root_resumes(tmp_path):
     for folder in ('inputs', 'labels', 'backup_begin', 'backup_last'):
         os.remove(root / folder / '3.pth')
     (root / 'inputs' / '.tmp_x.pth').write_bytes(b'half a file')
-    assert loader.original_made(str(root), loader.original_dirs(args.kind, args.train_small)) == {0, 1}
+    assert original_layout.original_made(str(root), original_layout.original_dirs(args.kind, args.train_small)) == {0, 1}
     kept = os.stat(root / 'inputs' / '0.pth').st_mtime_ns
     made = generation.generate(args)
     assert [s['index'].tolist() for s in made] == [[2], [3]]
@@ -203,19 +205,19 @@ def test_killed_original_layout_process_resumes(tmp_path):
     root = tmp_path / 'pairs'
     cmd = [sys.executable, 'construct_train.py', '--data_root', str(root), '--num_data', '6', '--models_per_step',
            '1', '--num_threads', '1', '--layout', 'original', *TINY]
-    dirs = loader.original_dirs('train', True)
+    dirs = original_layout.original_dirs('train', True)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(loader.original_made(str(root), dirs)) < 2 and time.time() < deadline:
+    while len(original_layout.original_made(str(root), dirs)) < 2 and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = loader.original_made(str(root), dirs)
+    done = original_layout.original_made(str(root), dirs)
     assert 2 <= len(done) < 6, 'kill the process mid-run'
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f'{6 - len(done)} to make' in r.stderr
-    assert loader.original_made(str(root), dirs) == set(range(6))
+    assert original_layout.original_made(str(root), dirs) == set(range(6))
     assert len(loader.TrainDataset(str(root), 6)) == 6
 
 
@@ -238,13 +240,13 @@ def test_original_layout_continues_the_original_codes_folder(tmp_path):
     r = subprocess.run(argv + ['--num_data', '3'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'their recipe cannot be checked' in r.stderr and '2 already made, 1 to make' in r.stderr
-    assert loader.original_made(str(theirs), loader.original_dirs('train', True)) == {0, 1, 2}
+    assert original_layout.original_made(str(theirs), original_layout.original_dirs('train', True)) == {0, 1, 2}
     assert os.stat(theirs / 'inputs' / '0.pth').st_mtime_ns == kept and not (theirs / 'recipe.json').exists()
     torch.save({'conv1.weight': torch.zeros(3, 6, 3, 3)}, theirs / 'labels' / '1.pth')  # conv2 missing
     r = subprocess.run(argv + ['--num_data', '5'], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert f'{theirs / "labels" / "1.pth"}: not a SimpleBlock_NoBn state dict' in r.stderr
-    assert loader.original_made(str(theirs), loader.original_dirs('train', True)) == {0, 1, 2}
+    assert original_layout.original_made(str(theirs), original_layout.original_dirs('train', True)) == {0, 1, 2}
 
 
 @pytest.mark.parametrize('kind', ['train', 'val'])
@@ -253,7 +255,7 @@ def test_original_log_lines_and_the_same_networks(tmp_path, kind):
     plain, logged = tmp_path / 'plain', tmp_path / 'logged'
     generation.generate(tiny_args(plain, *extra, kind=kind))
     generation.generate(tiny_args(logged, *extra, '--original_log', kind=kind))
-    a, b = loader.read_pairs(str(plain), 2), loader.read_pairs(str(logged), 2)
+    a, b = shards.read_pairs(str(plain), 2), shards.read_pairs(str(logged), 2)
     for block in ('begin', 'basic', 'last', 'simple'):
         assert all(torch.equal(a[block][n], t) for n, t in b[block].items())
     log = open(logged / 'logs' / f'{kind}_0.log').read()

@@ -3,6 +3,7 @@ workspace against fresh ones (speed/tests/test_generate_speed.py has the faster 
 import pytest
 import torch
 
+import construct
 import construct_train
 import generation
 
@@ -37,7 +38,7 @@ def test_sgd_update_equals_torch_sgd():
     opt = torch.optim.SGD(theirs, lr=0.01, momentum=0.9, foreach=True)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ours]
-        construct_train.sgd_update(ours, grads, bufs, 0.01)
+        construct.sgd_update(ours, grads, bufs, 0.01)
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         opt.step()
@@ -46,11 +47,11 @@ def test_sgd_update_equals_torch_sgd():
 
 def test_reused_workspace_is_exact_and_shards_do_not_alias_it(mnist):
     args = tiny_args()
-    fresh = [construct_train.make_pairs(range(a, a + 2), args, mnist, torch.device('cpu')) for a in (0, 2)]
+    fresh = [construct.make_pairs(range(a, a + 2), args, mnist, torch.device('cpu')) for a in (0, 2)]
     workspaces = {}
-    first = construct_train.make_pairs(range(0, 2), args, mnist, torch.device('cpu'), workspaces=workspaces)
+    first = construct.make_pairs(range(0, 2), args, mnist, torch.device('cpu'), workspaces=workspaces)
     kept = {n: t.clone() for n, t in first['basic'].items()}
-    second = construct_train.make_pairs(range(2, 4), args, mnist, torch.device('cpu'), workspaces=workspaces)
+    second = construct.make_pairs(range(2, 4), args, mnist, torch.device('cpu'), workspaces=workspaces)
     assert list(workspaces) == [2]
     assert max_diff(first, fresh[0]) == 0 and max_diff(second, fresh[1]) == 0
     assert all(torch.equal(first['basic'][n], t) for n, t in kept.items())  # the next group did not overwrite it

@@ -6,14 +6,17 @@ import sys
 import pytest
 import torch
 
+import construct
 import construct_train
 import generation
 import loader
 import mixer
 import net
+import symmetry
 import utils
 from conftest import write_shards
 from mixer import MLPMixer
+import shards
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
 import identifiability  # noqa: E402
@@ -88,7 +91,7 @@ def test_report_end_to_end(val_root, tmp_path, one_thread):
     # the 'target' row pairs retraining (i, s) with network i's own stored block
     val = loader.ValDataset(val_root, 2)
     trained = {tuple(b['job']): b['trained'] for b in blocks.values()}
-    want = [net.best_order_cosine((trained[(i, s)]['conv1.weight'], trained[(i, s)]['conv2.weight']),
+    want = [symmetry.best_order_cosine((trained[(i, s)]['conv1.weight'], trained[(i, s)]['conv2.weight']),
                                   (val.simple['conv1.weight'][i:i + 1], val.simple['conv2.weight'][i:i + 1])).item()
             for i in range(2) for s in range(2)]
     assert report['cosine']['target']['values'] == pytest.approx(want, abs=1e-6)
@@ -105,11 +108,11 @@ def test_retraining_is_the_recipe(val_root, one_thread):
     recipe = identifiability.recipe_for(identifiability.get_args(['--data_root', val_root]), data.recipe)
     rargs = identifiability.recipe_args(recipe, 'data')
     mnist = generation.load_mnist_to(torch.device('cpu'), rargs)
-    for i, seed in enumerate(loader.read_pairs(val_root, 2)['seed'].tolist()):
-        init = net.stack_states([construct_train.init_pair(seed)[3]])
-        gens = [construct_train.data_generator(seed)]
+    for i, seed in enumerate(shards.read_pairs(val_root, 2)['seed'].tolist()):
+        init = net.stack_states([construct.init_pair(seed)[3]])
+        gens = [construct.data_generator(seed)]
         for _ in range(recipe['num_epochs']):  # the large network's phase drew its shuffles first
-            construct_train.draw_epoch(gens, recipe['num_train_images'], torch.device('cpu'))
+            construct.draw_epoch(gens, recipe['num_train_images'], torch.device('cpu'))
         trained, _, acc = identifiability.retrain(data, [i], init, gens, rargs, mnist)
         for name, t in trained.items():
             torch.testing.assert_close(t[0], data.simple[name][i], atol=1e-6, rtol=1e-5)

@@ -14,6 +14,8 @@ import losses
 import mnist
 import net
 import runs
+import shards
+import symmetry
 import train
 from conftest import ROOT
 from test_train import expect_user_error, read_metrics, run_dirs, train_argv
@@ -39,16 +41,16 @@ def test_perm_aug_is_permute_pairs_with_fresh_permutations():
     want_p, want_q = losses.random_perms(5, gen, 'cpu'), losses.random_perms(5, gen, 'cpu')
     assert torch.equal(p, want_p) and all(sorted(r) == list(range(6)) for r in want_p.tolist() + want_q.tolist())
     assert len({tuple(r) for r in want_p.tolist()}) > 1  # per pair, not one permutation for the batch
-    for got, want in zip(got_in + got_t, net.permute_pairs(*inputs, *targets, want_p, want_q)):
+    for got, want in zip(got_in + got_t, symmetry.permute_pairs(*inputs, *targets, want_p, want_q)):
         assert torch.equal(got, want)
-    # sample by sample it is net.permute_network's permutation of the BasicBlock and the small block
+    # sample by sample it is symmetry.permute_network's permutation of the BasicBlock and the small block
     for i in range(5):
         basic = {'conv1.weight': inputs[0][i], 'conv2.weight': inputs[1][i],
                  **{f'bn{j}.{n}': torch.zeros(6) for j in (1, 2) for n in ('weight', 'bias', 'running_mean',
                                                                           'running_var')}}
         begin = {'conv.weight': torch.zeros(6, 1, 3, 3), **{f'bn.{n}': torch.zeros(6) for n in
                                                             ('weight', 'bias', 'running_mean', 'running_var')}}
-        _, b, _, s = net.permute_network(begin, basic, {'downsample.weight': torch.zeros(12, 6, 1, 1)},
+        _, b, _, s = symmetry.permute_network(begin, basic, {'downsample.weight': torch.zeros(12, 6, 1, 1)},
                                          {'conv1.weight': targets[0][i], 'conv2.weight': targets[1][i]},
                                          want_p[i], want_q[i])
         assert torch.equal(got_in[0][i], b['conv1.weight']) and torch.equal(got_in[1][i], b['conv2.weight'])
@@ -70,7 +72,7 @@ def test_hidden_invariant_loss():
     near = [o + 0.01 * torch.randn_like(o) for o in out]  # already in the best order
     torch.testing.assert_close(losses.hidden_invariant_loss(out, near), losses.mse_loss(out, near))
     # permuting each target's hidden channels (conv1 out-channels with conv2 in-channels) changes nothing
-    orders = [list(losses.HIDDEN_ORDERS[i % 6]) for i in range(1, 7)]  # a different order per pair
+    orders = [list(symmetry.HIDDEN_ORDERS[i % 6]) for i in range(1, 7)]  # a different order per pair
     shuffled = [torch.stack([near[0][i][r] for i, r in enumerate(orders)]),
                 torch.stack([near[1][i][:, r] for i, r in enumerate(orders)])]
     assert losses.hidden_invariant_loss(out, shuffled) == losses.hidden_invariant_loss(out, near)
@@ -80,7 +82,7 @@ def test_hidden_invariant_loss():
     assert h <= losses.mse_loss(out, tgt)
     per_pair = [min(losses.mse_loss([out[0][i:i + 1], out[1][i:i + 1]],
                                    [tgt[0][i:i + 1, r], tgt[1][i:i + 1, :, r]]).item()
-                    for r in map(list, losses.HIDDEN_ORDERS)) for i in range(6)]
+                    for r in map(list, symmetry.HIDDEN_ORDERS)) for i in range(6)]
     assert h.item() == pytest.approx(sum(per_pair) / 6, rel=1e-6)
 
 
@@ -185,8 +187,8 @@ def skip_simple_set(tmp_path_factory):
 
 
 def test_functional_loss_trains_on_skip_simple_data(skip_simple_set, pair_sets, tmp_path, capsys):
-    shards = loader.list_shards(skip_simple_set)
-    assert len(shards) == 2 and all('simple' not in loader.load_shard(path) for _, _, path in shards)
+    files = shards.list_shards(skip_simple_set)
+    assert len(files) == 2 and all('simple' not in shards.load_shard(path) for _, _, path in files)
     base = train_argv({'train': skip_simple_set, 'val': pair_sets['val']}, tmp_path, '--train_data_length', '2',
                       '--batch_size', '2', '--num_epochs', '2', '--mnist_root', MNIST)
     argv = base + ['--loss', 'functional', '--perm_aug', '--functional_images', '8', '--ce_weight', '0.1']
@@ -204,7 +206,7 @@ def test_functional_loss_trains_on_skip_simple_data(skip_simple_set, pair_sets, 
 
 
 def test_canonical_targets_and_holdout_selection(pair_sets, tmp_path):
-    """--canonical_targets trains on net.canonical_simple of the targets (with its own mean-target row);
+    """--canonical_targets trains on symmetry.canonical_simple of the targets (with its own mean-target row);
     --holdout_networks picks the best epoch on held-out training networks, never on the val networks."""
     argv = train_argv(pair_sets, tmp_path, '--canonical_targets', '--train_data_length', '9',
                       '--holdout_networks', '3', '--log_step', '1')
@@ -226,6 +228,6 @@ def test_canonical_targets_and_holdout_selection(pair_sets, tmp_path):
     # the objective's targets are the canonical forms of pairs 0..8 (not the held-out 9..11)
     data = loader.TrainDataset(pair_sets['train'], 9)
     objective = losses.Objective(train.get_args(argv), data, torch.device('cpu'))
-    want = net.canonical_simple(data.simple['conv1.weight'], data.simple['conv2.weight'])
+    want = symmetry.canonical_simple(data.simple['conv1.weight'], data.simple['conv2.weight'])
     assert all(torch.equal(a, b) for a, b in zip(objective.targets, want))
     assert not torch.equal(objective.targets[0], data.simple['conv1.weight'])

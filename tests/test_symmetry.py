@@ -1,8 +1,9 @@
-"""SimpleBlock_NoBn's symmetries: the canonical form (net.canonical_simple) and the orbit cosine."""
+"""SimpleBlock_NoBn's symmetries: the canonical form (symmetry.canonical_simple) and the orbit cosine."""
 import pytest
 import torch
 
 import net
+import symmetry
 
 
 def random_blocks(n, gen):
@@ -36,11 +37,11 @@ def gen():
 def test_canonical_computes_the_same_function(gen, one_thread):
     conv1, conv2 = random_blocks(8, gen)
     x = torch.randn(16, 6, 14, 14, generator=gen)
-    c1, c2 = net.canonical_simple(conv1, conv2)
+    c1, c2 = symmetry.canonical_simple(conv1, conv2)
     assert c1.shape == conv1.shape and c2.shape == conv2.shape
     ref = outputs(conv1, conv2, x)  # entries up to about 80: float32 rounding is about 1e-5 there
     torch.testing.assert_close(outputs(c1, c2, x), ref, atol=1e-4, rtol=1e-5)
-    d1, d2 = net.canonical_simple(conv1.double(), conv2.double())  # in float64 the match is exact to 1e-12
+    d1, d2 = symmetry.canonical_simple(conv1.double(), conv2.double())  # in float64 the match is exact to 1e-12
     torch.testing.assert_close(outputs(d1, d2, x.double()), ref.double(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(outputs(d1, d2, x.double()), outputs(conv1.double(), conv2.double(), x.double()),
                                atol=1e-12, rtol=0)
@@ -56,11 +57,11 @@ def test_canonical_computes_the_same_function(gen, one_thread):
 
 def test_canonical_is_idempotent_and_orbit_invariant(gen, one_thread):
     conv1, conv2 = random_blocks(32, gen)
-    c1, c2 = net.canonical_simple(conv1, conv2)
-    again = net.canonical_simple(c1, c2)
+    c1, c2 = symmetry.canonical_simple(conv1, conv2)
+    again = symmetry.canonical_simple(c1, c2)
     torch.testing.assert_close(again[0], c1, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(again[1], c2, atol=1e-6, rtol=1e-6)
-    s1, s2 = net.canonical_simple(*shuffle_hidden(conv1, conv2, gen))
+    s1, s2 = symmetry.canonical_simple(*shuffle_hidden(conv1, conv2, gen))
     torch.testing.assert_close(s1, c1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2, c2, atol=1e-5, rtol=1e-5)
 
@@ -72,23 +73,23 @@ def test_zero_filters_are_finite_and_canonical(gen, one_thread):
     conv1[2] = 0  # the whole block is the identity-then-ReLU
     conv2[3] = 0  # conv2 zero: every channel has strength 0
     x = torch.randn(8, 6, 14, 14, generator=gen)
-    c1, c2 = net.canonical_simple(conv1, conv2)
+    c1, c2 = symmetry.canonical_simple(conv1, conv2)
     assert torch.isfinite(c1).all() and torch.isfinite(c2).all()
     torch.testing.assert_close(outputs(c1, c2, x), outputs(conv1, conv2, x), atol=1e-4, rtol=1e-5)
     assert (c1[2] == 0).all() and (c2[2] == 0).all()
-    s1, s2 = net.canonical_simple(*shuffle_hidden(conv1, conv2, gen))
+    s1, s2 = symmetry.canonical_simple(*shuffle_hidden(conv1, conv2, gen))
     torch.testing.assert_close(s1, c1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2, c2, atol=1e-5, rtol=1e-5)
-    cos = net.best_order_cosine((conv1, conv2), (conv1, conv2))
+    cos = symmetry.best_order_cosine((conv1, conv2), (conv1, conv2))
     assert torch.isfinite(cos).all()
 
 
 def test_best_order_cosine(gen, one_thread):
     a, b = random_blocks(16, gen), random_blocks(16, gen)
-    same = net.best_order_cosine(a, shuffle_hidden(*a, gen))
+    same = symmetry.best_order_cosine(a, shuffle_hidden(*a, gen))
     torch.testing.assert_close(same, torch.ones(16), atol=1e-5, rtol=0)
-    ab, ba = net.best_order_cosine(a, b), net.best_order_cosine(b, a)
+    ab, ba = symmetry.best_order_cosine(a, b), symmetry.best_order_cosine(b, a)
     torch.testing.assert_close(ab, ba)  # reordering b by o matches a reordered by o's inverse
     assert (ab < 0.9).all() and (ab > -1).all()
-    mirrored = net.best_order_cosine(a, (a[0], -a[1]))  # conv1 part equal, conv2 part opposite
+    mirrored = symmetry.best_order_cosine(a, (a[0], -a[1]))  # conv1 part equal, conv2 part opposite
     assert (mirrored < 1 - 1e-3).all()

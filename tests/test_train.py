@@ -18,6 +18,7 @@ import loader
 import losses
 import mnist
 import net
+import rules
 import runs
 import train
 import translate
@@ -124,8 +125,8 @@ def test_end_to_end_outputs(finished_run, pair_sets):
             'Mean target': ({k: t.mean(0, keepdim=True).expand(3, *t.shape[1:]) for k, t in train_simple.items()},
                             'simple'),
             'Weight selection': ({'conv1.weight': c1[:, :3], 'conv2.weight': c2[:, :, :3]}, 'simple'),
-            'Weight selection (folded)': (evaluate.folded_selection(val.basic), 'simple'),
-            'Weight selection (folded, refit)': (evaluate.refit_selection(val.basic), 'simple'),
+            'Weight selection (folded)': (rules.folded_selection(val.basic), 'simple'),
+            'Weight selection (folded, refit)': (rules.refit_selection(val.basic), 'simple'),
             'Random Init': ({k: torch.stack([sd[k] for sd in random_init]) for k in random_init[0]}, 'simple')}
     for name, (middle, kind) in rows.items():
         accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, kind)

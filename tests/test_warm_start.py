@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import construct_train
+import construct
 import evaluate
 import generation
 import loader
@@ -73,7 +73,7 @@ def tiny_setup(pair_sets):
     args = warm_start.get_args(TINY)
     val, train = loader.ValDataset(pair_sets['val'], 2), loader.TrainDataset(pair_sets['train'], 12)
     blocks = warm_start.start_blocks(val, [train.simple['conv1.weight'], train.simple['conv2.weight']], 0, {})
-    recipe = construct_train.Recipe(kind='val', num_epochs=1, batch_size=10, num_train_images=300,
+    recipe = construct.Recipe(kind='val', num_epochs=1, batch_size=10, num_train_images=300,
                                     num_test_images=200)
     return val, blocks, recipe, generation.load_mnist_to(torch.device('cpu'), args), warm_start.step_grid(300, 10)
 
@@ -84,8 +84,8 @@ def test_last_step_is_small_phase(pair_sets):
     start = 'Weight selection'
     one = {n: t[1:2].clone() for n, t in blocks[start].items()}
     begin, last = ({n: t[1:2].clone() for n, t in s.items()} for s in (val.begin, val.last))
-    gens = [construct_train.data_generator(utils.seed_for(0, 'warm_start', 1))]
-    acc0, acc_end = construct_train.small_phase(begin, last, one, gens, recipe, mnist)
+    gens = [construct.data_generator(utils.seed_for(0, 'warm_start', 1))]
+    acc0, acc_end = construct.small_phase(begin, last, one, gens, recipe, mnist)
     assert all(torch.equal(tuned[start][n], one[n][0]) for n in one)
     assert not torch.equal(tuned[start]['conv1.weight'], blocks[start]['conv1.weight'][1])  # it was trained
     assert curves[start][0] == acc0.item() and curves[start][-1] == acc_end.item()

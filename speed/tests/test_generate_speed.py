@@ -5,11 +5,16 @@ import os
 import subprocess
 import sys
 
+# Triton reads TRITON_INTERPRET when first imported: the kernels run in its interpreter on a CPU unless it is set
+# (speed/gpu_check.sh sets 0)
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import pytest
 import torch
 
 SPEED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, SPEED)
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 import fast_paths_agreement  # noqa: E402  (the step variants' runner, shared with the figures it prints)
 import generate  # noqa: E402  (speed/generate.py)
@@ -38,7 +43,7 @@ def tiny_args(*extra):
 
 def fast_pairs(indices, args, mnist, device=CPU, **kw):
     """make_pairs with the speed flags of args (speed/generate.py's)."""
-    return construct_train.make_pairs(indices, args.recipe, mnist, device, steps=generate.FastSteps(args, device), **kw)
+    return construct.make_pairs(indices, args.recipe, mnist, device, steps=generate.FastSteps(args, device), **kw)
 
 
 def max_diff(a, b):
@@ -82,7 +87,7 @@ def test_channels_last_forward_and_backward_are_the_same_function():
 
 
 def test_fast_flags_make_close_networks(mnist):
-    plain = construct_train.make_pairs(range(2), tiny_args('--num_epochs', '2').recipe, mnist, CPU, True)
+    plain = construct.make_pairs(range(2), tiny_args('--num_epochs', '2').recipe, mnist, CPU, True)
     last = fast_pairs(range(2), tiny_args('--num_epochs', '2', '--channels_last'), mnist, cache_begin=True)
     bf16 = fast_pairs(range(2), tiny_args('--num_epochs', '2', '--amp', 'bf16'), mnist, cache_begin=True)
     assert 0 < max_diff(plain, last) < 1e-2  # the CPU's channels-last BatchNorm sums in another order
@@ -131,13 +136,13 @@ def test_cuda_graph_runs_every_step_once(monkeypatch, mnist):
     monkeypatch.setattr(generate, 'on_side_stream', lambda fn: fn())
     monkeypatch.setattr(generate, 'captured', lambda fn: captures.append(fn) or fn)
     args = tiny_args('--num_epochs', '2')  # batches of 128, 128, 44: each shape warmed up, captured, replayed
-    plain = construct_train.make_pairs(range(2), args.recipe, mnist, CPU)
+    plain = construct.make_pairs(range(2), args.recipe, mnist, CPU)
 
-    class Graphed(construct_train.Steps):  # --cuda_graph's wrapping, without its check for a CUDA device
+    class Graphed(construct.Steps):  # --cuda_graph's wrapping, without its check for a CUDA device
         def build(self, params, loss_fn, recipe):
             step, reset = super().build(params, loss_fn, recipe)
             return generate.cuda_graphed(step), reset
-    graphed = construct_train.make_pairs(range(2), args.recipe, mnist, CPU, steps=Graphed())
+    graphed = construct.make_pairs(range(2), args.recipe, mnist, CPU, steps=Graphed())
     assert len(captures) == 4  # 2 shapes x 2 phases
     assert max_diff(plain, graphed) == 0
 

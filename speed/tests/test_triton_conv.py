@@ -2,7 +2,7 @@
 the fused Begin block against net.begin_forward, the fused small step against autograd, generation with each
 Triton flag, and every kernel compiled for a GPU.
 
-They run on the CPU in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before triton is imported), or
+They run on the CPU in Triton's interpreter (this file sets TRITON_INTERPRET=1 before triton is imported), or
 compiled on a CUDA GPU with TRITON_INTERPRET=0 (speed/gpu_check.sh; the generation tests, which compare
 with the plain path on the CPU, are then skipped). Skipped where triton is not installed (it is not a
 dependency: it comes with CUDA builds of torch; `pip install triton` adds it on a CPU machine)."""
@@ -11,6 +11,10 @@ import re
 import subprocess
 import sys
 
+# Triton reads TRITON_INTERPRET when first imported: the kernels run in its interpreter on a CPU unless it is set
+# (speed/gpu_check.sh sets 0)
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
 import numpy
 import pytest
 import torch
@@ -18,10 +22,11 @@ import torch.nn.functional as F
 
 SPEED = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, SPEED)
+import construct  # noqa: E402
 import construct_train  # noqa: E402
 import generate  # noqa: E402  (speed/generate.py)
 import generation  # noqa: E402
-import loader  # noqa: E402
+import mnist  # noqa: E402
 import net  # noqa: E402
 
 triton = pytest.importorskip('triton')
@@ -114,7 +119,7 @@ def begin_run(forward, x, s, training, dtype):
 
 def mnist_planes(n, k):
     """n x k MNIST training images as (n, k, 28, 28) floats: flat backgrounds, so max-pool windows have ties."""
-    images = loader.load_mnist('data', train=True)[0][:n * k]
+    images = mnist.load_mnist('data', train=True)[0][:n * k]
     return net.to_float(images).view(n, k, 28, 28)
 
 
@@ -171,7 +176,7 @@ def basic_run(forward, h, basic, last, dtype, device):
     basic = {n: t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True) for n, t in basic.items()}
     last = {n: t.to(device, dtype, copy=True) for n, t in last.items()}
     h = h.to(device, dtype, copy=True).requires_grad_()
-    params = [h] + construct_train.trainable(basic) + [last['downsample.weight'].requires_grad_()]
+    params = [h] + construct.trainable(basic) + [last['downsample.weight'].requires_grad_()]
     d = forward(h, basic, last)
     d.backward(torch.randn(d.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(d))
     return d.detach().cpu(), [p.grad.cpu() for p in params], {n: t.detach().cpu() for n, t in basic.items()}
@@ -262,8 +267,8 @@ def test_generation_with_triton_kernels_is_close(triton_conv, interpreted, flags
     mnist = generation.load_mnist_to(cpu, construct_train.get_args('train', tiny))
     args = generate.get_args(tiny + flags)
     cache = args.begin_cache != 'off'
-    plain = construct_train.make_pairs(range(2), args.recipe, mnist, cpu, cache)
-    fast = construct_train.make_pairs(range(2), args.recipe, mnist, cpu, cache, steps=generate.FastSteps(args, cpu))
+    plain = construct.make_pairs(range(2), args.recipe, mnist, cpu, cache)
+    fast = construct.make_pairs(range(2), args.recipe, mnist, cpu, cache, steps=generate.FastSteps(args, cpu))
     for block in ('begin', 'basic', 'last', 'simple'):
         for name, t in plain[block].items():
             assert_close(fast[block][name], t, 1e-4, 1e-4, f'{block}.{name}')
