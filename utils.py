@@ -101,19 +101,39 @@ def check_device(name):
     return device
 
 
+# The flags of absl itself that absl's flags_into_string() puts at the top of the original's flagfile.txt
+# (--nohelp ... --verbosity=0): they concern absl's own help, debugger and logging, none of them a run setting.
+ABSL_OWN_FLAGS = frozenset((
+    'help', 'helpfull', 'helpshort', 'helpxml', 'only_check_args', 'only_check_flags', 'pdb', 'pdb_post_mortem',
+    'run_with_pdb', 'run_with_profiling', 'use_cprofile_for_profiling', 'alsologtostderr', 'log_dir',
+    'logger_levels', 'logtostderr', 'showprefixforinfo', 'stderrthreshold', 'verbosity'))
+
+
+def absl_own_flag(line):
+    """Whether a flagfile line sets one of ABSL_OWN_FLAGS (`--name`, `--noname` or `--name=value`)."""
+    name = line[2:].split('=', 1)[0] if line.startswith('--') else ''
+    return name in ABSL_OWN_FLAGS or (name.startswith('no') and '=' not in line and name[2:] in ABSL_OWN_FLAGS)
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse that reads every number form absl accepted as a value (`--grad_clip -1.`, `-.5`, `-1e-3`),
-    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped)."""
+    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped); in a
+    file, absl's own flags (ABSL_OWN_FLAGS) are skipped and listed in `ignored` until the next parse."""
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars='@', **kwargs)
         self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$')
+        self.ignored = []
 
     def convert_arg_line_to_args(self, line):
         line = line.strip()
+        if absl_own_flag(line):
+            self.ignored.append(line)
+            return []
         return [] if not line or line.startswith('#') else [line]
 
     def parse_args(self, args=None, namespace=None):
+        self.ignored = []
         args, out = list(sys.argv[1:] if args is None else args), []
         while args:  # --flagfile FILE and --flagfile=FILE mean @FILE
             a = args.pop(0)
