@@ -71,7 +71,7 @@ def choose_gpu(gpu_id, environ, num_visible):
 
 
 def get_device(gpu_id=0, device=None):
-    """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU."""
+    """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU and a warning."""
     global _own_pin
     if device:
         return check_device(device)
@@ -82,7 +82,13 @@ def get_device(gpu_id=0, device=None):
     if pin is not None:
         os.environ['CUDA_VISIBLE_DEVICES'] = _own_pin = pin
     num_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return torch.device(choose_gpu(gpu_id, environ, num_visible))
+    chosen = torch.device(choose_gpu(gpu_id, environ, num_visible))
+    if chosen.type == 'cpu':  # --gpu_id (default 0, as the original's) asked for a GPU: say that none is used
+        env = environ.get('CUDA_VISIBLE_DEVICES')
+        hidden = '' if env is None else f', CUDA_VISIBLE_DEVICES={env!r}'
+        print(f'warning: --gpu_id {gpu_id} asks for a GPU, but torch {torch.__version__} sees none{hidden}: '
+              f'running on {chosen} (--device cpu chooses it without this warning)', file=sys.stderr)
+    return chosen
 
 
 def check_device(name):
@@ -172,7 +178,7 @@ def add_shared_flags(parser, *names, helps=None, **defaults):
         if name in defaults:
             kwargs['default'] = defaults.pop(name)
         if name == 'device' and not kwargs['default']:
-            kwargs['help'] += '; unset: CUDA if present (the GPU --gpu_id names), else CPU'
+            kwargs['help'] += '; unset: CUDA if present (the GPU --gpu_id names), else CPU with a warning'
         if helps and name in helps:
             kwargs['help'] += f' ({helps[name]})'
         parser.add_argument(f'--{name}', **kwargs)

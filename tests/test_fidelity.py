@@ -271,6 +271,25 @@ def test_gpu_id_takes_the_original_string_form(monkeypatch, capsys):
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '4,6'
 
 
+def test_a_gpu_asked_for_without_one_is_one_warning(pair_sets, tmp_path, monkeypatch, capsys):
+    """--gpu_id on a machine without a visible GPU: one warning line naming the device used, at every script's
+    device choice (utils.get_device); --device cpu is said on purpose and stays silent."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(utils, '_own_pin', None)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # recorded, so that the variable get_device sets is undone
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    argv = [a for a in train_argv(pair_sets, tmp_path, '--num_epochs', '1') if a not in ('--device', 'cpu')]
+    train.main(argv + ['--gpu_id', '0,1'])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: --gpu_id 0,1 asks for a GPU, but torch {torch.__version__} sees none: running on '
+                        f'cpu (--device cpu chooses it without this warning)']
+    assert 'device cpu' in open(os.path.join(run_dirs(argv)[1], 'train.log')).read()
+    assert utils.get_device('0,1', 'cpu') == torch.device('cpu') and 'warning' not in capsys.readouterr().err
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # every GPU hidden: the warning says so
+    assert utils.get_device(0) == torch.device('cpu')
+    assert "sees none, CUDA_VISIBLE_DEVICES='': running on cpu" in capsys.readouterr().err
+
+
 def test_the_original_lines_once_each(pair_sets, tmp_path, capsys):
     """'load N training data' / 'load N validation data' printed, and 'Accuracy Distribution' only where the
     original writes it: after the Random Init row and after the best mean at the end, not after each evaluation."""
