@@ -4,7 +4,8 @@ translator and the summary.
     <ckpt_path>/<run>/  last.pth (resume state, every epoch), <best mean acc>.pth (the best translator as the
                         original saves it: a plain MLPMixer state dict named str(round(mean, 2)) + '.pth'),
                         <best mean acc>.json (its config, epoch and flags), summary.json (rows for report.py)
-    <log_path>/<run>/   train.log, flagfile.txt, args.json, metrics.csv, TensorBoard events (if installed)
+    <log_path>/<run>/   train.log, flagfile.txt, args.json, metrics.csv, TensorBoard events (tensorboard or
+                        tensorboardX installed)
 """
 import csv
 import io
@@ -100,12 +101,16 @@ def write_metrics(path, rows):
 
 
 def tensorboard_writer(log_dir, start_epoch):
-    """A SummaryWriter if tensorboard is installed, else None (it is never a dependency). TensorBoard hides the
-    directory's earlier events from start_epoch on: a rerun of the same flags or a resumed run shows each epoch once."""
+    """A SummaryWriter of torch.utils.tensorboard (needs the tensorboard package), else of tensorboardX (what the
+    original imports), else None: neither is a dependency. TensorBoard hides the directory's earlier events from
+    start_epoch on: a rerun of the same flags or a resumed run shows each epoch once."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        return None
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
     return SummaryWriter(log_dir, purge_step=start_epoch)
 
 

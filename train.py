@@ -111,7 +111,7 @@ def make_parser():
                         'compile once: seconds); checkpoints hold the plain translator either way')
     s.add_argument('--flagfile', metavar='FILE',
                    help='read flags from FILE, one --flag=value a line (as @FILE; every run writes its own '
-                        'flagfile.txt)')
+                        'flagfile.txt; the lines of absl\'s own flags atop the original\'s are skipped)')
     r = p.add_argument_group('research', 'options beyond the paper, off by default')
     r.add_argument('--perm_aug', action='store_true',
                    help='exact augmentation: per pair per batch, fresh random permutations of the 6 residual '
@@ -310,6 +310,7 @@ def log_setup(args, score, holdout, objective, num_train, cache_time):
 
 def main(argv=None):
     args = get_args(argv)
+    absl_flags = PARSER.ignored  # an original flagfile.txt's lines of absl itself, logged once the log is open
     check_args(args)
     config = translator_config(args)
     ctx = distributed.setup(args.device, args.gpu_id)  # rank 0 of 1 outside torchrun
@@ -336,6 +337,8 @@ def main(argv=None):
     fingerprint = runs.data_fingerprint(train_set, val_set, holdout)
     state = run.resume_state(fingerprint, device)
     run.open(ctx, state)
+    if absl_flags:
+        log.info(f"flagfile: ignored absl's own flags, which set no run setting: {' '.join(absl_flags)}")
     log.info(f'{len(train_set)} training pairs ({train_set.layout}) from {args.train_path}, '
              f'{len(val_set)} validation networks ({val_set.layout}) from {args.val_path}, '
              f'{len(images)} test images; loaded in {load_time:.1f} s')

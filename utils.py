@@ -71,7 +71,7 @@ def choose_gpu(gpu_id, environ, num_visible):
 
 
 def get_device(gpu_id=0, device=None):
-    """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU."""
+    """`device` if given, else the GPU --gpu_id names (choose_gpu) when CUDA is present, else CPU and a warning."""
     global _own_pin
     if device:
         return check_device(device)
@@ -82,7 +82,13 @@ def get_device(gpu_id=0, device=None):
     if pin is not None:
         os.environ['CUDA_VISIBLE_DEVICES'] = _own_pin = pin
     num_visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return torch.device(choose_gpu(gpu_id, environ, num_visible))
+    chosen = torch.device(choose_gpu(gpu_id, environ, num_visible))
+    if chosen.type == 'cpu':  # --gpu_id (default 0, as the original's) asked for a GPU: say that none is used
+        env = environ.get('CUDA_VISIBLE_DEVICES')
+        hidden = '' if env is None else f', CUDA_VISIBLE_DEVICES={env!r}'
+        print(f'warning: --gpu_id {gpu_id} asks for a GPU, but torch {torch.__version__} sees none{hidden}: '
+              f'running on {chosen} (--device cpu chooses it without this warning)', file=sys.stderr)
+    return chosen
 
 
 def check_device(name):
@@ -101,19 +107,39 @@ def check_device(name):
     return device
 
 
+# The flags of absl itself that absl's flags_into_string() puts at the top of the original's flagfile.txt
+# (--nohelp ... --verbosity=0): they concern absl's own help, debugger and logging, none of them a run setting.
+ABSL_OWN_FLAGS = frozenset((
+    'help', 'helpfull', 'helpshort', 'helpxml', 'only_check_args', 'only_check_flags', 'pdb', 'pdb_post_mortem',
+    'run_with_pdb', 'run_with_profiling', 'use_cprofile_for_profiling', 'alsologtostderr', 'log_dir',
+    'logger_levels', 'logtostderr', 'showprefixforinfo', 'stderrthreshold', 'verbosity'))
+
+
+def absl_own_flag(line):
+    """Whether a flagfile line sets one of ABSL_OWN_FLAGS (`--name`, `--noname` or `--name=value`)."""
+    name = line[2:].split('=', 1)[0] if line.startswith('--') else ''
+    return name in ABSL_OWN_FLAGS or (name.startswith('no') and '=' not in line and name[2:] in ABSL_OWN_FLAGS)
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse that reads every number form absl accepted as a value (`--grad_clip -1.`, `-.5`, `-1e-3`),
-    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped)."""
+    and `@file` / `--flagfile file` with one `--flag=value` a line (blank lines and # comments skipped); in a
+    file, absl's own flags (ABSL_OWN_FLAGS) are skipped and listed in `ignored` until the next parse."""
 
     def __init__(self, **kwargs):
         super().__init__(fromfile_prefix_chars='@', **kwargs)
         self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$')
+        self.ignored = []
 
     def convert_arg_line_to_args(self, line):
         line = line.strip()
+        if absl_own_flag(line):
+            self.ignored.append(line)
+            return []
         return [] if not line or line.startswith('#') else [line]
 
     def parse_args(self, args=None, namespace=None):
+        self.ignored = []
         args, out = list(sys.argv[1:] if args is None else args), []
         while args:  # --flagfile FILE and --flagfile=FILE mean @FILE
             a = args.pop(0)
@@ -152,7 +178,7 @@ def add_shared_flags(parser, *names, helps=None, **defaults):
         if name in defaults:
             kwargs['default'] = defaults.pop(name)
         if name == 'device' and not kwargs['default']:
-            kwargs['help'] += '; unset: CUDA if present (the GPU --gpu_id names), else CPU'
+            kwargs['help'] += '; unset: CUDA if present (the GPU --gpu_id names), else CPU with a warning'
         if helps and name in helps:
             kwargs['help'] += f' ({helps[name]})'
         parser.add_argument(f'--{name}', **kwargs)

@@ -1,4 +1,5 @@
 """The original's own command, log lines, warm-up and flagfile, as its users rely on them."""
+import json
 import os
 import re
 import shlex
@@ -184,6 +185,71 @@ def test_an_original_flagfile_replays(tmp_path):
     assert [a.help for a in train.PARSER._actions if a.dest == 'warmup_iters'][0].startswith('ignored')
 
 
+# The lines of absl's own flags that its flags_into_string() writes first, in this order, into the original's
+# flagfile.txt; the run's own flags follow in alphabetical order.
+ABSL_OWN_LINES = """--nohelp
+--nohelpfull
+--nohelpshort
+--nohelpxml
+--noonly_check_args
+--noonly_check_flags
+--nopdb
+--nopdb_post_mortem
+--norun_with_pdb
+--norun_with_profiling
+--use_cprofile_for_profiling
+--noalsologtostderr
+--log_dir=
+--logger_levels=
+--nologtostderr
+--showprefixforinfo
+--stderrthreshold=fatal
+--verbosity=0
+"""
+
+
+def absl_flagfile(values):
+    """flagfile.txt as the original's train.py writes it: absl's own lines, then one --flag=value a line, sorted."""
+    return ABSL_OWN_LINES + ''.join(f'--{k}={v}\n' for k, v in sorted(values.items()))
+
+
+def test_the_authors_absl_flagfile_replays(pair_sets, tmp_path):
+    """Every flag the original declares, as absl prints it, for a tiny run; our additions on the command line."""
+    original = dict(batch_size=5, c_dim=16, ckpt_path=tmp_path / 'ckpts', dropout=0.0, gpu_id=0, grad_clip=-1.0,
+                    hidden_c_dim=16, hidden_s_dim=16, log_path=tmp_path / 'logs', log_step=2, lr=0.001,
+                    mask_target='t', noise=0.0, noise_target='t', num_cycles=1, num_epochs=2, num_layers=1,
+                    optimizer='adam', prob=0.0, s_dim=72, scheduler='cos', train_data_length=12,
+                    train_path=pair_sets['train'], val_path=pair_sets['val'], warmup=0, warmup_iters=0, wd=0.0)
+    path = tmp_path / 'flagfile.txt'
+    path.write_text(absl_flagfile(original))
+    assert path.read_text().splitlines()[17:20] == ['--verbosity=0', '--batch_size=5', '--c_dim=16']
+    ours = ['--val_data_length', '3', '--num_test_images', '200', '--device', 'cpu']
+    command = [w for k, v in original.items() for w in (f'--{k}', str(v))] + ours
+    want = vars(train.get_args(command))
+    for form in (['@' + str(path)], ['--flagfile', str(path)], [f'--flagfile={path}']):
+        got = vars(train.get_args(form + ours))
+        assert train.PARSER.ignored == ABSL_OWN_LINES.split()
+        assert {k: v for k, v in got.items() if k != 'flagfile'} == {k: v for k, v in want.items() if k != 'flagfile'}
+    assert train.get_args(command) and train.PARSER.ignored == []
+    train.main(['@' + str(path)] + ours)
+    log_dir = run_dirs(command)[1]
+    assert json.load(open(os.path.join(log_dir, 'args.json'))) == want  # the run of the original's command
+    lines = open(os.path.join(log_dir, 'train.log')).read().splitlines()
+    said = [line for line in lines if "absl's own" in line]
+    assert len(said) == 1 and said[0].endswith(' '.join(ABSL_OWN_LINES.split()))
+
+
+def test_absl_own_flags_are_skipped_only_in_a_flagfile(tmp_path, capsys):
+    # on the command line they stay unknown flags, and a flag of ours that starts with "no" is not one of them
+    with pytest.raises(SystemExit):
+        train.get_args(['--nohelp'])
+    assert 'unrecognized arguments: --nohelp' in capsys.readouterr().err
+    path = tmp_path / 'flagfile.txt'
+    path.write_text(ABSL_OWN_LINES + '--noise=0.5\n--noise_target=s\n')
+    args = train.get_args(['@' + str(path)])
+    assert (args.noise, args.noise_target) == (0.5, 's') and len(train.PARSER.ignored) == 18
+
+
 def test_gpu_id_takes_the_original_string_form(monkeypatch, capsys):
     assert train.get_args(['--gpu_id', '0,1']).gpu_id == '0,1'
     with pytest.raises(SystemExit):
@@ -203,6 +269,25 @@ def test_gpu_id_takes_the_original_string_form(monkeypatch, capsys):
     with pytest.raises(utils.UserError, match='--gpu_id 0,1: CUDA_VISIBLE_DEVICES=4,6 is already set'):
         utils.get_device('0,1')
     assert os.environ['CUDA_VISIBLE_DEVICES'] == '4,6'
+
+
+def test_a_gpu_asked_for_without_one_is_one_warning(pair_sets, tmp_path, monkeypatch, capsys):
+    """--gpu_id on a machine without a visible GPU: one warning line naming the device used, at every script's
+    device choice (utils.get_device); --device cpu is said on purpose and stays silent."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(utils, '_own_pin', None)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # recorded, so that the variable get_device sets is undone
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    argv = [a for a in train_argv(pair_sets, tmp_path, '--num_epochs', '1') if a not in ('--device', 'cpu')]
+    train.main(argv + ['--gpu_id', '0,1'])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert warnings == [f'warning: --gpu_id 0,1 asks for a GPU, but torch {torch.__version__} sees none: running on '
+                        f'cpu (--device cpu chooses it without this warning)']
+    assert 'device cpu' in open(os.path.join(run_dirs(argv)[1], 'train.log')).read()
+    assert utils.get_device('0,1', 'cpu') == torch.device('cpu') and 'warning' not in capsys.readouterr().err
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # every GPU hidden: the warning says so
+    assert utils.get_device(0) == torch.device('cpu')
+    assert "sees none, CUDA_VISIBLE_DEVICES='': running on cpu" in capsys.readouterr().err
 
 
 def test_the_original_lines_once_each(pair_sets, tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -155,6 +156,50 @@ def test_tensorboard_scalars_are_the_logged_ones(pair_sets, tmp_path):
     # Lr after the epoch's scheduler step: the next epoch's lr, and 0 at the cosine's end
     assert scalars['Lr'][0] == [0, 1, 2, 3]
     assert scalars['Lr'][1] == pytest.approx([float(m['lr']) for m in metrics[1:]] + [0], abs=1e-9)
+
+
+def read_scalars(log_dir, event_pb2):
+    """{tag: [(step, value)]} of a folder's event files as TensorBoard shows them: files in name order, each a
+    series of records (8-byte length, 4-byte CRC, an Event, 4-byte CRC); a SessionLog START at step s (purge_step)
+    drops the steps from s on that earlier events hold."""
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, 'events.out.tfevents.*'))):
+        data, at = open(path, 'rb').read(), 0
+        while at < len(data):
+            size = struct.unpack('<Q', data[at:at + 8])[0]
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + size])
+            at += 12 + size + 4
+            if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+                scalars = {tag: [(s, v) for s, v in kept if s < event.step] for tag, kept in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.parametrize('writer, proto', [('torch.utils.tensorboard', 'tensorboard.compat.proto.event_pb2'),
+                                           ('tensorboardX', 'tensorboardX.proto.event_pb2')])
+def test_tensorboard_events_through_each_installed_writer(writer, proto, pair_sets, tmp_path, monkeypatch):
+    """torch.utils.tensorboard (it needs tensorboard) is used when it imports, else tensorboardX, the original's
+    writer: either writes the original's tags, each epoch once after a rerun and a resume (purge_step)."""
+    pytest.importorskip(writer)
+    event_pb2 = pytest.importorskip(proto)
+    if writer == 'tensorboardX':
+        monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as where tensorboard is not installed
+    probe = runs.tensorboard_writer(str(tmp_path / 'probe'), 0)
+    assert type(probe).__module__.startswith(writer)
+    probe.close()
+    argv = train_argv(pair_sets, tmp_path)
+    for extra in ([], ['--stop_after_epoch', '1'], ['--resume']):  # a run, a rerun stopped after epoch 1, its resume
+        time.sleep(1.01 - time.time() % 1)  # event files are named by the second they start in
+        train.main(argv + extra)
+    log_dir = run_dirs(argv)[1]
+    scalars, metrics = read_scalars(log_dir, event_pb2), read_metrics(log_dir)
+    assert sorted(scalars) == ['Loss', 'Lr', 'Mean_Accuracy']
+    assert [s for s, _ in scalars['Loss']] == [s for s, _ in scalars['Lr']] == [0, 1, 2, 3]
+    assert [v for _, v in scalars['Loss']] == pytest.approx([float(m['loss']) for m in metrics])
+    assert [s for s, _ in scalars['Mean_Accuracy']] == [2, 3]  # epoch % log_step == 0, and the last
+    assert [v for _, v in scalars['Mean_Accuracy']] == pytest.approx([float(m['mean']) for m in metrics[2:]])
+    assert [v for _, v in scalars['Lr']] == pytest.approx([float(m['lr']) for m in metrics[1:]] + [0], abs=1e-9)
 
 
 def test_trains_on_the_original_layout(tmp_path):
