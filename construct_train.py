@@ -10,6 +10,7 @@ import argparse
 import construct
 import generation
 import original_layout
+import shards
 import utils
 
 
@@ -20,13 +21,16 @@ def get_parser(kind='train'):
     p.add_argument('--batch_size', type=int, default=128, help='SGD batch size of both phases')
     p.add_argument('--num_epochs', type=int, default=10, help='epochs of each phase (large net, small block)')
     p.add_argument('--lr', type=float, default=0.01, help='SGD learning rate (momentum 0.9, no weight decay)')
-    p.add_argument('--num_data', type=int, default=1, help='number of networks this process makes')
+    p.add_argument('--num_data', type=int, default=1, help='number of networks this process makes (--status: '
+                   'unset, the range up to the last network made)')
     p.add_argument('--start_index', type=int, default=0, help='index of its first network')
     p.add_argument('--data_root', type=str, default=f'./data/{kind}', help='folder of the pairs (see --layout)')
     p.add_argument('--layout', choices=('shards', 'original'), default='shards',
                    help=f'shards: shard_<start>_<stop>.pt files; original: the {{i}}.pth state dicts the original '
                         f'train.py reads ({original_layout.original_layout_help(kind)}), also in a folder of its own files')
-    p.add_argument('--seed', type=int, default=0, help='dataset seed: network i depends only on (seed, i)')
+    p.add_argument('--seed', type=int, default=0, help='dataset seed: network i is drawn from (seed, i) only (its '
+                   'init, order and flips); the same --models_per_step, device, torch version and threads give it bit '
+                   'for bit, another --models_per_step, device or thread count only within float rounding')
     utils.add_shared_flags(p, 'gpu_id', 'device', 'mnist_root', 'num_threads')
     p.add_argument('--models_per_step', type=int, default=0, help='networks trained side by side (one shard each '
                    'group); 0 = chosen from the device (its memory share, see --processes_per_gpu)')
@@ -42,6 +46,17 @@ def get_parser(kind='train'):
                    'and tests; the recipe uses 10000)')
     p.add_argument('--original_log', action='store_true', help="log the original scripts' lines per network (Data "
                    'index, test accuracy after every epoch of both phases): slower, the same networks')
+    j = p.add_argument_group('job', 'many processes on one root: claims, progress, duplicates')
+    j.add_argument('--claim_timeout', type=float, default=generation.CLAIM_TIMEOUT_H, metavar='HOURS',
+                   help='a claim (claims/<start>_<stop>.claim: a group being made) whose file was not touched for '
+                        'this long is stale and taken over, on any host (a live holder touches it every minute); on '
+                        'the same host a claim whose process is gone is taken over at once')
+    j.add_argument('--status', action='store_true', help='print the state of --data_root and exit, writing nothing '
+                   '(safe while generators run): recipe, made / missing of [--start_index, + --num_data), '
+                   'duplicates, claims, unreadable shards, rate')
+    j.add_argument('--dedupe', action='store_true', help='delete the shards of --data_root that readers never read '
+                   '(each index made twice is read from the shard that starts first, the longest among equal '
+                   'starts), after loading their replacements, and exit')
     if kind == 'train':
         p.add_argument('--skip_simple', action='store_true', help='skip the small-block phase (pairs usable only '
                        'by the functional loss)')
@@ -53,9 +68,15 @@ def get_parser(kind='train'):
 
 def check_args(args, kind='train'):
     """Refuse bad values; add args.kind, args.train_small and args.recipe (a Recipe)."""
+    if args.num_data is None and not args.status:
+        args.num_data = 1  # unset: --status reads the range up to the last network made
+    if args.claim_timeout <= 0:
+        raise utils.UserError(f'--claim_timeout must be > 0 hours (got {args.claim_timeout})')
+    if args.status and args.dedupe:
+        raise utils.UserError('--status reads, --dedupe deletes: give one of them')
     for flag in ('batch_size', 'num_epochs', 'num_data', 'num_train_images', 'num_test_images', 'processes_per_gpu',
                  'lr'):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
     for flag in ('start_index', 'models_per_step', 'num_threads'):
         if getattr(args, flag) < 0:
@@ -70,7 +91,8 @@ def check_args(args, kind='train'):
 
 def get_args(kind='train', argv=None):
     """The flags of construct_train.py (kind 'train') or construct_val.py ('val'), checked."""
-    return check_args(get_parser(kind).parse_args(argv), kind)
+    unset = argparse.Namespace(num_data=None)  # argparse keeps a value already there: None tells --num_data unset
+    return check_args(get_parser(kind).parse_args(argv, unset), kind)
 
 
 def recipe_of(args):
@@ -80,8 +102,22 @@ def recipe_of(args):
 
 
 def main(kind='train'):
-    """Parse construct_train.py's flags (construct_val.py's for kind 'val') and generate."""
-    generation.generate(get_args(kind))
+    """Parse construct_train.py's flags (construct_val.py's for kind 'val') and generate, or --status, --dedupe."""
+    args = get_args(kind)
+    if args.status:
+        print('\n'.join(generation.status_lines(args)))
+    elif args.dedupe:
+        dedupe(args.data_root)
+    else:
+        generation.generate(args)
+
+
+def dedupe(root):
+    """--dedupe: delete the shards readers never read, saying which."""
+    removed = shards.dedupe(root)
+    for path in removed:
+        print(f'deleted {path}: every network of it is read from another shard')
+    print(f'{root}: {len(removed)} redundant shard(s) deleted' if removed else f'{root}: no redundant shard')
 
 
 if __name__ == '__main__':
