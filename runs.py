@@ -6,6 +6,9 @@ translator and the summary.
                         <best mean acc>.json (its config, epoch and flags), summary.json (rows for report.py)
     <log_path>/<run>/   train.log, flagfile.txt, args.json, metrics.csv, TensorBoard events (tensorboard or
                         tensorboardX installed)
+
+SIGTERM, SIGINT or a failed write stop a run at once (stopping): every file is written atomically, so last.pth is
+the last complete epoch's, and the one line printed names it and the command that resumes (--resume).
 """
 import contextlib
 import csv
