@@ -17,7 +17,7 @@ import shards
 import sizing
 import utils
 
-CLAIM_TIMEOUT_H = 2.0  # --claim_timeout's default: a claim untouched that long is stale (its holder touches it each minute)
+CLAIM_TIMEOUT_H = 2.0  # --claim_timeout: a claim untouched that long is stale (its holder touches it each minute)
 
 def load_mnist_to(device, args):
     """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
@@ -75,7 +75,7 @@ def _generate(args, steps, held):
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
         while groups:
             group = next_group(groups, held, waited)
-            if group is None:  # every group left is being made by another process: wait for it, or its claim to go stale
+            if group is None:  # others hold every group left: wait for their shards, or for a claim to go stale
                 time.sleep(claims.POLL_S)
             elif not fresh(group, args, dirs):
                 held.release(*group)  # made (in part) by another process meanwhile: list the groups again

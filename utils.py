@@ -302,8 +302,8 @@ def seed_for(seed, split, index):
 
 
 class _Recorder:
-    """A binary file that keeps the first OSError of its writes: torch.save reports one as a RuntimeError
-    ('unexpected pos ...') without the errno."""
+    """A binary file that keeps the first exception of its writes: torch.save reports one as a RuntimeError
+    ('unexpected pos ...'), without the errno or the signal."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -311,7 +311,7 @@ class _Recorder:
     def write(self, data):
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:  # an OSError, or Interrupted raised by a signal handler within the write
             self.error = self.error or e
             raise
 
@@ -349,8 +349,10 @@ def atomic_write(path, data):
             except OSError:
                 pass  # an I/O error may forbid it too: the WriteError below is what the user must see
         error = e if isinstance(e, OSError) else getattr(f, 'error', None)
-        if error is not None and isinstance(e, (OSError, RuntimeError)):
+        if isinstance(error, OSError) and isinstance(e, (OSError, RuntimeError)):
             raise WriteError(path, error) from None
+        if error is not None and isinstance(e, RuntimeError):
+            raise error from None  # the signal's Interrupted that torch.save turned into a RuntimeError
         raise
 
 
