@@ -1,6 +1,7 @@
 """The driver of generation (construct_train.py, construct_val.py, speed/generate.py): the missing indices of a
 data root made in groups of K networks by construct.make_pairs, written as they finish, with a progress bar
 and a log; a killed run resumes where it stopped."""
+import json
 import logging
 import os
 import time
@@ -8,6 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import claims
 import construct
 from mnist import load_mnist
 import original_layout
@@ -15,6 +17,7 @@ import shards
 import sizing
 import utils
 
+CLAIM_TIMEOUT_H = 2.0  # --claim_timeout: a claim untouched that long is stale (its holder touches it each minute)
 
 def load_mnist_to(device, args):
     """(train images, train labels, test images, test labels) on the device, subsampled as asked."""
@@ -25,12 +28,27 @@ def load_mnist_to(device, args):
 
 
 def generate(args, steps=construct.PLAIN):
-    """Make the missing networks of [start_index, start_index + num_data) in args.data_root."""
+    """Make the missing networks of [start_index, start_index + num_data) in args.data_root. SIGTERM / SIGINT or a
+    failed write stop it at once with utils.Stopped: complete shards stay, the group being made is dropped."""
+    check_writable(args.data_root)
+    held = claims.Claims(args.data_root, getattr(args, 'claim_timeout', CLAIM_TIMEOUT_H))
+    with utils.stop_signals():
+        try:
+            return _generate(args, steps, held)
+        except (utils.WriteError, utils.Interrupted) as e:
+            stop = utils.stopped(e, kept_text(args), utils.resume_command(f'construct_{args.kind}.py'))
+            utils.log_to_files(str(stop))
+            raise stop from None
+        finally:
+            held.release_all()
+
+
+def _generate(args, steps, held):
+    """generate() within its signal handlers; held: this process's claims.Claims on the root."""
     device = utils.get_device(args.gpu_id, args.device)
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest grouped convolutions
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    check_writable(args.data_root)
     utils.set_logger(os.path.join(args.data_root, 'logs', f'{args.kind}_{args.start_index}.log'))
     recipe, dirs = args.recipe, original_layout.original_dirs(args.kind, args.train_small)
     theirs = check_layout(args.data_root, args.layout, args.kind)
@@ -46,36 +64,89 @@ def generate(args, steps=construct.PLAIN):
     else:
         shards.claim_root(args.data_root, recipe.as_json())
     stop = args.start_index + args.num_data
-    todo = utils.missing_ranges(made_indices(args.data_root, args.layout, dirs), args.start_index, stop)
-    groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
-    groups.sort(key=lambda g: g[0] - g[1])  # full groups first: one workspace per K (their networks stay the same)
+    groups = todo_groups(args, dirs, k)
     total = sum(b - a for a, b in groups)
     memory = '' if share is None else (f', memory share {share / 2 ** 30:.1f} GiB (1/{args.processes_per_gpu} of the '
                                        f'free memory less 1 GiB), Begin cache {"on" if cache_begin else "off"}')
     logging.info(f'{args.kind} networks [{args.start_index}, {stop}) in {args.data_root} ({args.layout} layout): '
                  f'{args.num_data - total} already made, {total} to make; device {device}, {k} per step{memory}, '
                  f'step {steps.describe()}, recipe {recipe.as_json()}')
-    made, workspaces, t0 = [], {}, time.time()
+    made, workspaces, t0, waited = [], {}, time.time(), set()
     with tqdm(total=total, unit='net', desc=f'{args.kind} networks', dynamic_ncols=True) as bar:
-        for a, b in groups:
-            epochs = {} if args.original_log else None
-            shard = construct.make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps,
-                                               epochs)
-            if args.original_log:
-                log_original(shard, epochs, recipe.kind, recipe.train_small)
-            save_pairs(args.data_root, args.layout, shard, dirs)
-            made.append(shard)
-            bar.update(b - a)
-            bar.set_postfix(large=f"{shard['acc_large'].mean():.1f}%",
-                            small=f"{shard['acc_small'].mean():.1f}%" if args.train_small else '-')
+        while groups:
+            group = next_group(groups, held, waited)
+            if group is None:  # others hold every group left: wait for their shards, or for a claim to go stale
+                time.sleep(claims.POLL_S)
+            elif not fresh(group, args, dirs):
+                held.release(*group)  # made (in part) by another process meanwhile: list the groups again
+            else:
+                a, b = group
+                epochs = {} if args.original_log else None
+                shard = construct.make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps,
+                                             epochs)
+                if args.original_log:
+                    log_original(shard, epochs, recipe.kind, recipe.train_small)
+                save_pairs(args.data_root, args.layout, shard, dirs)
+                held.release(a, b)
+                made.append(shard)
+                bar.update(b - a)
+                bar.set_postfix(large=f"{shard['acc_large'].mean():.1f}%",
+                                small=f"{shard['acc_small'].mean():.1f}%" if args.train_small else '-')
+            groups = todo_groups(args, dirs, k)
     if made:
         hours = (time.time() - t0) / 3600
+        count = sum(len(s['index']) for s in made)
         means = {key: torch.cat([s[key] for s in made]).mean().item() for key in shards.ACC_KEYS}
-        logging.info(f'made {total} networks in {hours * 3600:.1f} s ({total / hours:.1f} per hour); mean test '
+        logging.info(f'made {count} networks in {hours * 3600:.1f} s ({count / hours:.1f} per hour); mean test '
                      f'accuracy: {accuracy_text(means, args.train_small)}')
     else:
         logging.info('nothing to do: every index of the range exists')
     return made
+
+
+def todo_groups(args, dirs, k):
+    """The groups [a, b) of at most k networks still missing from the range, full groups first (one workspace per
+    K, whose networks stay the same); each missing range is cut from its start, so that a resumed run makes the
+    groups, and so the networks, of an uninterrupted one."""
+    stop = args.start_index + args.num_data
+    todo = utils.missing_ranges(made_indices(args.data_root, args.layout, dirs), args.start_index, stop)
+    groups = [(a, min(a + k, b)) for lo, b in todo for a in range(lo, b, k)]
+    return sorted(groups, key=lambda g: g[0] - g[1])
+
+
+def fresh(group, args, dirs):
+    """Whether none of the group's networks was made since the groups were listed."""
+    made = made_indices(args.data_root, args.layout, dirs)
+    return not any(i in made for i in range(*group))
+
+
+def next_group(groups, held, waited):
+    """The first group this process could claim (and now holds), or None when other live processes hold every
+    one; says once per claim that its networks are left for later (waited: the claims already named)."""
+    for group in groups:
+        blocker = held.try_claim(*group)
+        if blocker is None:
+            return group
+        if blocker.path not in waited:
+            waited.add(blocker.path)
+            logging.info(f'networks [{blocker.start}, {blocker.stop}) are claimed by {blocker.holder()} '
+                         f'({blocker.path}): making the others first, then coming back to them')
+    return None
+
+
+def kept_text(args):
+    """What a stopped run leaves on disk: its complete networks of the range (read from the folder, not written)."""
+    stop = args.start_index + args.num_data
+    try:
+        dirs = original_layout.original_dirs(args.kind, args.train_small)
+        have = made_indices(args.data_root, args.layout, dirs)
+    except (OSError, utils.UserError):
+        return f'the complete files in {args.data_root}'
+    missing = utils.missing_ranges(have, args.start_index, stop)
+    left = sum(b - a for a, b in missing)
+    where = 'shards' if args.layout == 'shards' else 'files'
+    return (f'{args.num_data - left} of the {args.num_data} networks [{args.start_index}, {stop}) in complete {where} '
+            f'of {args.data_root}' + (f' (missing: {utils.format_ranges(missing)})' if missing else ''))
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,7 +180,6 @@ def made_indices(root, layout, dirs):
     """Indices already complete in root, in its layout (dirs: the original layout's folders)."""
     if layout == 'original':
         return original_layout.original_made(root, dirs)
-    shards.check_shard_ranges(shards.list_shards(root))
     return shards.covered_indices(root)
 
 
@@ -142,3 +212,73 @@ def log_original(shard, epochs, kind, train_small):
             lines.append(f'Before Train, Test Accuracy {shard["acc_small_init"][j].item()}%')
             lines += [f'Epoch {e}, Simple Test Accuracy {a[j].item()}%' for e, a in enumerate(epochs['small'])]
         logging.info('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------------------
+# --status: a root read without writing anything, while generators run.
+
+def status_lines(args, now=None):
+    """The lines of --status for args.data_root: recipe, made / missing, duplicates, claims, unreadable shards,
+    leftover temporary files, and the rate from the shards' times. Reads only; files may come and go meanwhile."""
+    root, now = args.data_root, time.time() if now is None else now
+    if not os.path.isdir(root):
+        raise utils.UserError(f'--data_root {root} does not exist: nothing generated there yet')
+    recipe = shards.read_recipe(root)
+    lines = [f'{root}: {args.kind} networks, recipe ' + (json.dumps(recipe, sort_keys=True) if recipe else
+                                                         'none yet (no recipe.json)')]
+    if args.layout == 'original':
+        have, files, bad = original_layout.original_made(root, original_layout.original_dirs(args.kind,
+                                                                                             args.train_small)), [], []
+    else:
+        files = shards.list_shards(root)
+        bad = [(a, b, p) for a, b, p in files if os.path.exists(p) and not shards.complete(p)]
+        files = [f for f in files if f not in bad]  # an unreadable shard counts as missing
+        have = {i for a, b, _ in files for i in range(a, b)}
+    made = utils.missing_ranges(set(range(max(have) + 1)) - have, 0, max(have) + 1) if have else []  # ranges of have
+    lines.append(f'made: {len(have)} networks' + (f' in {len(files)} shards' if files else '') +
+                 (f', indices {utils.format_ranges(made)}' if made else ''))
+    start = args.start_index
+    stop = start + args.num_data if args.num_data is not None else max(have | {start - 1}) + 1
+    missing = utils.missing_ranges(have, start, stop)
+    left = sum(b - a for a, b in missing)
+    lines.append(f'range [{start}, {stop}): ' + (f'missing {left}: {utils.format_ranges(missing)}' if left else
+                                                 'nothing missing') +
+                 ('' if args.num_data is not None else ' (--num_data N --start_index S: the range of a whole job)'))
+    ranges, dup_files = shards.duplicates(files)
+    if ranges:
+        lines.append(f'duplicates: indices {utils.format_ranges(ranges)} in more than one shard '
+                     f'({", ".join(os.path.basename(p) for p in dup_files)}); readers take each once; --dedupe '
+                     f'deletes the copies they never read')
+    timeout = getattr(args, 'claim_timeout', CLAIM_TIMEOUT_H)
+    for c in claims.read_claims(root):
+        why = c.stale(timeout, now)
+        state = f'stale ({why}): the next generator on this root takes it over' if why else 'live'
+        lines.append(f'claim [{c.start}, {c.stop}) by {c.holder()}, started {time.ctime(c.started)}, touched '
+                     f'{now - c.touched:.0f} s ago: {state}')
+    if bad:
+        lines.append(f'unreadable: {", ".join(os.path.basename(p) for *_, p in bad)} (incomplete files, e.g. '
+                     f'truncated copies; counted as missing): delete them, and generation makes their networks again')
+    temps = [n for n in os.listdir(root) if n.startswith('.tmp_')]
+    if temps:
+        lines.append(f'temporary files: {len(temps)} (.tmp_*, of processes killed while writing): safe to delete '
+                     f'when no generator writes here')
+    lines.append(rate_line(files, left, now))
+    return lines
+
+
+def rate_line(files, left, now):
+    """The rate of the shards' modification times: networks made after the first shard, per hour."""
+    times = []
+    for a, b, path in files:
+        try:
+            times.append((os.stat(path).st_mtime, b - a))
+        except FileNotFoundError:
+            pass
+    times.sort()
+    if len(times) < 2 or times[-1][0] <= times[0][0]:
+        return 'rate: needs two shards written at different times'
+    hours = (times[-1][0] - times[0][0]) / 3600
+    rate = sum(n for _, n in times[1:]) / hours
+    eta = f'; the {left} missing take about {left / rate:.1f} h at that rate' if left else ''
+    return (f'rate: {rate:.1f} networks per hour (shards written {time.ctime(times[0][0])} .. '
+            f'{time.ctime(times[-1][0])}, the last {(now - times[-1][0]) / 60:.1f} min ago){eta}')

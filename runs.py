@@ -6,7 +6,11 @@ translator and the summary.
                         <best mean acc>.json (its config, epoch and flags), summary.json (rows for report.py)
     <log_path>/<run>/   train.log, flagfile.txt, args.json, metrics.csv, TensorBoard events (tensorboard or
                         tensorboardX installed)
+
+SIGTERM, SIGINT or a failed write stop a run at once (stopping): every file is written atomically, so last.pth is
+the last complete epoch's, and the one line printed names it and the command that resumes (--resume).
 """
+import contextlib
 import csv
 import io
 import json
@@ -21,6 +25,7 @@ import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
+current = None  # the Run of this process once made: what stopping() reports as kept
 METRICS = ('epoch', 'loss', 'lr', 'mean', 'min', 'max')
 BEST_NAME = re.compile(r'\d+\.\d{1,2}\.(pth|json)')  # str(round(<best val mean>, 2)) + '.pth' and its .json
 
@@ -154,7 +159,9 @@ class Run:
         self.ckpt_dir, self.log_dir = os.path.join(args.ckpt_path, self.name), os.path.join(args.log_path, self.name)
         self.last_path = os.path.join(self.ckpt_dir, 'last.pth')
         self.metrics_path = os.path.join(self.log_dir, 'metrics.csv')
-        self.writer = None
+        self.writer, self.saved_epoch = None, None
+        global current
+        current = self
 
     def resume_state(self, fingerprint, device):
         """last.pth of the run when --resume finds one, else None; refused if written with other flags or data,
@@ -190,6 +197,7 @@ class Run:
         if scheduler is not None:
             scheduler.load_state_dict(state['scheduler'])
         set_rng_state(state['rng'], gen, ctx.device)
+        self.saved_epoch = state['epoch']
         ctx.restore_rng(state['rng'], self.args.seed)
         log.info(f'resumed from {self.last_path} at epoch {state["epoch"]}, '
                  f'best mean so far {state["best"]["mean"]:.2f}')
@@ -227,6 +235,15 @@ class Run:
             log_scalars(self.writer, metrics[-1], lr, metrics[-1]['epoch'])
             write_metrics(self.metrics_path, metrics)
             utils.atomic_save(state, self.last_path)
+            self.saved_epoch = state['epoch']
+
+    def kept(self):
+        """What a stopped run leaves to --resume from."""
+        if self.saved_epoch is not None:
+            return f'{self.last_path} with {self.saved_epoch} of {self.args.num_epochs} epochs done'
+        if os.path.exists(self.last_path):
+            return f'{self.last_path} of an earlier run of these flags (this one saved no epoch)'
+        return f'no checkpoint yet (the run stopped in its first epoch; nothing in {self.ckpt_dir} to resume from)'
 
     def close(self):
         """Close the TensorBoard writer."""
@@ -256,3 +273,19 @@ class Run:
         set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set; "kt"
         ({"inputs", "output"}) when --inputs or --output is not the original's."""
         utils.atomic_write(os.path.join(self.ckpt_dir, 'summary.json'), json.dumps(summary, indent=1))
+
+
+@contextlib.contextmanager
+def stopping(argv=None):
+    """Around a train.py run: SIGTERM / SIGINT stop it at once (an epoch can take minutes), and so does a failed
+    write; either becomes utils.Stopped, one line with the last good checkpoint and the command that resumes."""
+    global current
+    current = None
+    with utils.stop_signals():
+        try:
+            yield
+        except (utils.WriteError, utils.Interrupted) as e:
+            kept = current.kept() if current is not None else 'nothing yet (stopped before the run folder was made)'
+            stop = utils.stopped(e, kept, utils.resume_command('train.py', argv, ['--resume']))
+            utils.log_to_files(str(stop))
+            raise stop from None

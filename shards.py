@@ -7,10 +7,17 @@ stacked along a first axis:
    'begin': {state-dict key: (n, ...)}, 'basic': {...}, 'last': {...},
    'simple': {...}  (only when the small block was trained),
    'acc_large': (n,), 'acc_small_init': (n,), 'acc_small': (n,)  float64, in %; NaN when not measured}
+
+An index may be made twice (two processes on one root before claims.py, or a claim taken over from a process
+that was only slow). Readers then take each index from one copy by a fixed rule: shards in order of their start,
+the longest first among equal starts, each giving the indices no earlier shard gave (reading_plan). They warn once
+with the files involved; `construct_train.py --dedupe` deletes the copies that rule never reads (dedupe).
 """
 import json
+import logging
 import os
 import re
+import zipfile
 
 import torch
 
@@ -20,6 +27,7 @@ from utils import UserError, atomic_save, atomic_write, format_ranges, load_file
 SHARD_FORMAT = 'kt-pairs-v1'
 SHARD_RE = re.compile(r'^shard_(\d+)_(\d+)\.pt$')
 ACC_KEYS = ('acc_large', 'acc_small_init', 'acc_small')  # test accuracies in %, NaN when not measured
+log = logging.getLogger(__name__)
 
 
 def shard_path(root, start, stop):
@@ -44,11 +52,75 @@ def covered_indices(root):
     return {i for start, stop, _ in list_shards(root) for i in range(start, stop)}
 
 
-def check_shard_ranges(shards):
-    """Raise if shard ranges overlap (an index made twice)."""
-    for (a0, a1, pa), (b0, b1, pb) in zip(shards, shards[1:]):
-        if b0 < a1:
-            raise UserError(f'shards overlap: {pa} [{a0}, {a1}) and {pb} [{b0}, {b1}); remove one of them')
+def reading_plan(shards):
+    """[(start, stop, path, lo, hi)]: rows [lo, hi) of each shard that a reader takes, by the rule of the module
+    docstring (earliest start first, then the longest); shards that give no row are left out."""
+    plan, end = [], None
+    for a, b, path in sorted(shards, key=lambda s: (s[0], -s[1], s[2])):
+        lo = a if end is None else max(a, end)
+        if lo < b:
+            plan.append((a, b, path, lo - a, b - a))
+        end = b if end is None else max(end, b)
+    return plan
+
+
+def duplicates(shards):
+    """(ranges [a, b) of indices in more than one shard, sorted paths of the shards holding them)."""
+    ranges, files, end = [], set(), None
+    for a, b, path in sorted(shards, key=lambda s: (s[0], -s[1], s[2])):
+        if end is not None and a < end:
+            lo, hi = a, min(b, end)
+            if ranges and lo <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hi))
+            else:
+                ranges.append((lo, hi))
+            files.update(p for s, t, p in shards if s < hi and lo < t)
+        end = b if end is None else max(end, b)
+    return ranges, sorted(files)
+
+
+_warned = set()  # roots whose duplicates were reported: once per process
+
+
+def warn_duplicates(root, shards):
+    """Log once per root which indices were made twice and by which files, and how to remove the extra copies."""
+    ranges, files = duplicates(shards)
+    if not ranges or root in _warned:
+        return
+    _warned.add(root)
+    names = [os.path.basename(p) for p in files]
+    log.warning(f'{root}: indices {format_ranges(ranges)} were made more than once ({", ".join(names[:8])}'
+                f'{f", ... {len(names)} files" if len(names) > 8 else ""}); each is read from one copy (the shard '
+                f'that starts first, the longest among equal starts); python construct_train.py --data_root {root} '
+                f'--dedupe (construct_val.py for validation networks) deletes the others')
+
+
+def complete(path):
+    """Whether a shard file is whole: torch files are zip archives, whose directory is at their very end (a
+    truncated copy or a disk error loses it). Reads only that directory, not the tensors."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def dedupe(root):
+    """Delete every shard the reading rule never reads (each fully covered by kept shards), after checking that
+    the kept shards covering it load; returns the deleted paths. A shard only partly covered is kept: readers skip
+    its extra rows, and a rewrite would not be one atomic step. Each deletion is one atomic unlink."""
+    shards = list_shards(root)
+    kept = {plan[2] for plan in reading_plan(shards)}
+    removed = []
+    for a, b, path in shards:
+        if path in kept:
+            continue
+        for c, d, other in shards:
+            if other in kept and c < b and a < d:
+                check_shard(other, c, d)  # never delete a copy whose replacement cannot be read
+        os.remove(path)
+        removed.append(path)
+    return removed
 
 
 def read_recipe(root):
@@ -102,6 +174,15 @@ def load_shard(path):
     return shard
 
 
+def check_shard(path, a, b):
+    """Load the shard of [a, b) at path; refuse it if its networks are not those its name says."""
+    shard = load_shard(path)
+    if not torch.equal(shard['index'], torch.arange(a, b)):
+        raise UserError(f'{path}: its networks are not {a}..{b - 1} as its name says (a renamed or copied '
+                        f'shard?); regenerate it')
+    return shard
+
+
 def read_pairs(root, num, blocks=None, start=0):
     """Indices [start, start + num) of the shards in root, merged into one dict of stacked tensors.
 
@@ -110,28 +191,25 @@ def read_pairs(root, num, blocks=None, start=0):
     shards = list_shards(root)
     if not shards:
         raise UserError(f'{root}: no shard_*.pt files (generate them with construct_train.py / construct_val.py)')
-    check_shard_ranges(shards)
     end = start + num
     have = covered_indices(root)
     if not all(i in have for i in range(start, end)):
         raise UserError(f'{root}: asked for {num} pairs ({start}..{end - 1}) but {len(have)} exist; '
                         f'missing indices: {format_ranges(missing_ranges(have, start, end))}')
+    warn_duplicates(root, [s for s in shards if s[0] < end and start < s[1]])
     parts, recipe = [], read_recipe(root)
-    for a, b, path in shards:
-        if b <= start:
+    for a, b, path, lo, hi in reading_plan(shards):
+        if a + hi <= start:
             continue
-        if a >= end:
+        if a + lo >= end:
             break
-        shard = load_shard(path)
-        if not torch.equal(shard['index'], torch.arange(a, b)):
-            raise UserError(f'{path}: its networks are not {a}..{b - 1} as its name says (a renamed or copied '
-                            f'shard?); regenerate it')
+        shard = check_shard(path, a, b)
         if recipe is not None and shard.get('recipe') != recipe:
             raise UserError(f'{path}: made with another recipe than {root}/recipe.json')
         recipe = shard.get('recipe')
         if blocks is not None:
             shard = {k: v for k, v in shard.items() if not (isinstance(v, dict) and k != 'recipe') or k in blocks}
-        parts.append(_slice_shard(shard, max(start, a) - a, min(b, end) - a))
+        parts.append(_slice_shard(shard, max(start, a + lo) - a, min(a + hi, end) - a))
     return _concat_shards(parts)
 
 

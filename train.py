@@ -309,6 +309,12 @@ def log_setup(args, score, holdout, objective, num_train, cache_time):
 # ---------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    """Train the translator; SIGTERM / SIGINT or a failed write stop it with one line (runs.stopping)."""
+    with runs.stopping(argv):
+        return run_training(argv)
+
+
+def run_training(argv=None):
     args = get_args(argv)
     absl_flags = PARSER.ignored  # an original flagfile.txt's lines of absl itself, logged once the log is open
     check_args(args)

@@ -4,8 +4,11 @@ import hashlib
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
+import threading
 
 import torch
 
@@ -14,13 +17,109 @@ class UserError(Exception):
     """A problem with the user's input (a flag, a file, a dataset): reported without a traceback."""
 
 
+class WriteError(Exception):
+    """A file could not be written (disk full, read-only, I/O error): `path` and the OSError `error`."""
+
+    def __init__(self, path, error):
+        super().__init__(path, error)
+        self.path, self.error = path, error
+
+    def __str__(self):
+        return f'cannot write {self.path}: {self.error.strerror or self.error}'
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived (stop_signals): the run stops where it is."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self):
+        return f'stopped by {signal.Signals(self.signum).name}'
+
+
+class Stopped(Exception):
+    """A run that ends early on purpose: its one line (what is kept, how to resume) and its exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def stopped(cause, kept, resume):
+    """The Stopped of a WriteError or Interrupted `cause`: one line with what is `kept` and the `resume` command;
+    exit status 128 + the signal's number (as a shell reports a killed process), 1 for a failed write."""
+    code = 128 + cause.signum if isinstance(cause, Interrupted) else 1
+    fix = 'free space or fix the folder, then ' if isinstance(cause, WriteError) else ''
+    return Stopped(f'{cause}; safe on disk: {kept}; nothing half-written remains; {fix}resume with: {resume}', code)
+
+
+def resume_command(script, argv=None, extra=()):
+    """The command that repeats this process: python `script` with its flags (argv, else sys.argv's when they are
+    the script's; tests call main() in-process) and the `extra` flags it lacks."""
+    if argv is None:
+        argv = sys.argv[1:] if os.path.basename(sys.argv[0]) == script else []
+    return shlex.join(['python', script, *argv, *(a for a in extra if a not in argv)])
+
+
 def run_main(main):
-    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2."""
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit status 2, a Stopped its line
+    and its status, a WriteError its line and status 1: never a traceback."""
     try:
         main()
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f'error: {e}' if e.code == 1 else str(e), file=sys.stderr)
+        sys.exit(e.code)
+    except WriteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+class stop_signals:
+    """Within `with stop_signals():`, SIGTERM and SIGINT raise Interrupted at once in the main thread (a group of
+    networks or an epoch can take minutes; SLURM waits 30 s before SIGKILL); a second signal kills as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self.old = {s: signal.signal(s, self._raise) for s in self.SIGNALS}
+        return self
+
+    def _raise(self, signum, frame):
+        for s in self.SIGNALS:  # the cleanup after the first signal is not interrupted again but can be killed
+            signal.signal(s, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file whose failed write raises WriteError instead of printing logging's '--- Logging error ---'."""
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise WriteError(self.baseFilename, error) from None
+        super().handleError(record)
+
+
+def log_to_files(message):
+    """Put `message` in the log files only (run_main prints it on the console); a failed write is ignored."""
+    record = logging.LogRecord('root', logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, _FileHandler):
+            try:
+                h.handle(record)
+            except (WriteError, OSError):
+                pass
 
 
 def set_logger(log_path):
@@ -30,8 +129,11 @@ def set_logger(log_path):
     for h in [h for h in logger.handlers if getattr(h, '_kt', False)]:
         logger.removeHandler(h)
         h.close()
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    file_handler = logging.FileHandler(log_path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        file_handler = _FileHandler(log_path)
+    except OSError as e:
+        raise WriteError(log_path, e) from None
     file_handler.setFormatter(logging.Formatter('%(asctime)s:%(levelname)s: %(message)s'))
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter('%(message)s'))
@@ -199,29 +301,58 @@ def seed_for(seed, split, index):
     return int.from_bytes(digest[:8], 'little') >> 1
 
 
+class _Recorder:
+    """A binary file that keeps the first exception of its writes: torch.save reports one as a RuntimeError
+    ('unexpected pos ...'), without the errno or the signal."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except BaseException as e:  # an OSError, or Interrupted raised by a signal handler within the write
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_write(path, data):
     """Write `data` (bytes, str, or a function that writes to a binary file object) to path through a
-    temporary file in the same folder and os.replace: never a half-written file."""
+    temporary file in the same folder and os.replace: never a half-written file. A failed write (disk full,
+    read-only folder, I/O error) removes the temporary file and raises WriteError naming `path`."""
     if os.path.isdir(path):
         raise UserError(f'{path} is a folder; give a file name to write')
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix=os.path.splitext(path)[1])
+    tmp = f = None
     try:
-        with os.fdopen(fd, 'wb') as f:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix=os.path.splitext(path)[1])
+        with os.fdopen(fd, 'wb') as raw:
+            f = _Recorder(raw)
             if callable(data):
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp makes 0600)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass  # an I/O error may forbid it too: the WriteError below is what the user must see
+        error = e if isinstance(e, OSError) else getattr(f, 'error', None)
+        if isinstance(error, OSError) and isinstance(e, (OSError, RuntimeError)):
+            raise WriteError(path, error) from None
+        if error is not None and isinstance(e, RuntimeError):
+            raise error from None  # the signal's Interrupted that torch.save turned into a RuntimeError
         raise
 
 
