@@ -95,8 +95,8 @@ def hidden_invariant_loss(outputs, targets):
 
 class FunctionalLoss:
     """The functional term: on a fresh batch of MNIST training images, each network's translated
-    small block (SimpleBlock_NoBn, or another target in eval mode) should give what its BasicBlock gives (MSE of the outputs, eval-mode BN), both after
-    the network's frozen Begin; plus ce_weight x the cross-entropy of Begin -> translated -> Last.
+    small block (SimpleBlock_NoBn, or another target, in eval mode) should give what its BasicBlock gives (MSE of the
+    outputs, eval-mode BN), both after the network's frozen Begin; plus ce_weight x the cross-entropy of Begin -> translated -> Last.
 
     Vectorised over the networks of a step with the stacked forms of net.py. Memory and time grow as
     (networks per step = --batch_size) x (--functional_images): each activation is B x 6 x 14 x 14 per image."""

@@ -121,7 +121,8 @@ RESIDUAL_AXES = {
 # the channels of q and k jointly (q.k sums over them) and those of v with proj's columns (proj reads them).
 HIDDEN_AXES = {
     'SimpleBlock_NoBn': [{'conv1.weight': 1, 'conv2.weight': 2}],
-    'SimpleBlock': [{'conv1.weight': 1, 'conv2.weight': 2, 'bn1.weight': 1, 'bn1.bias': 1}],
+    'SimpleBlock': [{'conv1.weight': 1, 'conv2.weight': 2, 'bn1.weight': 1, 'bn1.bias': 1, 'bn1.running_mean': 1,
+                     'bn1.running_var': 1}],
     'MLPBlock': [{'fc1_c.weight': 1, 'fc1_c.bias': 1, 'fc2_c.weight': 2}],
     'AttnBlock': [{'proj_q.weight': 1, 'proj_k.weight': 1}, {'proj_v.weight': 1, 'proj.weight': 2}],
 }
@@ -135,9 +136,9 @@ def permute_written(block, tensors, p):
 
 
 def permute_hidden(block, state, perms):
-    """A stacked small-block state with its own hidden channels permuted, perms[g] (B, n) for each group of
-    HIDDEN_AXES[block]: the same functions."""
+    """A stacked small-block state (or its written tensors as a dict) with its own hidden channels permuted,
+    perms[g] (B, n) for each group of HIDDEN_AXES[block]: the same functions."""
     state = dict(state)
     for group, p in zip(HIDDEN_AXES[block], perms):
-        state.update({k: take(state[k], axis, p) for k, axis in group.items()})
+        state.update({k: take(state[k], axis, p) for k, axis in group.items() if k in state})
     return state

@@ -80,6 +80,7 @@ def flags_of(config):
 def load_translator(args):
     """The translator of --ckpt, in eval mode; a UserError if the weights do not fit the configuration."""
     ckpt = utils.load_file(args.ckpt, 'translator checkpoint')
+    asked = getattr(args, 'small_block', None)  # callers with the size flags only ask for nothing
     given = {kw: getattr(args, flag) for flag, (kw, _) in SIZE_FLAGS.items() if getattr(args, flag) is not None}
     bare = isinstance(ckpt, dict) and ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values())
     meta = runs.read_meta(args.ckpt) if bare else None
@@ -87,9 +88,9 @@ def load_translator(args):
         config, state = (dict(meta['config']), ckpt) if meta is not None else (dict(ckpt['config']), ckpt['model'])
         kt = (meta or ckpt).get('kt')  # train.py --inputs/--output, when not the original's
         target = (meta or ckpt).get('target', net.DEFAULT_SMALL)
-        if args.small_block not in (None, target):
+        if asked not in (None, target):
             raise UserError(f'{args.ckpt} is a translator writing {target} blocks, but --small_block asks for '
-                            f'{args.small_block}; drop the flag')
+                            f'{asked}; drop the flag')
         clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
                  if kw in given and config.get(kw) != given[kw]]
         if clash:
@@ -98,7 +99,7 @@ def load_translator(args):
     elif bare:
         config = {kw: default for _, (kw, default) in SIZE_FLAGS.items()}
         config.update(given, dropout=0.)
-        state, kt, target = ckpt, None, args.small_block or net.DEFAULT_SMALL
+        state, kt, target = ckpt, None, asked or net.DEFAULT_SMALL
     else:
         raise UserError(f'{args.ckpt}: neither a translator state dict (train.py\'s or the original\'s) nor an '
                         f'older train.py checkpoint (dict with "config" and "model")')

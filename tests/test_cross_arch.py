@@ -1,6 +1,8 @@
 """Cross-architecture translation: every small block of net.py generated, translated, scored and baselined."""
 import dataclasses
+import glob
 import json
+import math
 import os
 
 import pytest
@@ -8,11 +10,20 @@ import torch
 
 import construct
 import construct_train
+import evaluate
 import generation
+import mixer
 import net
 import original_layout
+import rules
 import shards
+import symmetry
+import targets
+import train
+import translate
+import universal
 import utils
+from mixer import MLPMixer
 
 TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 OTHERS = ('SimpleBlock', 'MLPBlock', 'AttnBlock')
@@ -133,3 +144,163 @@ def test_large_from_refuses_bad_roots(tmp_path):
     with pytest.raises(utils.UserError, match='no recipe.json'):
         tiny_args(tmp_path / 'x', '--large_from', str(tmp_path / 'bare'))
     tiny_args(tmp_path / 'x', '--large_from', str(tmp_path / 'src'), '--small_block', 'AttnBlock')  # fine
+
+
+# ---------------------------------------------------------------------------------------- 2. the translator
+
+def test_heads_write_every_parameter_once():
+    """Each target's head: its written tensors' shapes, every parameter value from its own token value; the
+    original translator's head unchanged (36 tokens of 9 taps: the authors' state dicts still load)."""
+    assert MLPMixer(num_layers=1).fc2.out_features == 36 and not hasattr(MLPMixer(num_layers=1, C_dim=9), 'map2')
+    for name in net.SMALL_BLOCKS:
+        num, width = mixer.OUT_TOKENS[name]
+        out = mixer.split_tokens(name, torch.arange(2 * num * width, dtype=torch.float).view(2, num, width))
+        assert [tuple(t.shape[1:]) for t in out] == list(targets.written_shapes(name).values())
+        values = torch.cat([t.flatten(1) for t in out], 1)
+        assert values.shape[1] == sum(math.prod(s) for s in targets.written_shapes(name).values())
+        assert len(values[0].unique()) == values.shape[1]  # no value written twice
+        model = MLPMixer(num_layers=1, C_dim=8, hidden_S_dim=8, hidden_C_dim=8, target=name)
+        block = targets.state_of(name, model([torch.randn(2, 6, 6, 3, 3), torch.randn(2, 6, 6, 3, 3)]))
+        net.SMALL_BLOCKS[name]().load_state_dict(net.unstack_state(block, 0), strict=True)
+
+
+@pytest.mark.parametrize('name', tuple(net.SMALL_BLOCKS))
+def test_written_form_and_permutations_keep_the_function(name):
+    """written -> state_of is the same eval-mode block; permute_written follows a residual permutation P of
+    the input; permute_hidden (the block's own symmetry) changes nothing."""
+    state = net.stack_states([m.state_dict() for m in random_modules(name, 2)])
+    x = torch.rand(3, 12, 14, 14)
+    want = net.small_forward(x, state)
+    torch.testing.assert_close(net.small_forward(x, targets.state_of(name, targets.written(name, state))), want,
+                               atol=1e-5, rtol=1e-5)
+    p = torch.stack([torch.randperm(6), torch.randperm(6)])
+    moved = targets.state_of(name, symmetry.permute_written(name, targets.written(name, state), p))
+    xp = x.view(3, 2, 6, 14, 14)[:, torch.arange(2)[:, None], p].flatten(1, 2)  # network j's channels by p[j]
+    wantp = want.view(3, 2, 6, 14, 14)[:, torch.arange(2)[:, None], p].flatten(1, 2)
+    torch.testing.assert_close(net.small_forward(xp, moved), wantp, atol=1e-5, rtol=1e-5)
+    sizes = [state[key].shape[axis] for group in symmetry.HIDDEN_AXES[name] for key, axis in list(group.items())[:1]]
+    perms = [torch.stack([torch.randperm(n) for _ in range(2)]) for n in sizes]
+    torch.testing.assert_close(net.small_forward(x, symmetry.permute_hidden(name, state, perms)), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def folded_inputs(basic):
+    """A FunctionTranslator's inputs for stacked BasicBlocks."""
+    return [basic['conv1.weight'], basic['conv2.weight'], *rules.bn_inputs(basic)]
+
+
+@pytest.mark.parametrize('name,output,row', [('SimpleBlock_NoBn', 'refit', 'Weight selection (folded, refit)'),
+                                             ('SimpleBlock', 'residual', 'Weight selection (folded)'),
+                                             ('SimpleBlock', 'refit', 'Weight selection (folded, refit)'),
+                                             ('MLPBlock', 'residual', 'Centre taps (folded)')])
+def test_untrained_residual_is_its_rule(name, output, row):
+    basic = conftest_basic(4)
+    model = mixer.build_translator(dict(num_layers=1, C_dim=8, hidden_S_dim=8, hidden_C_dim=8),
+                                   {'inputs': 'folded', 'output': output}, name)
+    got = evaluate.translate_blocks(model, basic)
+    want = rules.rules_of(name)[row](basic)
+    for key, t in got.items():
+        torch.testing.assert_close(t, want[key].to(t.dtype), atol=1e-6, rtol=1e-5, msg=key)
+    with pytest.raises(ValueError, match='no training-free rule'):
+        mixer.build_translator(dict(num_layers=1), {'inputs': 'conv', 'output': 'residual'}, 'AttnBlock')
+
+
+def conftest_basic(n):
+    """n jittered BasicBlocks (running_var > 0)."""
+    import conftest
+    return conftest.make_pairs(n)['basic']
+
+
+def test_rules_are_exact_where_their_derivation_says():
+    """SimpleBlock's folded selection is the BasicBlock itself when the dropped hidden channels write nothing;
+    MLPBlock's centre taps are when only centre taps are non-zero (and summed taps on constant inputs)."""
+    basic = conftest_basic(2)
+    basic['conv2.weight'][:, :, 3:] = 0  # hidden channels 3..5 write nothing
+    x = torch.rand(2, 12, 14, 14)
+    want = net.basic_forward(x, basic)
+    for row in ('Weight selection (folded)', 'Weight selection (folded, refit)'):
+        rule = rules.rules_of('SimpleBlock')[row](basic)
+        torch.testing.assert_close(net.small_forward(x, rule), want, atol=1e-5, rtol=1e-5)
+    centre = dict(basic)
+    for key in ('conv1.weight', 'conv2.weight'):
+        mask = torch.zeros(3, 3)
+        mask[1, 1] = 1
+        centre[key] = basic[key] * mask
+    torch.testing.assert_close(net.small_forward(x, rules.rules_of('MLPBlock')['Centre taps (folded)'](centre)),
+                               net.basic_forward(x, centre), atol=1e-5, rtol=1e-5)
+    flat = torch.rand(2, 12, 1, 1).expand(2, 12, 14, 14).contiguous()  # constant inputs: away from the border
+    summed = net.small_forward(flat, rules.rules_of('MLPBlock')['Summed taps (folded)'](basic))
+    torch.testing.assert_close(summed[..., 2:12, 2:12], net.basic_forward(flat, basic)[..., 2:12, 2:12],
+                               atol=1e-5, rtol=1e-5)
+    assert rules.rules_of('AttnBlock') == {}
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def roots(tmp_path_factory):
+    """Tiny data roots: the default pairs, and each other block's pairs and retrained val blocks by --large_from."""
+    base = tmp_path_factory.mktemp('cross')
+    torch.set_num_threads(1)
+    generation.generate(tiny_args(base / 'train', '--num_data', '6', '--models_per_step', '6'))
+    generation.generate(tiny_args(base / 'val', '--num_data', '3', '--models_per_step', '3', kind='val'))
+    for name in OTHERS:
+        generation.generate(tiny_args(base / f'train_{name}', '--num_data', '6', '--models_per_step', '6',
+                                      '--small_block', name, '--large_from', str(base / 'train')))
+        generation.generate(tiny_args(base / f'val_{name}', '--num_data', '3', '--models_per_step', '3',
+                                      '--small_block', name, '--train_simple', '--large_from', str(base / 'val'),
+                                      kind='val'))
+    return base
+
+
+TRAIN = ['--train_data_length', '4', '--holdout_networks', '2', '--val_data_length', '3', '--num_test_images', '200',
+         '--batch_size', '4', '--num_epochs', '2', '--log_step', '1', '--device', 'cpu', '--num_layers', '1',
+         '--c_dim', '8', '--hidden_s_dim', '8', '--hidden_c_dim', '8']
+
+
+@pytest.mark.parametrize('name', OTHERS)
+def test_generate_train_translate(roots, tmp_path, name, capsys):
+    """Each target: its pairs, the Universal block, a translator trained with every loss at once (weight MSE,
+    functional with --perm_aug and --ce_weight), its JSON recording the target, translate.py writing the block."""
+    train_path = str(roots / f'train_{name}')
+    universal.main(['--train_path', train_path, '--train_data_length', '4', '--num_epochs', '2', '--batch_size', '2',
+                    '--functional_images', '8', '--device', 'cpu', '--ce_weight', '1'])
+    argv = ['--train_path', train_path, '--val_path', str(roots / f'val_{name}'), *TRAIN, '--loss', 'mse+functional',
+            '--perm_aug', '--ce_weight', '1', '--functional_images', '8', '--ckpt_path', str(tmp_path / 'ck'),
+            '--log_path', str(tmp_path / 'lg')]
+    train.main(argv)
+    summary_path, = glob.glob(str(tmp_path / 'ck' / '**' / 'summary.json'), recursive=True)
+    with open(summary_path) as f:
+        summary = json.load(f)
+    assert summary['target'] == name and summary['run'].endswith(f'_to-{name}')
+    rows = summary['rows']
+    assert {'Identity (block skipped)', 'Universal block', 'Retrained', 'Mean target'} <= set(rows)
+    assert set(rules.rules_of(name)) <= set(rows) and 'Weight selection' not in rows if name != 'SimpleBlock' else True
+    assert 'Universal block' in evaluate.verdict(rows)
+    ckpt = summary['checkpoint']
+    with open(os.path.splitext(ckpt)[0] + '.json') as f:
+        assert json.load(f)['target'] == name
+    translate.main(['--ckpt', ckpt, '--data_root', str(roots / f'val_{name}'), '--index', '2', '--out',
+                    str(tmp_path / 'out.pth'), '--num_test_images', '200', '--device', 'cpu'])
+    assert f'compressed (translated {name})' in capsys.readouterr().out
+    written = torch.load(tmp_path / 'out.pth', weights_only=True)
+    net.SMALL_BLOCKS[name]().load_state_dict(written, strict=True)
+
+
+def test_target_flag_and_data(roots, tmp_path, capsys):
+    """--small_block must agree with the small blocks the data holds; a default val set has no Retrained row for
+    another target; options that only exist for SimpleBlock_NoBn are refused."""
+    argv = ['--val_path', str(roots / 'val'), *TRAIN, '--ckpt_path', str(tmp_path / 'ck'), '--log_path',
+            str(tmp_path / 'lg')]
+    for extra, message in ((['--train_path', str(roots / 'train_MLPBlock'), '--small_block', 'AttnBlock'],
+                            'holds MLPBlock small blocks'),
+                           (['--train_path', str(roots / 'train_MLPBlock'), '--canonical_targets'],
+                            'SimpleBlock_NoBn targets only'),
+                           (['--train_path', str(roots / 'train_AttnBlock'), '--output', 'residual'],
+                            'no training-free rule')):
+        with pytest.raises(utils.UserError, match=message):
+            train.main(argv + extra)
+    train.main(argv + ['--train_path', str(roots / 'train_MLPBlock'), '--num_epochs', '1'])
+    summary_path, = glob.glob(str(tmp_path / 'ck' / '**' / 'summary.json'), recursive=True)
+    with open(summary_path) as f:
+        assert 'Retrained' not in json.load(f)['rows']  # the default val set's retrained blocks are SimpleBlock_NoBn
