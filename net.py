@@ -8,6 +8,8 @@ Two halves:
     carrying a leading K axis. Generation trains K networks at once with them, train.py
     scores all val networks at once, and the functional loss runs translated blocks.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -163,9 +165,16 @@ def small_network(begin, last, small_block=DEFAULT_SMALL):
     return nn.Sequential(begin, SMALL_BLOCKS[small_block](), last)
 
 
+@functools.cache
+def _small_shapes(small_block):
+    """small_shapes, built once; under fork_rng, as building a module draws its initial weights."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple((k, tuple(t.shape)) for k, t in SMALL_BLOCKS[small_block]().state_dict().items())
+
+
 def small_shapes(small_block):
-    """{state-dict key: shape} of a small block (its buffers included)."""
-    return {k: tuple(t.shape) for k, t in SMALL_BLOCKS[small_block]().state_dict().items()}
+    """{state-dict key: shape} of a small block (its buffers included); draws nothing from torch's generator."""
+    return dict(_small_shapes(small_block))
 
 
 def small_block_of(state):

@@ -154,12 +154,15 @@ def make_parser():
 def target_of(args, train_set):
     """The block the translator writes: --small_block, else the training data's (train_set.small_block), else
     SimpleBlock_NoBn. Sets args.small_block when it is not SimpleBlock_NoBn (the original's runs keep their flags
-    and run names); a flag that contradicts the small blocks the data holds is refused."""
+    and run names). A flag that contradicts the small blocks the data holds is refused, except by --loss functional,
+    which needs none (they are dropped)."""
     given, data = getattr(args, 'small_block', None), train_set.small_block
     if given and data and given != data and train_set.simple is not None:
-        raise UserError(f'--small_block {given}: {args.train_path} holds {data} small blocks (its recipe.json); '
-                        f'drop the flag, or point --train_path at pairs made with construct_train.py --small_block '
-                        f'{given}')
+        if args.loss != 'functional':
+            raise UserError(f'--small_block {given}: {args.train_path} holds {data} small blocks (its recipe.json), '
+                            f'which --loss {args.loss} would take as targets; use --loss functional (no targets), or '
+                            f'pairs made with construct_train.py --small_block {given}')
+        train_set.simple = None  # another block's: no targets, no Mean target row
     target = given or data or net.DEFAULT_SMALL
     if target != net.DEFAULT_SMALL:
         args.small_block = target

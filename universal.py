@@ -105,10 +105,7 @@ def main(argv=None):
     train_set = loader.TrainDataset(args.train_path, args.train_data_length, with_networks=networks)
     for block in networks:
         train_set.require(block, 'the functional objective' + ' with --ce_weight > 0' * (block == 'last'))
-    block = args.small_block or train_set.small_block or net.DEFAULT_SMALL
-    if args.small_block and train_set.simple is not None and train_set.small_block not in (None, args.small_block):
-        raise utils.UserError(f'--small_block {args.small_block}: {args.train_path} holds {train_set.small_block} '
-                              f'small blocks; drop the flag or use pairs made with --small_block {args.small_block}')
+    block = args.small_block or train_set.small_block or net.DEFAULT_SMALL  # its small blocks are never read
     out = args.out or path_for(args.train_path, block, args.train_data_length, args.ce_weight)
     utils.set_logger(os.path.splitext(out)[0] + '.log')
     logging.info(f'Universal {block} on {len(train_set)} networks of {args.train_path}: {vars(args)}')

@@ -301,6 +301,14 @@ def test_target_flag_and_data(roots, tmp_path, capsys):
         with pytest.raises(utils.UserError, match=message):
             train.main(argv + extra)
     train.main(argv + ['--train_path', str(roots / 'train_MLPBlock'), '--num_epochs', '1'])
-    summary_path, = glob.glob(str(tmp_path / 'ck' / '**' / 'summary.json'), recursive=True)
-    with open(summary_path) as f:
-        assert 'Retrained' not in json.load(f)['rows']  # the default val set's retrained blocks are SimpleBlock_NoBn
+    # the functional loss needs no targets: another block's pairs serve, without their Mean target
+    train.main(argv + ['--train_path', str(roots / 'train'), '--num_epochs', '1', '--small_block', 'AttnBlock',
+                       '--loss', 'functional', '--functional_images', '4'])
+    found = {}
+    for path in glob.glob(str(tmp_path / 'ck' / '**' / 'summary.json'), recursive=True):
+        with open(path) as f:
+            s = json.load(f)
+        found[s.get('target')] = s['rows']
+    assert set(found) == {'MLPBlock', 'AttnBlock'}
+    assert 'Retrained' not in found['MLPBlock']  # the default val set's retrained blocks are SimpleBlock_NoBn
+    assert 'Mean target' in found['MLPBlock'] and 'Mean target' not in found['AttnBlock']
