@@ -275,7 +275,7 @@ def test_generate_train_translate(roots, tmp_path, name, capsys):
     assert summary['target'] == name and summary['run'].endswith(f'_to-{name}')
     rows = summary['rows']
     assert {'Identity (block skipped)', 'Universal block', 'Retrained', 'Mean target'} <= set(rows)
-    assert set(rules.rules_of(name)) <= set(rows) and 'Weight selection' not in rows if name != 'SimpleBlock' else True
+    assert set(rules.rules_of(name)) <= set(rows) and ('Weight selection' in rows) == (name == 'SimpleBlock')
     assert 'Universal block' in evaluate.verdict(rows)
     ckpt = summary['checkpoint']
     with open(os.path.splitext(ckpt)[0] + '.json') as f:
