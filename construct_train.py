@@ -77,7 +77,7 @@ def check_args(args, kind='train'):
         if not args.train_small:
             raise utils.UserError('--large_from runs only the small-block phase: it needs '
                                   + ('no --skip_simple' if kind == 'train' else '--train_simple'))
-        large_from.check_source(args.large_from, args.recipe)
+        large_from.check_source(args.large_from, args.recipe, args.start_index, args.start_index + args.num_data)
     return args
 
 

@@ -8,13 +8,15 @@ import os
 
 import original_layout
 import shards
+import utils
 from utils import UserError
 
 FREE_KEYS = ('small_block', 'train_small')  # what may differ between ROOT's recipe and the one asked
 
 
-def check_source(root, recipe):
-    """Refuse a --large_from ROOT that is missing, has no recipe.json, or another large-network recipe."""
+def check_source(root, recipe, start=None, stop=None):
+    """Refuse a --large_from ROOT that is missing, has no recipe.json, another large-network recipe, or (given
+    [start, stop)) not every one of those networks."""
     if not os.path.isdir(root):
         raise UserError(f'--large_from {root}: no such folder; point it at a data root of construct_train.py or '
                         f'construct_val.py')
@@ -29,6 +31,13 @@ def check_source(root, recipe):
         raise UserError(f'--large_from {root}: made with another recipe than asked (stored vs asked: {diff}); '
                         f'pass the same flags as its recipe.json, except --small_block / --skip_simple / '
                         f'--train_simple')
+    if start is not None:
+        dirs = {b: d for b, d in original_layout.ORIGINAL_DIRS[recipe.kind].items() if b != 'simple'}
+        have = shards.covered_indices(root) if shards.list_shards(root) else original_layout.original_made(root, dirs)
+        missing = utils.missing_ranges(have, start, stop)
+        if missing:
+            raise UserError(f'--large_from {root}: lacks networks {utils.format_ranges(missing)} of [{start}, {stop}); '
+                            f'make them there first, or ask for fewer (--start_index, --num_data)')
 
 
 def read_large(root, start, stop, kind):

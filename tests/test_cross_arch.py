@@ -143,6 +143,8 @@ def test_large_from_refuses_bad_roots(tmp_path):
     os.makedirs(tmp_path / 'bare')
     with pytest.raises(utils.UserError, match='no recipe.json'):
         tiny_args(tmp_path / 'x', '--large_from', str(tmp_path / 'bare'))
+    with pytest.raises(utils.UserError, match='lacks networks 1-2'):
+        tiny_args(tmp_path / 'x', '--large_from', str(tmp_path / 'src'), '--num_data', '3')
     tiny_args(tmp_path / 'x', '--large_from', str(tmp_path / 'src'), '--small_block', 'AttnBlock')  # fine
 
 
