@@ -1,4 +1,5 @@
-"""The recipe of a training pair: (trained BasicBlock, SimpleBlock_NoBn trained in its place).
+"""The recipe of a training pair: (trained BasicBlock, small block trained in its place: SimpleBlock_NoBn, or
+another of net.SMALL_BLOCKS with --small_block).
 
 train_one is the recipe for one network, the definition; make_pairs is the same K networks at a time, which
 generation.py runs. Steps is the one extension point of the faster paths in speed/.
@@ -30,10 +31,11 @@ class Recipe:
     train_small: bool = True
     num_train_images: int = 60000
     num_test_images: int = 10000
+    small_block: str = net.DEFAULT_SMALL
 
     def as_json(self):
-        """recipe.json's dict."""
-        return dataclasses.asdict(self)
+        """recipe.json's dict; the original pair's recipe keeps the original keys (no 'small_block')."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'small_block' or v != net.DEFAULT_SMALL}
 
 
 # ----------------------------------------------------------------------------------------
@@ -42,11 +44,13 @@ class Recipe:
 def train_one(recipe, index, mnist):
     """Pair `index`, the definition make_pairs follows: a fresh Begin -> BasicBlock -> Last trained num_epochs epochs
     (SGD, momentum, random flips, all drawn from (seed, index) only), then Begin and Last frozen in eval mode and a
-    fresh SimpleBlock_NoBn trained between them the same way. Returns state dicts and test accuracies (%)."""
+    fresh small block (recipe.small_block) trained between them the same way. Returns state dicts and test
+    accuracies (%)."""
     train_x, train_y, test_x, test_y = mnist
     seed = utils.seed_for(recipe.seed, recipe.kind, index)
-    begin, basic, last, simple = net.BeginBlock(), net.BasicBlock(), net.LastBlock(), net.SimpleBlock_NoBn()
-    for m, sd in zip((begin, basic, last, simple), init_pair(seed)):
+    begin, basic, last = net.BeginBlock(), net.BasicBlock(), net.LastBlock()
+    simple = net.SMALL_BLOCKS[recipe.small_block]()
+    for m, sd in zip((begin, basic, last, simple), init_pair(seed, recipe.small_block)):
         m.to(train_x.device).load_state_dict(sd)
     g = data_generator(seed)
 
@@ -86,18 +90,25 @@ def train_one(recipe, index, mnist):
 PAIR_BLOCKS = ('begin', 'basic', 'last', 'simple')  # init_pair's order
 
 
-def init_pair(seed):
-    """Default-initialised state dicts (begin, basic, last, simple) of one pair, from its seed."""
+def init_pair(seed, small_block=net.DEFAULT_SMALL):
+    """Default-initialised state dicts (begin, basic, last, simple) of one pair, from its seed: the small block
+    (any of net.SMALL_BLOCKS) is drawn after the large network, from the same stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         begin, basic, last = net.large_network()
-        simple = net.SimpleBlock_NoBn()
+        simple = net.SMALL_BLOCKS[small_block]()
     return [m.state_dict() for m in (begin, basic, last, simple)]
 
 
 def data_generator(seed):
     """The generator of one network's shuffles and flips (separate from its initialisation)."""
     return torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+
+
+def skip_epochs(gens, n, epochs):
+    """Advance each network's generator past `epochs` epochs of draw_epoch (the large phase's, under --large_from)."""
+    for _ in range(epochs):
+        draw_epoch(gens, n, 'cpu')
 
 
 def draw_epoch(gens, n, device):
@@ -156,8 +167,9 @@ class Steps:
                 return cache[knets, flip.long(), idx].transpose(0, 1).flatten(1, 2)
             with torch.no_grad():
                 return net.begin_forward(augment(images, idx, flip), begin)
-        return cross_entropy(lambda idx, flip: net.last_forward(net.simple_forward(begin_out(idx, flip), simple),
-                                                                last), labels)
+        # training=True: a small block's own BatchNorms (SimpleBlock) use batch statistics, as in train_one
+        return cross_entropy(lambda idx, flip: net.last_forward(net.small_forward(begin_out(idx, flip), simple,
+                                                                                  training=True), last), labels)
 
     def build(self, params, loss_fn, recipe):
         """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
@@ -258,15 +270,22 @@ def small_phase(begin, last, simple, gens, recipe, mnist, cache_begin=None, ws=N
     return acc_init, net.stacked_accuracy(test_x, test_y, begin, simple, last, 'simple')
 
 
-def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None, steps=PLAIN, epoch_log=None):
+def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None, steps=PLAIN, epoch_log=None,
+               large=None):
     """Train the networks `indices` side by side; return their shard (CPU copies). workspaces: a dict K ->
     Workspace kept across calls (one K at a time: each holds a Begin cache), so that groups reuse its steps.
-    epoch_log: a dict that receives each phase's test accuracies (K,) after every epoch (--original_log)."""
+    epoch_log: a dict that receives each phase's test accuracies (K,) after every epoch (--original_log).
+    large: these networks' trained {'begin', 'basic', 'last', 'acc_large'} (stacked; --large_from): the first phase
+    is skipped, its draws of the data order replayed, so the small blocks are those of a full run."""
     train_x, train_y, test_x, test_y = mnist
     k = len(indices)
     seeds = [utils.seed_for(recipe.seed, recipe.kind, i) for i in indices]
-    sds = [init_pair(s) for s in seeds]
+    sds = [init_pair(s, recipe.small_block) for s in seeds]
     states = {block: net.stack_states([sd[j] for sd in sds]) for j, block in enumerate(PAIR_BLOCKS)}
+    if large is not None:
+        if 'seed' in large and large['seed'].tolist() != seeds:
+            raise utils.UserError(f'--large_from: networks {indices[0]}..{indices[-1]} were made from other seeds')
+        states.update({b: large[b] for b in ('begin', 'basic', 'last')})
     workspaces = {} if workspaces is None else workspaces  # None: a workspace for this call only
     ws = workspaces.get(k)
     if ws is None or ws.mnist is not mnist:
@@ -284,12 +303,18 @@ def make_pairs(indices, recipe, mnist, device, cache_begin=None, workspaces=None
         epoch_log[key] = []
         return lambda epoch: epoch_log[key].append(net.stacked_accuracy(test_x, test_y, begin, middle, last, kind))
 
-    # 1. the large network, all of it trained
-    params = trainable(begin) + trainable(basic) + trainable(last)
-    step = ws.step('large', params, steps.large_loss(train_x, train_y, begin, basic, last))
-    train_phase(step, gens, len(train_x), device, recipe, scorer('large', basic, 'basic'))
-    freeze(begin, basic, last)
-    acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
+    # 1. the large network, all of it trained (or taken, trained, from another root)
+    if large is None:
+        params = trainable(begin) + trainable(basic) + trainable(last)
+        step = ws.step('large', params, steps.large_loss(train_x, train_y, begin, basic, last))
+        train_phase(step, gens, len(train_x), device, recipe, scorer('large', basic, 'basic'))
+        freeze(begin, basic, last)
+        acc = {'acc_large': net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
+    else:
+        skip_epochs(gens, len(train_x), recipe.num_epochs)
+        acc_large = large.get('acc_large')  # the original layout has no place for it: measured again, the same way
+        acc = {'acc_large': acc_large.to(torch.float64) if acc_large is not None
+               else net.stacked_accuracy(test_x, test_y, begin, basic, last, 'basic')}
     nan = torch.full((k,), float('nan'), dtype=torch.float64)
     acc['acc_small_init'], acc['acc_small'] = nan, nan.clone()
 

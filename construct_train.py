@@ -26,6 +26,8 @@ import argparse
 
 import construct
 import generation
+import large_from
+import net
 import original_layout
 import shards
 import utils
@@ -65,6 +67,12 @@ def get_parser(kind='train'):
                    'and tests; the recipe uses 10000)')
     p.add_argument('--original_log', action='store_true', help="log the original scripts' lines per network (Data "
                    'index, test accuracy after every epoch of both phases): slower, the same networks')
+    p.add_argument('--small_block', default=net.DEFAULT_SMALL, choices=tuple(net.SMALL_BLOCKS),
+                   help="the small block trained in the large block's place (the original's class names); recorded "
+                        'in recipe.json (when not the default), so roots of different blocks never mix')
+    p.add_argument('--large_from', metavar='ROOT', default=None,
+                   help='take the trained large networks (Begin, BasicBlock, Last, accuracy) of ROOT, made with the '
+                        'same recipe, and run only the small-block phase: the same pairs as a full run')
     j = p.add_argument_group('job', 'many processes on one root: claims, progress, duplicates')
     j.add_argument('--claim_timeout', type=float, default=generation.CLAIM_TIMEOUT_H, metavar='HOURS',
                    help='a claim (claims/<start>_<stop>.claim: a group being made) whose file was not touched for '
@@ -80,8 +88,8 @@ def get_parser(kind='train'):
         p.add_argument('--skip_simple', action='store_true', help='skip the small-block phase (pairs usable only '
                        'by the functional loss)')
     else:
-        p.add_argument('--train_simple', action='store_true', help='also retrain a SimpleBlock_NoBn in each network '
-                       '(the "Retrained" reference)')
+        p.add_argument('--train_simple', action='store_true', help='also retrain a small block (--small_block) in '
+                       'each network (the "Retrained" reference)')
     return p
 
 
@@ -105,6 +113,11 @@ def check_args(args, kind='train'):
     args.kind = kind
     args.train_small = (not args.skip_simple) if kind == 'train' else args.train_simple
     args.recipe = recipe_of(args)
+    if args.large_from is not None:
+        if not args.train_small:
+            raise utils.UserError('--large_from runs only the small-block phase: it needs '
+                                  + ('no --skip_simple' if kind == 'train' else '--train_simple'))
+        large_from.check_source(args.large_from, args.recipe, args.start_index, args.start_index + args.num_data)
     return args
 
 
@@ -117,7 +130,7 @@ def get_args(kind='train', argv=None):
 def recipe_of(args):
     """The Recipe of parsed flags."""
     return construct.Recipe(args.kind, args.seed, args.num_epochs, args.lr, args.batch_size, construct.MOMENTUM,
-                            args.train_small, args.num_train_images, args.num_test_images)
+                            args.train_small, args.num_train_images, args.num_test_images, args.small_block)
 
 
 def main(kind='train'):

@@ -1,7 +1,8 @@
 """Judging translators: translate blocks, score networks on MNIST, the reference rows, summaries and verdicts.
 
 A network is scored by its MNIST test accuracy (in %) with a middle block (its own BasicBlock, a
-translated or a reference SimpleBlock_NoBn) between its own frozen Begin and Last, all in eval mode.
+translated or a reference small block: SimpleBlock_NoBn or another target) between its own frozen Begin and Last,
+all in eval mode.
 """
 import logging
 import time
@@ -11,24 +12,28 @@ import torch
 import mixer
 import net
 import rules
+import targets as blocks
 import utils
 
 log = logging.getLogger(__name__)
 # the training-free rows KT must beat (each uses only the training set's or the network's own weights and BN buffers)
-BASELINES = ('Random Init', 'Mean target', 'Weight selection', 'Weight selection (folded)',
-             'Weight selection (folded, refit)')
+TRAINING_FREE = ('Random Init', 'Identity (block skipped)', 'Mean target', 'Weight selection',
+                 'Weight selection (folded)', 'Weight selection (folded, refit)', 'Centre taps (folded)',
+                 'Summed taps (folded)')
+UNIVERSAL = 'Universal block'  # one block for every network (universal.py): the translator that ignores its input
+BASELINES = TRAINING_FREE + (UNIVERSAL,)
 
 
 @torch.no_grad()
 def translate(model, conv1, conv2, batch_size=4096, bn=()):
     """Eval-mode translation of stacked BasicBlock convs (and, for a mixer.FunctionTranslator, their
-    rules.bn_inputs bn) into a stacked SimpleBlock_NoBn state."""
+    rules.bn_inputs bn) into a stacked state of the translator's target (SimpleBlock_NoBn: conv1, conv2)."""
     was_training = model.training
     model.eval()
     inputs = [conv1, conv2, *bn]
     outs = [model([t[i:i + batch_size] for t in inputs]) for i in range(0, len(conv1), batch_size)]
     model.train(was_training)
-    return {'conv1.weight': torch.cat([o[0] for o in outs]), 'conv2.weight': torch.cat([o[1] for o in outs])}
+    return blocks.state_of(model.target, [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))])
 
 
 def translate_blocks(model, basic, batch_size=4096):
@@ -73,34 +78,42 @@ class Scorer:
         return accs.cpu()
 
 
-def reference_rows(score, networks, targets, seed):
+def reference_rows(score, networks, targets, seed, block=net.DEFAULT_SMALL, universal=None):
     """The rows every run is judged against, for the networks of `score` (networks: their stacked
-    blocks; targets: the training set's small-block convs [conv1, conv2], or [] without them):
-    Large (their own BasicBlock), Random Init (fresh small blocks, seeded), Mean target (the mean small
-    block of the training set), Weight selection (the BasicBlock's first hidden channels), Weight selection
-    (folded) and (folded, refit) (folded_selection, refit_selection), Retrained (a small block trained in
-    place, when the val set has one)."""
+    blocks; targets: the training set's written small blocks (targets.written; SimpleBlock_NoBn: [conv1, conv2]),
+    or [] without them; block: the target): Large (their own BasicBlock), Random Init (fresh small blocks, seeded),
+    Identity (block skipped: Begin straight into Last), Mean target (the mean small block of the training set),
+    Universal block (universal: one trained block's state, universal.py), the target's training-free rules
+    (rules.rules_of: for SimpleBlock_NoBn Weight selection, (folded) and (folded, refit)), Retrained (a small block
+    of the target's kind trained in place, when the val set has them)."""
     c1 = networks.basic['conv1.weight']
     k = c1.shape[0]
     seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
     rows = {'Large (BasicBlock)': score(networks.basic, 'basic'),
-            'Random Init': score(net.fresh_states('simple', seeds, c1.device))}
+            'Random Init': score(net.fresh_states('simple' if block == net.DEFAULT_SMALL else block, seeds,
+                                                  c1.device)),
+            'Identity (block skipped)': score({}, 'identity')}
     if targets:
-        rows['Mean target'] = score(mean_block(targets, k))
+        rows['Mean target'] = score(mean_block(targets, k, block))
     else:
         log.info('note: no "Mean target" row: the training set has no small blocks')
-    rows['Weight selection'] = score(rules.weight_selection(networks.basic))
-    rows['Weight selection (folded)'] = score(rules.folded_selection(networks.basic))
-    rows['Weight selection (folded, refit)'] = score(rules.refit_selection(networks.basic))
-    if networks.simple is not None:
+    if universal is not None:
+        rows[UNIVERSAL] = score({n: t.to(c1.device).expand(k, *t.shape) for n, t in universal.items()})
+    for name, rule in rules.rules_of(block).items():
+        rows[name] = score(rule(networks.basic))
+    if networks.simple is not None and net.small_block_of(networks.simple) == block:
         rows['Retrained'] = score(networks.simple)
+    elif networks.simple is not None:
+        log.info(f'note: no "Retrained" row: the val set\'s retrained blocks are '
+                 f'{net.small_block_of(networks.simple)}, not {block} (make them with construct_val.py --small_block '
+                 f'{block} --train_simple)')
     return rows
 
 
-def mean_block(targets, k):
-    """The mean of stacked small-block convs [conv1, conv2], repeated for k networks."""
-    return {key: y.mean(0, keepdim=True).expand(k, *y.shape[1:]) for key, y in zip(('conv1.weight', 'conv2.weight'),
-                                                                                    targets)}
+def mean_block(targets, k, block=net.DEFAULT_SMALL):
+    """The mean of stacked written small blocks (SimpleBlock_NoBn: [conv1, conv2]) as a state, repeated for k
+    networks."""
+    return blocks.state_of(block, [y.mean(0, keepdim=True).expand(k, *y.shape[1:]) for y in targets])
 
 
 def acc_row(accs):
@@ -141,18 +154,20 @@ def verdict(rows, kt='KT (best)'):
     """One honest sentence: did KT beat each baseline present (paired, more than 2 standard errors)? The
     training-free row of highest mean, when one is highest, is named the strongest."""
     present = [name for name in BASELINES if name in rows]
-    means = sorted((rows[name]['mean'] for name in present), reverse=True)
+    means = sorted((rows[name]['mean'] for name in present if name in TRAINING_FREE), reverse=True)
     parts = []
     for name in present:
         mean, se = paired_margin(rows[kt]['accs'], rows[name]['accs'])
         word = 'beat' if beats(rows[kt]['accs'], rows[name]['accs']) else 'did NOT beat'
-        strongest = len(means) > 1 and rows[name]['mean'] == means[0] > means[1]
+        strongest = name in TRAINING_FREE and len(means) > 1 and rows[name]['mean'] == means[0] > means[1]
         parts.append(f'{word} {name}{", the strongest training-free rule" if strongest else ""} '
                      f'({mean:+.2f} ± {se:.2f} points)')
     if 'Retrained' in rows:
         parts.append(f"and is {rows['Retrained']['mean'] - rows[kt]['mean']:.2f} points below Retrained")
-    return ('KT (best epoch) ' + ', '.join(parts) + '. (Beat: the margin, paired over the same validation '
-            'networks, is above two standard errors.)')
+    ignores = UNIVERSAL in rows and not beats(rows[kt]['accs'], rows[UNIVERSAL]['accs'])
+    return ('KT (best epoch) ' + ', '.join(parts) + '.' + (' Not beating the Universal block, one block for every '
+            'network, it shows no use of its input.' if ignores else '') + ' (Beat: the margin, paired over the same '
+            'validation networks, is above two standard errors.)')
 
 
 # ---------------------------------------------------------------------------------------- a training run's evaluation
@@ -164,13 +179,14 @@ def log_original(prefix, accs, distribution=False):
         log.info(f'Accuracy Distribution {utils.acc_histogram(accs)}')
 
 
-def run_references(score, networks, objective, args, state=None):
-    """A run's reference rows, measured once (a resumed run reads them back from its state) and logged."""
+def run_references(score, networks, objective, args, state=None, universal=None):
+    """A run's reference rows, measured once (a resumed run reads them back from its state) and logged; universal:
+    the Universal block's state made for this training set and target, or None."""
     if state is not None:
         refs = state['refs']
     else:
         t0 = time.time()
-        refs = reference_rows(score, networks, objective.raw_targets, args.seed)
+        refs = reference_rows(score, networks, objective.raw_targets, args.seed, objective.block, universal)
         if args.canonical_targets:
             refs['Mean canonical target'] = score(mean_block(objective.targets, len(networks)))
         log.info(f'reference rows measured in {time.time() - t0:.1f} s')

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 import claims
 import construct
+import large_from
 from mnist import load_mnist
 import original_layout
 import shards
@@ -53,7 +54,8 @@ def _generate(args, steps, held):
     recipe, dirs = args.recipe, original_layout.original_dirs(args.kind, args.train_small)
     theirs = check_layout(args.data_root, args.layout, args.kind)
     if theirs:  # the original code's own files: their shapes can be checked, their recipe cannot
-        original_layout.check_original_shapes(args.data_root, original_layout.ORIGINAL_DIRS[args.kind])
+        original_layout.check_original_shapes(args.data_root, original_layout.ORIGINAL_DIRS[args.kind],
+                                              recipe.small_block)
     share = sizing.gpu_share(device, args.processes_per_gpu)
     k = args.models_per_step or sizing.default_models_per_step(device, share)
     cache_begin = sizing.use_begin_cache(args, k, share)
@@ -82,8 +84,9 @@ def _generate(args, steps, held):
             else:
                 a, b = group
                 epochs = {} if args.original_log else None
+                large = large_from.read_large(args.large_from, a, b, args.kind) if args.large_from else None
                 shard = construct.make_pairs(range(a, b), recipe, mnist, device, cache_begin, workspaces, steps,
-                                             epochs)
+                                             epochs, large)
                 if args.original_log:
                     log_original(shard, epochs, recipe.kind, recipe.train_small)
                 save_pairs(args.data_root, args.layout, shard, dirs)
@@ -206,7 +209,7 @@ def log_original(shard, epochs, kind, train_small):
     """The original generation scripts' lines for each network of a shard (epochs: make_pairs' epoch_log)."""
     large = 'Complex Test Accuracy' if kind == 'train' else 'Test Accuracy'
     for j, i in enumerate(shard['index'].tolist()):
-        lines = [f'Data index: {i}'] + [f'Epoch {e}, {large} {a[j].item()}%' for e, a in enumerate(epochs['large'])]
+        lines = [f'Data index: {i}'] + [f'Epoch {e}, {large} {a[j].item()}%' for e, a in enumerate(epochs.get('large', []))]
         lines.append('-' * 50)
         if train_small:
             lines.append(f'Before Train, Test Accuracy {shard["acc_small_init"][j].item()}%')

@@ -7,7 +7,8 @@ import os
 
 import net
 from original_layout import ORIGINAL_DIRS, read_original
-from shards import list_shards, read_pairs
+from shards import list_shards, read_pairs, read_recipe
+import targets
 from utils import UserError
 
 BASIC_KEYS = ('conv1.weight', 'conv2.weight', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var',
@@ -43,6 +44,10 @@ class _PairData:
             raise UserError(f'{base_path}: no pairs there (neither shard_*.pt files nor the original folders '
                             f'{folders}); generate them with construct_train.py / construct_val.py or fix the path')
         self.recipe = data.get('recipe')
+        recipe = self.recipe or read_recipe(base_path)  # the original layout keeps its recipe in recipe.json only
+        # the kind of small block the set holds (or would hold): its recipe's, else its blocks' keys, else unknown
+        self.small_block = recipe.get('small_block', net.DEFAULT_SMALL) if recipe else \
+            net.small_block_of(data['simple']) if data.get('simple') else None
         self._check_shapes(data, 'basic')
         self._check_shapes(data, 'simple')
         # the translator runs in float32 whatever precision the files were saved in
@@ -59,13 +64,17 @@ class _PairData:
         stacked = data.get(block)
         if stacked is None:
             return
-        for key, shape in WEIGHT_SHAPES[block].items():
+        kind = 'BasicBlock' if block == 'basic' else self.small_block or net.DEFAULT_SMALL
+        shapes = WEIGHT_SHAPES['basic'] if block == 'basic' else \
+            WEIGHT_SHAPES['simple'] if kind == net.DEFAULT_SMALL else targets.written_shapes(kind)
+        for key, shape in shapes.items():
             if key not in stacked:
-                raise UserError(f'{self.base_path}: {block} weights lack "{key}" (not a '
-                                f'{"BasicBlock" if block == "basic" else "SimpleBlock_NoBn"} state dict)')
+                raise UserError(f'{self.base_path}: {block} weights lack "{key}" (not a {kind} state dict'
+                                f'{"" if block == "basic" else ", the small block its recipe.json names"})')
             if tuple(stacked[key].shape[1:]) != shape:
                 raise UserError(f'{self.base_path}: {block} "{key}" has shape {tuple(stacked[key].shape[1:])}, '
-                                f'expected {shape} (the 6->6->6 BasicBlock / 6->3->6 SimpleBlock_NoBn of KT)')
+                                f'expected {shape} (the 6->6->6 BasicBlock / 6->3->6 SimpleBlock_NoBn of KT, '
+                                f'or the {kind} of net.py)')
 
     def __len__(self):
         return self.num
@@ -82,7 +91,8 @@ class _PairData:
     def require(self, block, why):
         """Raise a UserError if the set lacks `block` weights, saying why they are needed."""
         if {'begin': self.begin, 'basic': self.basic, 'last': self.last, 'simple': self.simple}[block] is None:
-            what = {'simple': 'small blocks (SimpleBlock_NoBn)', 'begin': 'Begin blocks', 'last': 'Last blocks'}[block]
+            what = {'simple': f'small blocks ({self.small_block or net.DEFAULT_SMALL})', 'begin': 'Begin blocks',
+                    'last': 'Last blocks'}[block]
             raise UserError(f'{self.base_path}: holds no {what}, needed for {why} '
                             f'(made with --skip_simple, or the original layout without that folder); '
                             f'regenerate it without --skip_simple or point at another set')
@@ -94,13 +104,14 @@ class _PairData:
 
 class TrainDataset(_PairData):
     """Training pairs. Item i: (inputs, targets), inputs the 10 BasicBlock tensors in BASIC_KEYS order,
-    targets [conv1.weight, conv2.weight] of the SimpleBlock_NoBn.
+    targets [conv1.weight, conv2.weight] of the SimpleBlock_NoBn (another small block's targets.KEYS tensors).
 
     Attributes (stacked tensors, leading axis = pair): basic and simple (dicts by state-dict key; simple is
     None without small blocks), begin and last (None unless with_networks names them, or is True for both,
     and present: the weight MSE never needs them and at 300k pairs Last alone is 7 GB), acc_large / acc_small_init
     / acc_small
-    ((num,) float64 in %, None in the original layout), recipe (dict or None), layout. start: the index of
+    ((num,) float64 in %, None in the original layout), recipe (dict or None), layout, small_block (the kind of
+    small block: the recipe's, else that of the blocks held, else None). start: the index of
     the first pair read (pairs start .. start + num - 1)."""
     original_dirs = ORIGINAL_DIRS['train']
     original_required = ('basic',)
@@ -111,7 +122,7 @@ class TrainDataset(_PairData):
 
     def __getitem__(self, i):
         self.require('simple', 'MSE targets')
-        return self.basic_inputs(i), [self.simple[k][i] for k in SIMPLE_KEYS]
+        return self.basic_inputs(i), [self.simple[k][i] for k in targets.KEYS[self.small_block or net.DEFAULT_SMALL]]
 
 
 class ValDataset(_PairData):

@@ -18,6 +18,7 @@ import net
 import rules
 import symmetry
 from distributed import take_share
+from targets import state_of, written
 from utils import UserError
 
 
@@ -43,8 +44,11 @@ def augment(inputs, targets, args, gen):
 
 
 def mse_loss(outputs, targets):
-    """Mean over the two conv tensors of their MSE (the original's loss)."""
-    return (F.mse_loss(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])) / 2
+    """Mean over the written tensors of their MSE (the original's loss: the two conv tensors)."""
+    loss = F.mse_loss(outputs[0], targets[0])
+    for o, t in zip(outputs[1:], targets[1:]):
+        loss = loss + F.mse_loss(o, t)
+    return loss / len(targets)
 
 
 def random_perms(n, gen, device):
@@ -52,23 +56,29 @@ def random_perms(n, gen, device):
     return torch.rand(n, net.PLANES, generator=gen, device=device).argsort(1)
 
 
-def perm_augment(inputs, targets, gen):
+def perm_augment(inputs, targets, gen, block=net.DEFAULT_SMALL):
     """--perm_aug: per pair, fresh P (residual channels) and Q (BasicBlock hidden channels) applied with
-    symmetry.permute_pairs to the inputs (symmetry.permute_bn to their BatchNorm inputs, if any) and, if any, the targets.
-    Returns (inputs, targets, p)."""
+    symmetry.permute_pairs to the inputs (symmetry.permute_bn to their BatchNorm inputs, if any) and, if any, the targets
+    (written tensors of `block`: symmetry.permute_written). Returns (inputs, targets, p)."""
     c1, c2, *bn = inputs  # bn: rules.bn_inputs when the translator reads them
     p, q = random_perms(len(c1), gen, c1.device), random_perms(len(c1), gen, c1.device)
-    # without targets (--loss functional on --skip_simple data) empty stand-ins keep one code path
-    s1, s2 = targets if targets else (c1.new_empty(len(c1), 0, *net.SIMPLE_SHAPES['conv1.weight'][1:]),
-                                      c1.new_empty(len(c1), net.PLANES, 0, 3, 3))
+    # without SimpleBlock_NoBn targets (--loss functional on --skip_simple data, another block) empty stand-ins keep
+    # one code path
+    own = targets and block == net.DEFAULT_SMALL
+    s1, s2 = targets if own else (c1.new_empty(len(c1), 0, *net.SIMPLE_SHAPES['conv1.weight'][1:]),
+                                  c1.new_empty(len(c1), net.PLANES, 0, 3, 3))
     c1, c2, s1, s2 = symmetry.permute_pairs(c1, c2, s1, s2, p, q)
-    return [c1, c2, *symmetry.permute_bn(bn, p, q)], ([s1, s2] if targets else targets), p
+    if targets:
+        targets = [s1, s2] if own else symmetry.permute_written(block, targets, p)
+    return [c1, c2, *symmetry.permute_bn(bn, p, q)], targets, p
 
 
-def unpermute_small(outputs, p):
+def unpermute_small(outputs, p, block=net.DEFAULT_SMALL):
     """Small blocks written for P-permuted inputs, back in their networks' own channel order (the inverse
-    of symmetry.permute_pairs on s1, s2)."""
+    of symmetry.permute_pairs on s1, s2; of symmetry.permute_written for other blocks)."""
     inv = p.argsort(1)
+    if block != net.DEFAULT_SMALL:
+        return symmetry.permute_written(block, outputs, inv)
     b = torch.arange(len(p), device=p.device)[:, None]
     return [outputs[0].transpose(1, 2)[b, inv].transpose(1, 2), outputs[1][b, inv]]
 
@@ -85,14 +95,14 @@ def hidden_invariant_loss(outputs, targets):
 
 class FunctionalLoss:
     """The functional term: on a fresh batch of MNIST training images, each network's translated
-    SimpleBlock_NoBn should give what its BasicBlock gives (MSE of the outputs, eval-mode BN), both after
-    the network's frozen Begin; plus ce_weight x the cross-entropy of Begin -> translated -> Last.
+    small block (SimpleBlock_NoBn, or another target, in eval mode) should give what its BasicBlock gives (MSE of the
+    outputs, eval-mode BN), both after the network's frozen Begin; plus ce_weight x the cross-entropy of Begin -> translated -> Last.
 
     Vectorised over the networks of a step with the stacked forms of net.py. Memory and time grow as
     (networks per step = --batch_size) x (--functional_images): each activation is B x 6 x 14 x 14 per image."""
 
-    def __init__(self, train_set, basic_convs, args, device):
-        self.ce_weight, self.num_images = args.ce_weight, args.functional_images
+    def __init__(self, train_set, basic_convs, args, device, block=net.DEFAULT_SMALL):
+        self.ce_weight, self.num_images, self.block = args.ce_weight, args.functional_images, block
         self.begin = {k: t.to(device) for k, t in train_set.begin.items()}
         # the conv weights are already on the device as the translator's inputs: share them
         self.basic = {k: t.to(device) for k, t in train_set.basic.items() if k not in ('conv1.weight', 'conv2.weight')}
@@ -108,7 +118,7 @@ class FunctionalLoss:
         with torch.no_grad():
             h = net.begin_forward(x, {k: t[idx] for k, t in self.begin.items()})  # (N, K*6, 14, 14)
             want = net.basic_forward(h, {k: t[idx] for k, t in self.basic.items()})
-        got = net.simple_forward(h, {'conv1.weight': outputs[0], 'conv2.weight': outputs[1]})
+        got = net.small_forward(h, state_of(self.block, outputs))
         loss = F.mse_loss(got, want)
         if self.ce_weight > 0:
             logits = net.last_forward(got, {k: t[idx] for k, t in self.last.items()})  # (K, N, 10)
@@ -135,24 +145,24 @@ class Batch:
 class Objective:
     """The flags' training objective over a training set held on the device: batch() and loss()."""
 
-    def __init__(self, args, train_set, device):
-        self.args = args
+    def __init__(self, args, train_set, device, block=net.DEFAULT_SMALL):
+        self.args, self.block = args, block
         self.inputs = [train_set.basic[k].to(device) for k in ('conv1.weight', 'conv2.weight')]
         if (args.inputs, args.output) != ('conv', 'direct'):  # mixer.FunctionTranslator reads the BatchNorms too
             self.inputs += [t.to(device) for t in rules.bn_inputs(train_set.basic)]
-        self.targets = [train_set.simple[k].to(device) for k in ('conv1.weight', 'conv2.weight')] \
-            if train_set.simple is not None else []
+        self.targets = [t.to(device) for t in written(block, train_set.simple)] if train_set.simple is not None else []
         self.raw_targets = self.targets  # for the Mean target row
         if args.canonical_targets:
             self.targets = list(symmetry.canonical_simple(*self.targets))
-        self.functional = FunctionalLoss(train_set, self.inputs[:2], args, device) if args.loss != 'mse' else None
+        self.functional = FunctionalLoss(train_set, self.inputs[:2], args, device, block) \
+            if args.loss != 'mse' else None
 
     def batch(self, idx, gen):
         """The pairs idx with the flags' augmentation, fresh draws from gen."""
         inputs, targets = [x[idx] for x in self.inputs], [y[idx] for y in self.targets]
         perm = None
         if self.args.perm_aug:
-            inputs, targets, perm = perm_augment(inputs, targets, gen)
+            inputs, targets, perm = perm_augment(inputs, targets, gen, self.block)
         inputs, targets = augment(inputs, targets, self.args, gen)
         return Batch(inputs, targets, idx, perm)
 
@@ -164,8 +174,8 @@ class Objective:
         if args.loss != 'functional':
             loss = (hidden_invariant_loss if args.hidden_invariant_loss else mse_loss)(outputs, batch.targets)
         if args.loss != 'mse':
-            term = self.functional(outputs if batch.perm is None else unpermute_small(outputs, batch.perm),
-                                   batch.idx, gen)
+            own_order = outputs if batch.perm is None else unpermute_small(outputs, batch.perm, self.block)
+            term = self.functional(own_order, batch.idx, gen)
             loss = loss + (args.functional_weight if args.loss == 'mse+functional' else 1.0) * term
         return loss
 
@@ -190,6 +200,19 @@ def flag_checks(args, default):
          '--hidden_invariant_loss and --canonical_targets change the weight MSE, which --loss functional '
          'does not have'),
     ]
+
+
+def target_checks(args, block):
+    """Refuse the options that exist for SimpleBlock_NoBn targets only, or a residual output without a rule."""
+    if block == net.DEFAULT_SMALL:
+        return
+    for flag in ('canonical_targets', 'hidden_invariant_loss'):
+        if getattr(args, flag):
+            raise UserError(f'--{flag}: defined for SimpleBlock_NoBn targets only; the target here is {block}')
+    if args.output != 'direct' and args.output not in rules.RESIDUAL_OUTPUTS[block]:
+        raise UserError(f'--output {args.output}: {block} has no training-free rule of that kind to add a delta '
+                        f'to (rules.rules_of); use --output direct'
+                        + ''.join(f' or {o}' for o in rules.RESIDUAL_OUTPUTS[block]))
 
 
 def check_data(args, train_set):

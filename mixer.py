@@ -9,7 +9,9 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+import net
 import rules
+import targets
 from net import BASIC_SHAPES, SIMPLE_SHAPES
 
 KERNEL = 9  # taps of a 3x3 kernel: a token's width before map1 and after map2
@@ -17,6 +19,26 @@ IN_SHAPES = (BASIC_SHAPES['conv1.weight'], BASIC_SHAPES['conv2.weight'])
 OUT_SHAPES = (SIMPLE_SHAPES['conv1.weight'], SIMPLE_SHAPES['conv2.weight'])
 NUM_TOKENS = sum(s[0] * s[1] for s in IN_SHAPES)  # 72: S_dim must equal this
 NUM_OUT_TOKENS = sum(s[0] * s[1] for s in OUT_SHAPES)  # 36
+MLP_HIDDEN = net.small_shapes('MLPBlock')['fc1_c.weight'][0]  # 12
+OUT_TOKENS = {'SimpleBlock_NoBn': (NUM_OUT_TOKENS, KERNEL),
+              'SimpleBlock': (NUM_OUT_TOKENS + net.HIDDEN + net.PLANES, KERNEL),
+              'MLPBlock': (MLP_HIDDEN + 1, 2 * net.PLANES + 1), 'AttnBlock': (2 * net.PLANES, 2 * net.PLANES)}
+
+
+def split_tokens(target, x):
+    """The head's tokens x (B, *OUT_TOKENS[target]) as the target's written tensors (targets.KEYS order)."""
+    b, n1, p = x.shape[0], OUT_SHAPES[0][0] * OUT_SHAPES[0][1], net.PLANES
+    if target in ('SimpleBlock_NoBn', 'SimpleBlock'):
+        convs = [x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:NUM_OUT_TOKENS].reshape(b, *OUT_SHAPES[1])]
+        if target == 'SimpleBlock_NoBn':
+            return convs
+        bn1, bn2 = x[:, NUM_OUT_TOKENS:NUM_OUT_TOKENS + net.HIDDEN], x[:, NUM_OUT_TOKENS + net.HIDDEN:]
+        return convs + [bn1[..., 0], bn1[..., 1], bn2[..., 0], bn2[..., 1]]
+    if target == 'MLPBlock':
+        units = x[:, :MLP_HIDDEN]
+        return [units[..., :p], units[..., p], units[..., p + 1:].transpose(1, 2), x[:, MLP_HIDDEN, :p]]
+    qk, vo = x[:, :p], x[:, p:]  # AttnBlock
+    return [t.reshape(b, p, p, 1, 1) for t in (qk[..., :p], qk[..., p:], vo[..., :p], vo[..., p:].transpose(1, 2))]
 
 
 class MixingMLP(nn.Module):
@@ -42,17 +64,21 @@ class MixingMLP(nn.Module):
 
 
 class MLPMixer(nn.Module):
-    """[conv1 (B, 6, 6, 3, 3), conv2 (B, 6, 6, 3, 3)] -> (conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3))."""
+    """[conv1 (B, 6, 6, 3, 3), conv2 (B, 6, 6, 3, 3)] -> (conv1 (B, 3, 6, 3, 3), conv2 (B, 6, 3, 3, 3)), or the
+    written tensors of another target (a name of net.SMALL_BLOCKS; not part of config)."""
     in_width = KERNEL  # values per input token
 
-    def __init__(self, num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.):
+    def __init__(self, num_layers=24, S_dim=72, C_dim=128, hidden_S_dim=256, hidden_C_dim=512, dropout=0.,
+                 target=net.DEFAULT_SMALL):
         super().__init__()
         self.config = dict(num_layers=num_layers, S_dim=S_dim, C_dim=C_dim, hidden_S_dim=hidden_S_dim,
                            hidden_C_dim=hidden_C_dim, dropout=dropout)
+        self.target = targets.check(target)
+        out_tokens, out_width = OUT_TOKENS[target]
         if C_dim != KERNEL or self.in_width != KERNEL:  # with C_dim == 9 the taps are the channels
             self.map1 = nn.Linear(self.in_width, C_dim)
-        if C_dim != KERNEL:
-            self.map2 = nn.Linear(C_dim, KERNEL)
+        if C_dim != out_width:
+            self.map2 = nn.Linear(C_dim, out_width)
         self.layers = nn.Sequential(OrderedDict(
             (f'mixer_layer_{i}', nn.Sequential(
                 MixingMLP(C_dim, S_dim, hidden_S_dim, dropout, token_mixing=True),
@@ -61,7 +87,7 @@ class MLPMixer(nn.Module):
         self.layernorm = nn.LayerNorm(C_dim)
         self.fc1 = nn.Linear(S_dim, hidden_S_dim)
         self.gelu = nn.GELU()
-        self.fc2 = nn.Linear(hidden_S_dim, NUM_OUT_TOKENS)
+        self.fc2 = nn.Linear(hidden_S_dim, out_tokens)
 
     def compile_blocks(self):
         """torch.compile every mixing MLP in place (train.py --compile blocks): the blocks share their code, so
@@ -76,16 +102,14 @@ class MLPMixer(nn.Module):
         return self.mix(torch.cat([conv1.reshape(len(conv1), -1, KERNEL), conv2.reshape(len(conv2), -1, KERNEL)], dim=1))
 
     def mix(self, x):
-        """Input tokens (B, 72, in_width) -> the small block's (conv1, conv2)."""
-        b = x.shape[0]
+        """Input tokens (B, 72, in_width) -> the small block's (conv1, conv2), or the target's written tensors."""
         if hasattr(self, 'map1'):
             x = self.map1(x)
         x = self.layers(x)
         x = self.fc2(self.gelu(self.fc1(self.layernorm(x).transpose(1, 2)))).transpose(1, 2)  # (B, 36, C)
         if hasattr(self, 'map2'):
             x = self.map2(x)
-        n1 = OUT_SHAPES[0][0] * OUT_SHAPES[0][1]
-        return x[:, :n1].reshape(b, *OUT_SHAPES[0]), x[:, n1:].reshape(b, *OUT_SHAPES[1])
+        return tuple(split_tokens(self.target, x))
 
 
 class FunctionTranslator(MLPMixer):
@@ -96,13 +120,15 @@ class FunctionTranslator(MLPMixer):
     the shift of its output channel (conv1 token (o, i): shift1[o]; conv2 token (o, i): shift2[o]): 72 tokens of 10
     values, so only map1 changes (9 -> 10 inputs). 'conv': the raw convs' tokens, as MLPMixer.
     output 'residual' / 'refit': the Mixer writes a delta added to a training-free rule applied to the same block,
-    Weight selection (folded) / (folded, refit) (rules.top_hidden / rules.refit_hidden); its last layer starts at zero,
-    so the untrained translator is that rule exactly. 'direct': the Mixer writes the block, as MLPMixer."""
+    rules.residual_base (SimpleBlock_NoBn: Weight selection (folded) / (folded, refit)); its last layer starts at
+    zero, so the untrained translator is that rule exactly. 'direct': the Mixer writes the block, as MLPMixer."""
 
     def __init__(self, inputs='conv', output='direct', **config):
         self.in_width = KERNEL + (inputs == 'folded')
         super().__init__(**config)
         self.kt = {'inputs': inputs, 'output': output}
+        if output != 'direct' and output not in rules.RESIDUAL_OUTPUTS[self.target]:
+            raise ValueError(f'--output {output}: no training-free rule of {self.target} to add a delta to')
         if output != 'direct':
             last = self.map2 if hasattr(self, 'map2') else self.fc2
             nn.init.zeros_(last.weight)
@@ -119,14 +145,12 @@ class FunctionTranslator(MLPMixer):
             out = super().forward([conv1, conv2])
         if self.kt['output'] != 'direct':
             base = self.base(f1, shift1, f2, shift2, *bn1)
-            out = (base['conv1.weight'] + out[0], base['conv2.weight'] + out[1])
+            out = tuple(base[k] + o for k, o in zip(targets.KEYS[self.target], out))
         return out
 
     def base(self, conv1, shift1, conv2, shift2, gamma1=None, beta1=None):
         """The rule a residual output adds its delta to, from folded convs (rules.fold_bn) and bn1's affine."""
-        if self.kt['output'] == 'refit':
-            return rules.refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1)
-        return rules.select_hidden(conv1, conv2, rules.top_hidden(conv1, conv2))
+        return rules.residual_base(self.target, self.kt['output'], conv1, shift1, conv2, shift2, gamma1, beta1)
 
 
 DEFAULT_KT = {'inputs': 'conv', 'output': 'direct'}
@@ -138,11 +162,12 @@ def kt_of(inputs, output):
     return None if kt == DEFAULT_KT else kt
 
 
-def build_translator(config, kt=None):
-    """MLPMixer(**config), or a FunctionTranslator when kt ({'inputs', 'output'}) is not the default."""
+def build_translator(config, kt=None, target=net.DEFAULT_SMALL):
+    """MLPMixer(**config) writing `target` blocks, or a FunctionTranslator when kt ({'inputs', 'output'}) is not the
+    default."""
     if kt is None or kt == DEFAULT_KT:
-        return MLPMixer(**config)
-    return FunctionTranslator(**kt, **config)
+        return MLPMixer(**config, target=target)
+    return FunctionTranslator(**kt, **config, target=target)
 
 
 def needs_bn(model):

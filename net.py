@@ -8,6 +8,8 @@ Two halves:
     carrying a leading K axis. Generation trains K networks at once with them, train.py
     scores all val networks at once, and the functional loss runs translated blocks.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ CPU_CHUNK_BYTES = 8 << 20  # Begin's activations per chunk on a CPU: 2.3x faster
 BASIC_SHAPES = {'conv1.weight': (PLANES, PLANES, 3, 3), 'conv2.weight': (PLANES, PLANES, 3, 3),
                 **{f'bn{i}.{n}': (PLANES,) for i in (1, 2) for n in ('weight', 'bias', 'running_mean', 'running_var')}}
 SIMPLE_SHAPES = {'conv1.weight': (HIDDEN, PLANES, 3, 3), 'conv2.weight': (PLANES, HIDDEN, 3, 3)}
+DEFAULT_SMALL = 'SimpleBlock_NoBn'  # the small block of the original's scripts
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -153,9 +156,33 @@ def large_network():
     return nn.Sequential(BeginBlock(), BasicBlock(), LastBlock())
 
 
-def small_network(begin, last):
-    """The given Begin and Last around a fresh SimpleBlock_NoBn."""
-    return nn.Sequential(begin, SimpleBlock_NoBn(), last)
+SMALL_BLOCKS = {'SimpleBlock_NoBn': SimpleBlock_NoBn, 'SimpleBlock': SimpleBlock, 'MLPBlock': MLPBlock,
+                'AttnBlock': AttnBlock}  # the small blocks of the original's net.py that fit between Begin and Last
+
+
+def small_network(begin, last, small_block=DEFAULT_SMALL):
+    """The given Begin and Last around a fresh small block (a name of SMALL_BLOCKS)."""
+    return nn.Sequential(begin, SMALL_BLOCKS[small_block](), last)
+
+
+@functools.cache
+def _small_shapes(small_block):
+    """small_shapes, built once; under fork_rng, as building a module draws its initial weights."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple((k, tuple(t.shape)) for k, t in SMALL_BLOCKS[small_block]().state_dict().items())
+
+
+def small_shapes(small_block):
+    """{state-dict key: shape} of a small block (its buffers included); draws nothing from torch's generator."""
+    return dict(_small_shapes(small_block))
+
+
+def small_block_of(state):
+    """The SMALL_BLOCKS name whose state-dict keys `state` has (stacked or not); None when none fits."""
+    for name in SMALL_BLOCKS:
+        if set(state) == set(small_shapes(name)):
+            return name
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,12 +204,13 @@ def unstack_state(state, k):
 
 
 def fresh_states(block, seeds, device='cpu'):
-    """Stacked default-initialised states of `block`, network j built under torch seed seeds[j]."""
+    """Stacked default-initialised states of `block` (a BLOCKS key or a SMALL_BLOCKS name), network j built under
+    torch seed seeds[j]."""
     sds = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            sds.append(BLOCKS[block]().state_dict())
+            sds.append({**BLOCKS, **SMALL_BLOCKS}[block]().state_dict())
     return {k: v.to(device) for k, v in stack_states(sds).items()}
 
 
@@ -226,6 +254,58 @@ def simple_forward(x, s, training=False):
     return F.relu(_conv(out, s['conv2.weight'], k, padding=1) + x)
 
 
+def simple_bn_forward(x, s, training=False):
+    """Stacked SimpleBlock (SimpleBlock_NoBn with a BatchNorm after each conv) on (B, K*6, H, W)."""
+    k = s['conv1.weight'].shape[0]
+    out = F.relu(batch_norm(_conv(x, s['conv1.weight'], k, padding=1), s, 'bn1.', training))
+    return F.relu(batch_norm(_conv(out, s['conv2.weight'], k, padding=1), s, 'bn2.', training) + x)
+
+
+def _linear(x, w, b, k):
+    """Per-position Linear of K networks as a grouped 1x1 conv: x (B, K*Cin, H, W), w (K, Cout, Cin), b (K, Cout)."""
+    return F.conv2d(x, w.reshape(-1, w.shape[2], 1, 1), None if b is None else b.reshape(-1), groups=k)
+
+
+def mlp_forward(x, s, training=False):
+    """Stacked MLPBlock on (B, K*6, H, W): the channel MLP at every position, as grouped 1x1 convolutions."""
+    k = s['fc1_c.weight'].shape[0]
+    out = _linear(F.relu(_linear(x, s['fc1_c.weight'], s['fc1_c.bias'], k)), s['fc2_c.weight'], s['fc2_c.bias'], k)
+    return F.relu(out + x)
+
+
+def attn_forward(x, s, training=False):
+    """Stacked AttnBlock on (B, K*C, H, W): each network's single-head attention over its H*W positions."""
+    k, c = s['proj_q.weight'].shape[:2]
+    b, _, h, w = x.shape
+
+    def proj(name, t):  # (B, K*C, H, W) -> (B, K, C, HW)
+        return _linear(t, s[name].flatten(2), None, k).view(b, k, c, h * w)
+    q, key, v = (proj(n, x) for n in ('proj_q.weight', 'proj_k.weight', 'proj_v.weight'))
+    attn = torch.softmax(q.transpose(2, 3) @ key * (c ** -0.5), dim=-1)  # (B, K, HW, HW)
+    out = (v @ attn.transpose(2, 3)).reshape(b, k * c, h, w)  # out[:, :, n] = sum_m attn[n, m] v[:, m]
+    return x + _linear(out, s['proj.weight'].flatten(2), None, k)
+
+
+def identity_forward(x, s=None, training=False):
+    """No middle block at all (the block skipped): Begin's output goes straight to Last."""
+    return x
+
+
+SMALL_FORWARD = {'SimpleBlock_NoBn': simple_forward, 'SimpleBlock': simple_bn_forward, 'MLPBlock': mlp_forward,
+                 'AttnBlock': attn_forward}
+
+
+def small_forward(x, s, training=False):
+    """Stacked small block of any SMALL_BLOCKS kind, told apart by its state's keys (SimpleBlock_NoBn's: the
+    two convs)."""
+    if 'conv1.weight' in s and 'bn1.weight' not in s:  # the original pair's block: no key lookup on its hot path
+        return simple_forward(x, s, training)
+    kind = small_block_of(s)
+    if kind is None:
+        raise ValueError(f'not the state of a small block: keys {sorted(s)}')
+    return SMALL_FORWARD[kind](x, s, training)
+
+
 def last_forward(x, s, training=False):
     """Stacked LastBlock on (B, K*6, 14, 14) -> logits (K, B, 10)."""
     return last_head(_conv(x, s['downsample.weight'], s['downsample.weight'].shape[0], stride=2), s, training)
@@ -239,7 +319,7 @@ def last_head(x, s, training=False):
     return torch.baddbmm(s['fc.bias'].unsqueeze(1), x, s['fc.weight'].transpose(1, 2))
 
 
-MIDDLE_FORWARD = {'basic': basic_forward, 'simple': simple_forward}
+MIDDLE_FORWARD = {'basic': basic_forward, 'simple': small_forward, 'identity': identity_forward}
 
 
 def stacked_logits(x, begin, middle, last, middle_kind):

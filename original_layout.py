@@ -1,6 +1,6 @@
 """The original code's per-file layout: one plain state dict per network and block, {i}.pth in a folder each.
 
-    train: inputs/{i}.pth (BasicBlock), labels/{i}.pth (SimpleBlock_NoBn),
+    train: inputs/{i}.pth (BasicBlock), labels/{i}.pth (the small block: SimpleBlock_NoBn, or --small_block),
            backup_begin/{i}.pth, backup_last/{i}.pth (BeginBlock, LastBlock; optional when read)
     val:   begin/{i}.pth, complex/{i}.pth (BasicBlock), last/{i}.pth,
            simple/{i}.pth (ours, optional: retrained SimpleBlock_NoBn, the "Retrained" row)
@@ -89,10 +89,12 @@ def original_dirs(kind, train_small):
     return {b: d for b, d in ORIGINAL_DIRS[kind].items() if b != 'simple' or train_small}
 
 
-def check_original_shapes(root, dirs):
-    """Refuse any file {i}.pth under root/<dirs[block]> whose state dict does not fit its block."""
+def check_original_shapes(root, dirs, small_block=net.DEFAULT_SMALL):
+    """Refuse any file {i}.pth under root/<dirs[block]> whose state dict does not fit its block (the small blocks':
+    small_block, a name of net.SMALL_BLOCKS)."""
     for block, d in dirs.items():
-        want = {k: tuple(t.shape) for k, t in net.BLOCKS[block]().state_dict().items()}
+        module = net.SMALL_BLOCKS[small_block]() if block == 'simple' else net.BLOCKS[block]()
+        want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
         folder = os.path.join(root, d)
         for i in sorted(_original_indices(folder)) if os.path.isdir(folder) else ():
             path = os.path.join(folder, f'{i}.pth')
@@ -100,5 +102,5 @@ def check_original_shapes(root, dirs):
             ok = isinstance(sd, dict) and all(isinstance(t, torch.Tensor) for t in sd.values())
             got = {k: tuple(t.shape) for k, t in sd.items()} if ok else None
             if got != want:
-                raise UserError(f'{path}: not a {net.BLOCKS[block].__name__} state dict (keys and shapes '
+                raise UserError(f'{path}: not a {type(module).__name__} state dict (keys and shapes '
                                 f'{got}, expected {want}); move it away or choose another --data_root')

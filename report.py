@@ -3,8 +3,8 @@
     python report.py ckpts/nobn/<run>/summary.json [more summary.json ...] [--out table.md] [--hist]
     python report.py SUMMARIES... --plot OUTDIR [--warm_start warm_start.json]   # PNG figures (needs matplotlib)
 
-One table per run: Large / Random Init / Mean target / Weight selection / KT / Retrained, with mean, min and
-max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline (evaluate.beats:
+One table per run: Large / Random Init / Identity / Mean target / Universal block / the target's rules / KT /
+Retrained, with mean, min and max test accuracy over the val networks, then one line saying plainly whether KT beat each baseline (evaluate.beats:
 its margin, paired over the same val networks, is above two standard errors).
 """
 import argparse
@@ -15,10 +15,12 @@ import re
 import utils
 from evaluate import BASELINES, paired_margin, verdict
 
-ORDER = ['Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection', 'Weight selection (folded)',
-         'Weight selection (folded, refit)', 'KT (best)', 'KT (last)', 'Retrained']
-NETWORK_ROWS = ('Large (BasicBlock)', 'Weight selection', 'Weight selection (folded)',
-                'Weight selection (folded, refit)', 'Retrained')  # fixed by the val networks and test images
+ORDER = ['Large (BasicBlock)', 'Random Init', 'Identity (block skipped)', 'Mean target', 'Universal block',
+         'Weight selection', 'Weight selection (folded)', 'Weight selection (folded, refit)', 'Centre taps (folded)',
+         'Summed taps (folded)', 'KT (best)', 'KT (last)', 'Retrained']
+NETWORK_ROWS = ('Large (BasicBlock)', 'Identity (block skipped)', 'Weight selection', 'Weight selection (folded)',
+                'Weight selection (folded, refit)', 'Centre taps (folded)', 'Summed taps (folded)',
+                'Retrained')  # fixed by the val networks and test images
 
 
 def load_summary(path):

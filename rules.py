@@ -10,6 +10,7 @@ import math
 import torch
 
 import net
+import targets
 
 
 def bn_inputs(basic):
@@ -114,3 +115,105 @@ def refit_selection(basic):
     """Weight selection (folded, refit): folded_selection's hidden channels with conv2 refit by least squares to the
     BasicBlock's whole pre-residual output, from the weights and BN buffers alone (refit_hidden)."""
     return refit_hidden(*fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'])
+
+
+# ----------------------------------------------------------------------------------------
+# The other small blocks of net.py (--small_block): the same BN-folded BasicBlock, other blocks written from it.
+
+def simple_bn_rule(conv1, shift1, conv2, shift2, gamma1, beta1, refit=False):
+    """SimpleBlock's Weight selection (folded) / (folded, refit) of stacked folded BasicBlocks (rules_of)."""
+    keep = top_hidden(conv1, conv2)
+    b = torch.arange(len(conv1), device=conv1.device)[:, None]
+    sel = select_hidden(conv1, conv2, keep)
+    bias2 = shift2
+    if refit:
+        dropped = torch.ones_like(shift1, dtype=torch.bool)
+        dropped[b, keep] = False
+        mean = relu_mean(beta1.double(), gamma1.double().abs().clamp_min(1e-12)) * dropped  # (K, 6)
+        bias2 = (shift2.double() + (conv2.double().flatten(3).sum(3) * mean[:, None, :]).sum(2)).to(shift2.dtype)
+    return targets.state_of('SimpleBlock', [sel['conv1.weight'], sel['conv2.weight'],
+                                            targets.bn_weight(torch.ones_like(shift1[:, :net.HIDDEN])),
+                                            shift1[b, keep], targets.bn_weight(torch.ones_like(shift2)), bias2])
+
+
+def mlp_rule(conv1, shift1, conv2, shift2, taps='centre'):
+    """MLPBlock's Centre taps / Summed taps (folded) of stacked folded BasicBlocks (rules_of)."""
+    tap = (lambda c: c[..., 1, 1]) if taps == 'centre' else (lambda c: c.sum((-2, -1)))
+    spare = net.small_shapes('MLPBlock')['fc1_c.weight'][0] - net.PLANES  # hidden units left dead
+    w1, w2 = tap(conv1), tap(conv2)  # (K, 6 hidden, 6 in), (K, 6 out, 6 hidden)
+    return dict(zip(targets.KEYS['MLPBlock'], (
+        torch.cat([w1, w1.new_zeros(len(w1), spare, net.PLANES)], 1),
+        torch.cat([shift1, shift1.new_zeros(len(w1), spare)], 1),
+        torch.cat([w2, w2.new_zeros(len(w2), net.PLANES, spare)], 2), shift2)))
+
+
+def simple_bn_selection(basic):
+    """SimpleBlock's Weight selection: the first 3 hidden channels of conv1, bn1 and conv2 as they are, and bn2."""
+    out = {k: t[:, :net.HIDDEN] for k, t in basic.items() if k.startswith(('conv1.', 'bn1.')) and t.ndim > 1}
+    out['conv2.weight'] = basic['conv2.weight'][:, :, :net.HIDDEN]
+    out.update({k: t for k, t in basic.items() if k.startswith('bn2.') or k == 'bn1.num_batches_tracked'})
+    return out
+
+
+def _folded(fn, **kw):
+    """A rule of folded BasicBlocks (and bn1's affine) as a rule of BasicBlock states."""
+    def rule(basic):
+        return fn(*fold_bn(basic), basic['bn1.weight'], basic['bn1.bias'], **kw)
+    return rule
+
+
+# target -> {reference row: rule of stacked BasicBlock states -> stacked small-block states}
+RULES = {
+    'SimpleBlock_NoBn': {'Weight selection': weight_selection, 'Weight selection (folded)': folded_selection,
+                         'Weight selection (folded, refit)': refit_selection},
+    'SimpleBlock': {'Weight selection': simple_bn_selection, 'Weight selection (folded)': _folded(simple_bn_rule),
+                    'Weight selection (folded, refit)': _folded(simple_bn_rule, refit=True)},
+    'MLPBlock': {'Centre taps (folded)': lambda basic: mlp_rule(*fold_bn(basic)),
+                 'Summed taps (folded)': lambda basic: mlp_rule(*fold_bn(basic), taps='summed')},
+    'AttnBlock': {},
+}
+
+
+def rules_of(target):
+    """{reference row: rule} of a target: the training-free rules of each small block, derived here once for the
+    blocks beyond SimpleBlock_NoBn (its rules: above); each rule reads the BasicBlock in
+    fold_bn's form, relu(x + f2 * relu(f1 * x + shift1) + shift2), and the BN model of refit_hidden.
+
+    SimpleBlock (SimpleBlock_NoBn with a BatchNorm after each conv): its eval-mode BatchNorms are per-channel
+    affine maps, so it can carry the shifts that SimpleBlock_NoBn must drop. Weight selection (folded) keeps the
+    top_hidden channels of f1 and f2 with bn1 = (scale 1, shift1 of the kept channels) and bn2 = (scale 1, shift2):
+    each kept hidden channel is then exactly the BasicBlock's. Weight selection (folded, refit) refits it under the
+    BN model (hidden pre-activations N(beta1, gamma1^2), independent): the least-squares conv2 of a kept channel
+    is its own f2 column (its covariance with the output is its own contribution) and the intercept, bn2's shift,
+    gains each dropped channel's mean output, sum over taps of f2[:, h] x E[relu(N(beta1_h, gamma1_h^2))].
+    Weight selection keeps the first 3 hidden channels with their own BatchNorms, unfolded.
+
+    MLPBlock (a channel MLP 6 -> 12 -> 6 at each position, with biases): it sees one position, the convs 3x3.
+    Centre taps: fc1 = f1's centre taps and bias shift1 on 6 of its 12 hidden units (the other 6 zero: dead),
+    fc2 = f2's centre taps and bias shift2; exact where the off-centre taps vanish. Summed taps: the sums over
+    each 3x3 kernel instead; exact on inputs constant over each 3x3 window (feature maps are smooth). Both keep
+    all 6 hidden channels, so the BN model's refit, which only absorbs dropped channels, changes nothing.
+
+    AttnBlock: none; its attention mixes all 196 positions with input-dependent weights, a map no choice of its
+    four 1x1 projections makes local, so no closed form links it to a 3x3 conv block (its proj = 0 is the
+    identity, the "Identity (block skipped)" row)."""
+    return RULES[target]
+
+
+def residual_base(target, output, conv1, shift1, conv2, shift2, gamma1, beta1):
+    """The rule train.py --output residual / refit adds its delta to, as a stacked state of the target, from
+    folded BasicBlocks (fold_bn) and bn1's affine; None where the target has no such rule."""
+    if target == 'SimpleBlock_NoBn':
+        if output == 'refit':
+            return refit_hidden(conv1, shift1, conv2, shift2, gamma1, beta1)
+        return select_hidden(conv1, conv2, top_hidden(conv1, conv2))
+    if target == 'SimpleBlock':
+        return simple_bn_rule(conv1, shift1, conv2, shift2, gamma1, beta1, refit=output == 'refit')
+    if target == 'MLPBlock' and output == 'residual':
+        return mlp_rule(conv1, shift1, conv2, shift2, taps=RESIDUAL_TAPS)
+    return None
+
+
+RESIDUAL_TAPS = 'centre'  # MLPBlock's --output residual base
+RESIDUAL_OUTPUTS = {'SimpleBlock_NoBn': ('residual', 'refit'), 'SimpleBlock': ('residual', 'refit'),
+                    'MLPBlock': ('residual',), 'AttnBlock': ()}  # the --output values residual_base serves

@@ -46,7 +46,7 @@ def research_suffix(args, default):
     """What non-default options beyond the original add to the last sub-directory: nothing for the original's
     runs, else _val<N>, _test<N>, _tf32, _bf16, _hold<N>, _perm, _canon, _hinv and, with a functional term,
     _<loss>-w<functional_weight>-ce<ce_weight>-img<functional_images>, e.g. _perm_functional-w1-ce0-img64, and
-    _in-folded, _out-residual."""
+    _in-folded, _out-residual, and _to-<small block> for a target other than SimpleBlock_NoBn (train.target_of)."""
     parts = ([f'val{args.val_data_length}'] if args.val_data_length != default('val_data_length') else []) + \
         ([f'test{args.num_test_images}'] if args.num_test_images != default('num_test_images') else []) + \
         (['tf32'] if args.tf32 else []) + ([args.amp] if args.amp != 'none' else []) + \
@@ -56,7 +56,8 @@ def research_suffix(args, default):
     if args.loss != 'mse':
         parts.append(f'{args.loss}-w{args.functional_weight:g}-ce{args.ce_weight:g}-img{args.functional_images}')
     parts += ([f'in-{args.inputs}'] if args.inputs != default('inputs') else []) + \
-        ([f'out-{args.output}'] if args.output != default('output') else [])
+        ([f'out-{args.output}'] if args.output != default('output') else []) + \
+        ([f'to-{args.small_block}'] if getattr(args, 'small_block', None) else [])
     return ''.join('_' + p for p in parts)
 
 
@@ -270,8 +271,10 @@ class Run:
         "histogram" (20 counts, 5% bins), "accs" (per val network)}}} with rows "Large (BasicBlock)", "Random Init",
         "Mean target" (if the train set has small blocks), "Mean canonical target" (with --canonical_targets),
         "Weight selection", "Weight selection (folded)", "Weight selection (folded, refit)", "Retrained" (if the val
-        set has retrained small blocks), "KT (best)", "KT (last)"; accuracies in % on the MNIST test set; "kt"
-        ({"inputs", "output"}) when --inputs or --output is not the original's."""
+        set has retrained small blocks), "KT (best)", "KT (last)", and "Identity (block skipped)", "Universal block"
+        (when universal.py made one), the target's rules (rules.rules_of); accuracies in % on the MNIST test set;
+        "kt" ({"inputs", "output"}) when --inputs or --output is not the original's, "target" (the small block
+        written) when not SimpleBlock_NoBn."""
         utils.atomic_write(os.path.join(self.ckpt_dir, 'summary.json'), json.dumps(summary, indent=1))
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import net
+import targets
 
 HIDDEN_ORDERS = tuple(itertools.permutations(range(net.HIDDEN)))  # the 3! orders of the small block's hidden channels
 
@@ -96,3 +97,48 @@ def best_order_cosine(a, b):
     cos = [F.cosine_similarity(va, torch.cat([b1[:, o].flatten(1), b2[:, :, o].flatten(1)], dim=1), dim=1)
            for o in map(list, HIDDEN_ORDERS)]
     return torch.stack(cos).max(dim=0).values
+
+
+# ----------------------------------------------------------------------------------------
+# Every small block of net.py (--small_block): how the residual permutation P acts on it, and its own symmetry.
+
+def take(t, dim, p):
+    """t (B, ...) with axis dim permuted per sample by p (B, n): t'[b, .., i, ..] = t[b, .., p[b, i], ..]."""
+    shape = [len(p)] + [1] * (t.ndim - 1)
+    shape[dim] = p.shape[1]
+    return t.gather(dim, p.view(shape).expand(*t.shape[:dim], p.shape[1], *t.shape[dim + 1:]))
+
+
+# target -> {written tensor (targets.KEYS): the axis that the residual channels' permutation P permutes}
+RESIDUAL_AXES = {
+    'SimpleBlock_NoBn': {'conv1.weight': 2, 'conv2.weight': 1},
+    'SimpleBlock': {'conv1.weight': 2, 'conv2.weight': 1, 'bn2.weight': 1, 'bn2.bias': 1},
+    'MLPBlock': {'fc1_c.weight': 2, 'fc2_c.weight': 1, 'fc2_c.bias': 1},
+    'AttnBlock': {'proj_q.weight': 2, 'proj_k.weight': 2, 'proj_v.weight': 2, 'proj.weight': 1},
+}
+# target -> groups of {tensor: axis} that one permutation of the block's own hidden channels permutes together
+# (the same function): SimpleBlock(_NoBn) its 3 hidden channels, MLPBlock its 12 hidden units; AttnBlock has two,
+# the channels of q and k jointly (q.k sums over them) and those of v with proj's columns (proj reads them).
+HIDDEN_AXES = {
+    'SimpleBlock_NoBn': [{'conv1.weight': 1, 'conv2.weight': 2}],
+    'SimpleBlock': [{'conv1.weight': 1, 'conv2.weight': 2, 'bn1.weight': 1, 'bn1.bias': 1, 'bn1.running_mean': 1,
+                     'bn1.running_var': 1}],
+    'MLPBlock': [{'fc1_c.weight': 1, 'fc1_c.bias': 1, 'fc2_c.weight': 2}],
+    'AttnBlock': [{'proj_q.weight': 1, 'proj_k.weight': 1}, {'proj_v.weight': 1, 'proj.weight': 2}],
+}
+
+
+def permute_written(block, tensors, p):
+    """A target's written tensors (targets.KEYS order, batched) for networks whose residual channels are permuted
+    by p (B, 6), as permute_pairs permutes a SimpleBlock_NoBn's."""
+    axes = RESIDUAL_AXES[block]
+    return [take(t, axes[k], p) if k in axes else t for k, t in zip(targets.KEYS[block], tensors)]
+
+
+def permute_hidden(block, state, perms):
+    """A stacked small-block state (or its written tensors as a dict) with its own hidden channels permuted,
+    perms[g] (B, n) for each group of HIDDEN_AXES[block]: the same functions."""
+    state = dict(state)
+    for group, p in zip(HIDDEN_AXES[block], perms):
+        state.update({k: take(state[k], axis, p) for k, axis in group.items() if k in state})
+    return state

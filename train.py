@@ -1,4 +1,5 @@
-"""Train the KT translator: an MLP-Mixer that writes a SimpleBlock_NoBn from a BasicBlock's conv weights.
+"""Train the KT translator: an MLP-Mixer that writes a SimpleBlock_NoBn (or the small block the training data's
+recipe names, --small_block) from a BasicBlock's conv weights.
 
 The original README's command runs verbatim:
     python train.py --gpu_id 0 \\
@@ -34,6 +35,7 @@ import runs
 import utils
 from mixer import NUM_TOKENS
 import shards
+import universal
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,9 @@ def make_parser():
                    help='functional term: plus this x the cross-entropy of Begin -> translated block -> Last')
     r.add_argument('--functional_images', type=int, default=64,
                    help='functional term: MNIST training images per step (fresh each step, shared by the networks)')
+    r.add_argument('--small_block', default=argparse.SUPPRESS, choices=tuple(net.SMALL_BLOCKS),
+                   help='the block the translator writes where the training data does not say (no recipe.json '
+                        'and no small blocks); by default the one its recipe.json names, SimpleBlock_NoBn if none')
     r.add_argument('--inputs', default='conv', choices=['conv', 'folded'],
                    help='conv: the BasicBlock\'s two conv weights (the original); folded: its convs with the '
                         'BatchNorm scales folded in, each token with its output channel\'s BatchNorm shift '
@@ -144,6 +149,27 @@ def make_parser():
                         'that baseline)')
     p.system_flags = tuple(a.dest for a in s._group_actions)
     return p
+
+
+def target_of(args, train_set):
+    """The block the translator writes: --small_block, else the training data's (train_set.small_block), else
+    SimpleBlock_NoBn. Sets args.small_block when it is not SimpleBlock_NoBn (the original's runs keep their flags
+    and run names). A flag that contradicts the small blocks the data holds is refused, except by --loss functional,
+    which needs none (they are dropped)."""
+    given, data = getattr(args, 'small_block', None), train_set.small_block
+    if given and data and given != data and train_set.simple is not None:
+        if args.loss != 'functional':
+            raise UserError(f'--small_block {given}: {args.train_path} holds {data} small blocks (its recipe.json), '
+                            f'which --loss {args.loss} would take as targets; use --loss functional (no targets), or '
+                            f'pairs made with construct_train.py --small_block {given}')
+        train_set.simple = None  # another block's: no targets, no Mean target row
+    target = given or data or net.DEFAULT_SMALL
+    if target != net.DEFAULT_SMALL:
+        args.small_block = target
+    elif given:
+        del args.small_block
+    losses.target_checks(args, target)
+    return target
 
 
 PARSER = make_parser()
@@ -330,7 +356,9 @@ def run_training(argv=None):
     # device; a batch is an index lookup into these tensors.
     t0 = time.time()
     train_set, val_set, holdout = load_data(args, device, ctx.is_main)
-    objective = losses.Objective(args, train_set, device)
+    target = target_of(args, train_set)
+    objective = losses.Objective(args, train_set, device, target)
+    made = universal.load_for(args.train_path, target, args.train_data_length, args.ce_weight)
     images, labels = mnist.load_mnist(args.mnist_root, train=False)
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
     load_time, t0 = time.time() - t0, time.time()
@@ -349,12 +377,14 @@ def run_training(argv=None):
              f'{len(val_set)} validation networks ({val_set.layout}) from {args.val_path}, '
              f'{len(images)} test images; loaded in {load_time:.1f} s')
     log_setup(args, score, holdout, objective, len(train_set), cache_time)
-    refs = evaluate.run_references(score, val_set, objective, args, state)  # measured once per run
+    refs = evaluate.run_references(score, val_set, objective, args, state, made)  # measured once per run
 
     kt = mixer.kt_of(args.inputs, args.output)
-    model = mixer.build_translator(config, kt).to(device)
+    model = mixer.build_translator(config, kt, target).to(device)
+    # what the checkpoints and JSONs record beside the config: the research options and a target not the original's
+    extra = {**({'kt': kt} if kt else {}), **({'target': target} if target != net.DEFAULT_SMALL else {})}
     ctx.seed_rank(args.seed)
-    log.info(f'translator: {config}{f", {kt}" if kt else ""}, {net.num_params(model):,} parameters')
+    log.info(f'translator: {config}{f", {extra}" if extra else ""}, {net.num_params(model):,} parameters')
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)
     gen = torch.Generator(device=device)
@@ -395,7 +425,7 @@ def run_training(argv=None):
         metrics.append(row)
         rng = dict(runs.rng_state(gen, device), **ctx.rng_states())  # every rank: a collective under torchrun
         run.end_epoch(metrics, optimizer.param_groups[0]['lr'], {
-            'config': config, **({'kt': kt} if kt else {}), 'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
+            'config': config, **extra, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': epoch + 1,
             'scheduler': scheduler.state_dict() if scheduler is not None else None, 'metrics': metrics,
             **evaluation.state(), 'refs': refs, 'rng': rng, 'data': fingerprint, 'args': vars(args)})
         if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
@@ -409,11 +439,11 @@ def run_training(argv=None):
     best = evaluation.best
     best_step = (best['epoch'] + 1) * iters
     best_path = run.save_best(best['model'], evaluation.best_val(), {
-        'config': config, **({'kt': kt} if kt else {}), 'epoch': best['epoch'], 'step': best_step, 'mean_acc': evaluation.best_val(),
+        'config': config, **extra, 'epoch': best['epoch'], 'step': best_step, 'mean_acc': evaluation.best_val(),
         'args': vars(args)})
     final = {**refs, 'KT (best)': best['accs'], 'KT (last)': evaluation.last_accs}
     run.write_summary({
-        'run': run.name, 'checkpoint': best_path, 'config': config, **({'kt': kt} if kt else {}), 'best_epoch': best['epoch'],
+        'run': run.name, 'checkpoint': best_path, 'config': config, **extra, 'best_epoch': best['epoch'],
         'best_step': best_step, 'steps_per_epoch': iters, 'num_epochs': args.num_epochs,
         'selection': f'holdout {len(holdout)}' if holdout else 'val', 'num_val': len(val_set),
         'num_test_images': len(images), 'train_pairs': len(train_set),

@@ -1,4 +1,5 @@
-"""Compress one trained network with a trained translator: BasicBlock in, SimpleBlock_NoBn out.
+"""Compress one trained network with a trained translator: BasicBlock in, SimpleBlock_NoBn (or the small block the
+translator was trained to write: its JSON's "target") out.
 
     python translate.py --ckpt T.pth --complex basic.pth --out simple.pth [--begin begin.pth --last last.pth]
     python translate.py --ckpt T.pth --data_root data/val --index 7 --out simple.pth
@@ -36,10 +37,14 @@ SIZE_FLAGS = {flag: (kw, inspect.signature(MLPMixer).parameters[kw].default) for
 
 def get_args(argv=None):
     """Parse the flags."""
-    p = argparse.ArgumentParser(description='Translate a BasicBlock state dict into a SimpleBlock_NoBn one.')
+    p = argparse.ArgumentParser(description='Translate a BasicBlock state dict into a small block\'s (SimpleBlock_NoBn '
+                                            'or the target the translator writes).')
     p.add_argument('--ckpt', required=True, help="translator: train.py's checkpoint or the original's state dict")
     p.add_argument('--complex', help='BasicBlock state dict (the original format)')
-    p.add_argument('--out', required=True, help='where to write the SimpleBlock_NoBn state dict')
+    p.add_argument('--out', required=True, help='where to write the small block\'s state dict')
+    p.add_argument('--small_block', default=None, choices=tuple(net.SMALL_BLOCKS),
+                   help='the block a bare state dict writes (default SimpleBlock_NoBn); checked against a train.py '
+                        'checkpoint, which records it')
     p.add_argument('--begin', help='BeginBlock state dict of the same network (with --last: report accuracy)')
     p.add_argument('--last', help='LastBlock state dict of the same network')
     p.add_argument('--data_root', help='instead of --complex/--begin/--last: a dataset of construct_train.py or '
@@ -75,12 +80,17 @@ def flags_of(config):
 def load_translator(args):
     """The translator of --ckpt, in eval mode; a UserError if the weights do not fit the configuration."""
     ckpt = utils.load_file(args.ckpt, 'translator checkpoint')
+    asked = getattr(args, 'small_block', None)  # callers with the size flags only ask for nothing
     given = {kw: getattr(args, flag) for flag, (kw, _) in SIZE_FLAGS.items() if getattr(args, flag) is not None}
     bare = isinstance(ckpt, dict) and ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values())
     meta = runs.read_meta(args.ckpt) if bare else None
     if meta is not None or (isinstance(ckpt, dict) and 'config' in ckpt and 'model' in ckpt):
         config, state = (dict(meta['config']), ckpt) if meta is not None else (dict(ckpt['config']), ckpt['model'])
         kt = (meta or ckpt).get('kt')  # train.py --inputs/--output, when not the original's
+        target = (meta or ckpt).get('target', net.DEFAULT_SMALL)
+        if asked not in (None, target):
+            raise UserError(f'{args.ckpt} is a translator writing {target} blocks, but --small_block asks for '
+                            f'{asked}; drop the flag')
         clash = [f'--{flag} {getattr(args, flag)}' for flag, (kw, _) in SIZE_FLAGS.items()
                  if kw in given and config.get(kw) != given[kw]]
         if clash:
@@ -89,11 +99,11 @@ def load_translator(args):
     elif bare:
         config = {kw: default for _, (kw, default) in SIZE_FLAGS.items()}
         config.update(given, dropout=0.)
-        state, kt = ckpt, None
+        state, kt, target = ckpt, None, asked or net.DEFAULT_SMALL
     else:
         raise UserError(f'{args.ckpt}: neither a translator state dict (train.py\'s or the original\'s) nor an '
                         f'older train.py checkpoint (dict with "config" and "model")')
-    model = mixer.build_translator(config, kt)
+    model = mixer.build_translator(config, kt, target)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError):
@@ -101,7 +111,8 @@ def load_translator(args):
             hint = f'; its shapes say {flags_of(config_from_state_dict(state))}'
         except (KeyError, IndexError, AttributeError):
             hint = ' (it is not an MLPMixer translator)'
-        raise UserError(f'{args.ckpt}: weights do not fit a translator with {flags_of(config)}{hint}') from None
+        raise UserError(f'{args.ckpt}: weights do not fit a translator with {flags_of(config)} writing {target} '
+                        f'blocks{hint}') from None
     return model.eval()
 
 
@@ -148,10 +159,10 @@ def main(argv=None):
     basic = network['basic']
     translated = evaluate.translate_blocks(model, {k: t[None] for k, t in basic.items()})
     simple = {k: t[0].contiguous() for k, t in translated.items()}
-    net.SimpleBlock_NoBn().load_state_dict(simple, strict=True)  # the original format, by construction
+    net.SMALL_BLOCKS[model.target]().load_state_dict(simple, strict=True)  # the original format, by construction
     utils.atomic_save(simple, args.out)
-    print(f'wrote {args.out}: SimpleBlock_NoBn, conv1 {tuple(simple["conv1.weight"].shape)}, '
-          f'conv2 {tuple(simple["conv2.weight"].shape)}')
+    print(f'wrote {args.out}: {model.target}, ' + ', '.join(f'{k} {tuple(t.shape)}' for k, t in simple.items()
+                                                             if t.is_floating_point()))
     if 'begin' not in network:
         return
     images, labels = images[:args.num_test_images].to(device), labels[:args.num_test_images].to(device)
@@ -161,9 +172,9 @@ def main(argv=None):
     accs = {name: score(stacked[name], 'basic' if name == 'basic' else 'simple')[0].item()
             for name in ('basic', 'translated', 'simple') if name in stacked}
     line = (f'test accuracy on {len(images)} MNIST test images: large (BasicBlock) {accs["basic"]:.2f}%, '
-            f'compressed (translated SimpleBlock_NoBn) {accs["translated"]:.2f}%')
+            f'compressed (translated {model.target}) {accs["translated"]:.2f}%')
     if 'simple' in accs:
-        line += f', the dataset\'s own SimpleBlock_NoBn {accs["simple"]:.2f}%'
+        line += f', the dataset\'s own {net.small_block_of(network["simple"])} {accs["simple"]:.2f}%'
     print(line)
 
 

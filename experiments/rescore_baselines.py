@@ -1,6 +1,8 @@
-"""Add the training-free rows evaluate.reference_rows gained later to the committed summaries scored on
+"""Add the reference rows evaluate.reference_rows gained later to the committed summaries scored on
 data/demo/val (100 networks, all 10,000 MNIST test images): their KT rows keep per-network accuracies, so
 the new rows and the verdicts need no retraining. Idempotent: a row already there must come out the same.
+The Universal block row is added where universal.py has made one for the summary's training networks
+(data/demo/train/universal/SimpleBlock_NoBn_n<train_pairs>[_ce<w>].pt, w the run's --ce_weight).
 
     python experiments/rescore_baselines.py > results/baselines/rescore.log
 """
@@ -18,12 +20,20 @@ import evaluate  # noqa: E402
 import loader  # noqa: E402
 import mnist  # noqa: E402
 import rules  # noqa: E402
+import universal  # noqa: E402
 import utils  # noqa: E402
 
-VAL, NUM_VAL, NUM_TEST = 'data/demo/val', 100, 10000
+VAL, NUM_VAL, NUM_TEST, TRAIN = 'data/demo/val', 100, 10000, 'data/demo/train'
 PATTERNS = ('results/demo/*.json', 'results/paper_recipe/runs/*/summary.json', 'results/runs/*/summary.json')
-NEW_ROWS = {'Weight selection (folded)': rules.folded_selection,
-            'Weight selection (folded, refit)': rules.refit_selection}
+NEW_ROWS = {'Identity (block skipped)': lambda score, basic: score({}, 'identity'),
+            'Weight selection (folded)': lambda score, basic: score(rules.folded_selection(basic)),
+            'Weight selection (folded, refit)': lambda score, basic: score(rules.refit_selection(basic))}
+
+
+def ce_weight_of(run):
+    """The --ce_weight of a run, from the -ce<w> of its functional run name (0 without a functional term)."""
+    m = re.search(r'functional-w[\d.e-]+-ce([\d.e-]+)-img', run)
+    return float(m.group(1)) if m else 0.0
 
 
 def val_path_of(path):
@@ -56,7 +66,7 @@ def main():
     images, labels = mnist.load_mnist('data', train=False)
     score = evaluate.Scorer(images[:NUM_TEST], labels[:NUM_TEST], val.begin, val.last)
     selection = [round(a, 4) for a in score(rules.weight_selection(val.basic)).tolist()]
-    rows = {name: evaluate.acc_row(score(rule(val.basic))) for name, rule in NEW_ROWS.items()}
+    rows = {name: evaluate.acc_row(rule(score, val.basic)) for name, rule in NEW_ROWS.items()}
     for name, row in rows.items():
         print(f'{name}: mean {row["mean"]:.2f}, paired vs Weight selection '
               f'{"%+.2f ± %.2f" % evaluate.paired_margin(row["accs"], selection)}')
@@ -67,13 +77,18 @@ def main():
         for name, row in rows.items():
             if name in s['rows'] and s['rows'][name] != row:
                 raise utils.UserError(f'{rel}: its "{name}" row differs from the one measured now')
-        # the new rows go after Weight selection, where train.py writes them
+        made = universal.load_for(TRAIN, 'SimpleBlock_NoBn', s['train_pairs'], ce_weight_of(s['run']))
+        new = dict(rows, **({evaluate.UNIVERSAL: evaluate.acc_row(score(
+            {k: t.expand(NUM_VAL, *t.shape) for k, t in made.items()}))} if made is not None else {}))
+        if evaluate.UNIVERSAL in s['rows'] and s['rows'][evaluate.UNIVERSAL] != new.get(evaluate.UNIVERSAL):
+            raise utils.UserError(f'{rel}: its "{evaluate.UNIVERSAL}" row differs from the one measured now')
+        # the new rows go after Weight selection (train.py writes them in reference_rows' order)
         ordered = {}
         for name, row in s['rows'].items():
-            if name not in rows:
+            if name not in new:
                 ordered[name] = row
             if name == 'Weight selection':
-                ordered.update(rows)
+                ordered.update(new)
         s['rows'] = ordered
         utils.atomic_write(path, json.dumps(s, indent=1))
         print(f'{rel}: {evaluate.verdict(s["rows"])}')

@@ -50,7 +50,7 @@ import utils  # noqa: E402
 
 CHECKPOINTS = (10, 30, 100, 300)  # scored between step 0 and the last, which small_phase scores itself
 FRACTIONS = (0.5, 0.8, 0.9)  # of the network's Retrained accuracy
-NOT_STARTS = ('Large (BasicBlock)', 'Retrained')  # reference_rows' rows that are no small-block start
+NOT_STARTS = ('Large (BasicBlock)', 'Identity (block skipped)', 'Retrained')  # reference_rows' rows: no start
 
 
 def get_args(argv=None):

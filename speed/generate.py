@@ -57,6 +57,9 @@ def get_args(argv=None):
     if args.cuda_graph and args.compile:
         raise utils.UserError('--cuda_graph and --compile: one or the other (--compile reduce-overhead makes its own '
                               'CUDA graphs, of the compiled parts only)')
+    if args.small_block != net.DEFAULT_SMALL:  # FastSteps writes the SimpleBlock_NoBn's step only
+        raise utils.UserError(f'--small_block {args.small_block}: speed/generate.py trains SimpleBlock_NoBn only; '
+                              f'use construct_train.py / construct_val.py for other small blocks')
     kernels = triton_flags(args)
     if args.amp == 'bf16' and kernels:
         raise utils.UserError(f'{kernels}: float32 only; drop --amp bf16 or {kernels}')
@@ -71,7 +74,7 @@ class FastRecipe(construct.Recipe):
 
     def as_json(self):
         """recipe.json's dict; an fp32 recipe keeps the original keys (no 'amp')."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != 'amp' or v != 'none'}
+        return {k: v for k, v in super().as_json().items() if k != 'amp' or v != 'none'}
 
 
 def conv3x3(x, w, conv):

@@ -93,7 +93,8 @@ def test_end_to_end_outputs(finished_run, pair_sets):
     assert [m['mean'] != '' for m in metrics] == [False, False, True, True]  # epoch % log_step == 0, and the last
     assert float(metrics[3]['loss']) < float(metrics[0]['loss'])
     summary = json.load(open(os.path.join(ckpt_dir, 'summary.json')))
-    assert set(summary['rows']) == {'Large (BasicBlock)', 'Random Init', 'Mean target', 'Weight selection',
+    assert set(summary['rows']) == {'Large (BasicBlock)', 'Random Init', 'Identity (block skipped)', 'Mean target',
+                                    'Weight selection',
                                     'Weight selection (folded)', 'Weight selection (folded, refit)',
                                     'Retrained', 'KT (best)', 'KT (last)'}
     for row in summary['rows'].values():
@@ -128,7 +129,10 @@ def test_end_to_end_outputs(finished_run, pair_sets):
             'Weight selection': ({'conv1.weight': c1[:, :3], 'conv2.weight': c2[:, :, :3]}, 'simple'),
             'Weight selection (folded)': (rules.folded_selection(val.basic), 'simple'),
             'Weight selection (folded, refit)': (rules.refit_selection(val.basic), 'simple'),
-            'Random Init': ({k: torch.stack([sd[k] for sd in random_init]) for k in random_init[0]}, 'simple')}
+            'Random Init': ({k: torch.stack([sd[k] for sd in random_init]) for k in random_init[0]}, 'simple'),
+            # the block skipped: a zero SimpleBlock_NoBn is the identity on Begin's (non-negative) outputs
+            'Identity (block skipped)': ({'conv1.weight': torch.zeros_like(c1[:, :3]),
+                                          'conv2.weight': torch.zeros_like(c2[:, :, :3])}, 'simple')}
     for name, (middle, kind) in rows.items():
         accs = net.stacked_accuracy(images[:200], labels[:200], val.begin, middle, val.last, kind)
         assert [round(a, 4) for a in accs.tolist()] == summary['rows'][name]['accs'], name
