@@ -13,6 +13,13 @@ import net  # noqa: E402
 import shards  # noqa: E402
 
 TEST_RECIPE = {'made_by': 'tests/conftest.py', 'epochs': 0}
+TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']  # generation
+
+
+def tiny_args(data_root, *extra, kind='train'):
+    """construct_train.py's (kind 'val': construct_val.py's) checked flags of a tiny recipe writing to data_root."""
+    import construct_train
+    return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
 
 
 def _jitter(stacked, gen, scale=0.1):
@@ -80,3 +87,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def tiny_mnist():
+    """MNIST of the tiny recipe (TINY), on the CPU."""
+    import generation
+    return generation.load_mnist_to(torch.device('cpu'), tiny_args('unused'))

@@ -135,6 +135,21 @@ def sgd_update(params, grads, bufs, lr, momentum=MOMENTUM):
         torch._foreach_add_(params, bufs, alpha=-lr)
 
 
+def sgd_steps(params, loss_fn, recipe, bufs, update=sgd_update):
+    """Steps.build's (step, reset) on the momentum buffers bufs, each step's update by update (sgd_update's
+    signature)."""
+    def step(idx, flip):
+        loss_fn(idx, flip).backward()
+        update(params, [p.grad for p in params], bufs, recipe.lr, recipe.momentum)
+        for p in params:
+            p.grad = None
+
+    def reset():
+        for b in bufs:
+            b.zero_()
+    return step, reset
+
+
 def cross_entropy(logits_fn, labels):
     """loss_fn(idx, flip): the sum of the K networks' mean cross-entropies (each gets exactly its own gradient) on
     images idx (K, B), from their logits (K, B, 10) logits_fn(idx, flip); labels: all the images' labels."""
@@ -174,18 +189,7 @@ class Steps:
     def build(self, params, loss_fn, recipe):
         """(step, reset): step(idx, flip) is one SGD step (forward, backward, update) of the K networks whose
         trainable tensors are `params`; reset() zeroes the momentum for new networks in the same tensors."""
-        bufs = [torch.zeros_like(p) for p in params]
-
-        def step(idx, flip):
-            loss_fn(idx, flip).backward()
-            sgd_update(params, [p.grad for p in params], bufs, recipe.lr, recipe.momentum)
-            for p in params:
-                p.grad = None
-
-        def reset():
-            for b in bufs:
-                b.zero_()
-        return step, reset
+        return sgd_steps(params, loss_fn, recipe, [torch.zeros_like(p) for p in params])
 
 
 PLAIN = Steps()

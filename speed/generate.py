@@ -217,18 +217,8 @@ class FastSteps(construct.Steps):
         """construct.Steps.build with the SGD update compiled too, its momentum buffers static."""
         bufs = [torch.zeros_like(p) for p in params]
         mark_static(bufs)
-        update = torch.compile(construct.sgd_update, mode=self.args.compile)
-
-        def step(idx, flip):
-            loss_fn(idx, flip).backward()
-            update(params, [p.grad for p in params], bufs, recipe.lr, recipe.momentum)
-            for p in params:
-                p.grad = None
-
-        def reset():
-            for b in bufs:
-                b.zero_()
-        return step, reset
+        return construct.sgd_steps(params, loss_fn, recipe, bufs, torch.compile(construct.sgd_update,
+                                                                                 mode=self.args.compile))
 
 
 def cuda_graphed(step):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import construct
-import construct_train
 import evaluate
 import generation
 import mixer
@@ -24,13 +23,10 @@ import translate
 import universal
 import utils
 from mixer import MLPMixer
+from conftest import tiny_args
 
-TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 OTHERS = ('SimpleBlock', 'MLPBlock', 'AttnBlock')
 
-
-def tiny_args(data_root, *extra, kind='train'):
-    return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +34,9 @@ def single_thread(one_thread):
     """Single-threaded: tiny CPU ops on a shared machine."""
 
 
-@pytest.fixture(scope='module')
-def mnist():
-    return generation.load_mnist_to(torch.device('cpu'), tiny_args('unused'))
+@pytest.fixture
+def mnist(tiny_mnist):
+    return tiny_mnist
 
 
 def random_modules(name, n, seed=0):

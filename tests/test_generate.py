@@ -9,18 +9,14 @@ import pytest
 import torch
 
 import construct
-import construct_train
 import generate_sh
 import generation
 import shards
 import utils
+from conftest import TINY, tiny_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 
-
-def tiny_args(data_root, *extra, kind='train'):
-    return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
 
 
 @pytest.fixture(autouse=True)
@@ -28,10 +24,9 @@ def single_thread(one_thread):
     """Generation tests run single-threaded, like the subprocesses they compare with."""
 
 
-@pytest.fixture(scope='module')
-def mnist():
-    args = tiny_args('unused')
-    return generation.load_mnist_to(torch.device('cpu'), args)
+@pytest.fixture
+def mnist(tiny_mnist):
+    return tiny_mnist
 
 
 def test_batched_equals_one_by_one_modules(mnist):

@@ -19,15 +19,11 @@ import original_layout
 import shards
 import sizing
 import utils
-from conftest import write_original
+from conftest import TINY, tiny_args, write_original
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--num_epochs', '1', '--num_train_images', '300', '--num_test_images', '200', '--device', 'cpu']
 GiB = 2 ** 30
 
-
-def tiny_args(data_root, *extra, kind='train'):
-    return construct_train.get_args(kind, ['--data_root', str(data_root), *TINY, *extra])
 
 
 @pytest.fixture(autouse=True)

@@ -218,7 +218,7 @@ def test_sigterm_mid_training_then_resume(pair_sets, tmp_path, one_thread):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     line = one_line_error(err)
-    assert p.returncode == 128 + signal.SIGTERM and line.startswith('stopped by SIGTERM; safe on disk: ')
+    assert p.returncode == 128 + signal.SIGTERM and line.startswith('stopped by SIGTERM; safe on disk: '), err
     assert 'epochs done' in line and line.endswith('--resume') and leftovers(ckpt) == []
     assert not os.path.exists(os.path.join(ckpt, 'summary.json'))
     train.main(argv + ['--resume'])
