@@ -7,12 +7,14 @@
 #              (SimpleBlock_NoBn's too: the original pair's tables get the row)
 #   train      at N pairs, best epoch on the next HOLD (--holdout_networks): faithful MSE, functional --perm_aug,
 #              functional --perm_aug --ce_weight 1; the small Mixer of function_inputs.sh
+#   first      a first look that needs no pairs of T: the Universal blocks and both functional runs on data/demo's
+#              networks, scored on data/demo/val (so no Retrained row), into runs <name>_demo_val
 # AttnBlock's small-block phase costs about 8x the others': its pairs are only its first ATTN_TRAIN networks (its MSE
 # run at ATTN_TRAIN - HOLD pairs); its functional runs and Universal block need no targets and read data/demo/train.
 # Generated roots go to $DATA/<T>/{train,val} (about 2 MB per 100 networks; not committed: remade by this script);
 # runs to $OUT/runs/<T>/<name>/ (summary.json, train.log, metrics.csv, command.txt).
 #
-#   bash experiments/cross_arch.sh PART [TARGET...]     # PART: pairs | universal | train | all
+#   bash experiments/cross_arch.sh PART [TARGET...]     # PART: pairs | universal | train | first | all
 #   SEED=1 ONLY="mse functional_perm" bash experiments/cross_arch.sh train MLPBlock   # second seeds where close
 # A tiny check (a minute) into /tmp, from tiny source roots of the same tiny recipe:
 #   G="--num_epochs 1 --num_train_images 300 --num_test_images 200"
@@ -53,8 +55,8 @@ functional_train() {  # the training root of T's functional runs: its own pairs 
   else echo "$DATA/$1/train"; fi
 }
 
-universal_block() {  # universal_block T: its Universal blocks, without and with --ce_weight 1
-  local t=$1 path; path=$(functional_train "$t")
+universal_block() {  # universal_block T [ROOT]: its Universal blocks, without and with --ce_weight 1
+  local t=$1 path=${2:-$(functional_train "$1")}
   for ce in 0 1; do
     local file="$path/universal/${t}_n${N}$([ $ce = 1 ] && echo _ce1).pt"
     [ -f "$file" ] && { echo "skip $file (done)"; continue; }
@@ -63,11 +65,17 @@ universal_block() {  # universal_block T: its Universal blocks, without and with
   done
 }
 
-run() {  # run T NAME TRAIN_PATH FLAGS...: one translator run into $OUT/runs/T/NAME
+run() {  # run T NAME TRAIN_PATH FLAGS...: one translator run into $OUT/runs/T/NAME (VAL: its validation root)
   local t=$1 name=$2 path=$3; shift 3
   if [ -n "$ONLY" ] && [[ " $(echo $ONLY) " != *" $name "* ]]; then return; fi
   if [ "$SEED" != 0 ]; then name=${name}_seed$SEED; set -- "$@" --seed $SEED; fi
-  train_run "$OUT/runs/$t/$name" $BASE --train_path "$path" --val_path "$DATA/$t/val" --small_block "$t" "$@"
+  train_run "$OUT/runs/$t/$name" $BASE --train_path "$path" --val_path "${VAL:-$DATA/$t/val}" --small_block "$t" "$@"
+}
+
+first() {  # first T: the functional objectives and their Universal blocks from data/demo alone
+  universal_block "$1" "$SRC_TRAIN"
+  VAL=$SRC_VAL run "$1" functional_perm_demo_val "$SRC_TRAIN" --train_data_length "$N" $FUNCTIONAL
+  VAL=$SRC_VAL run "$1" functional_ce_perm_demo_val "$SRC_TRAIN" --train_data_length "$N" $FUNCTIONAL --ce_weight 1
 }
 
 translators() {  # translators T: the faithful MSE (on T's pairs) and the functional objectives
@@ -83,8 +91,9 @@ for t in $TARGETS; do
     pairs) pairs "$t" ;;
     universal) universal_block "$t" ;;
     train) translators "$t" ;;
+    first) first "$t" ;;
     all) pairs "$t"; universal_block "$t"; translators "$t" ;;
-    *) echo "unknown part $PART: pairs, universal, train or all" >&2; exit 2 ;;
+    *) echo "unknown part $PART: pairs, universal, train, first or all" >&2; exit 2 ;;
   esac
 done
-if [ "$PART" = universal ] || [ "$PART" = all ]; then universal_block SimpleBlock_NoBn; fi
+if [ "$PART" = universal ] || [ "$PART" = first ] || [ "$PART" = all ]; then universal_block SimpleBlock_NoBn; fi
