@@ -122,3 +122,25 @@ def test_resume_skips_finished_networks_and_refuses_other_flags(pair_sets, tmp_p
         run(pair_sets, tmp_path / 'bad.json')
     with pytest.raises(utils.UserError, match='NAME=PATH'):
         warm_start.get_args(['--translator', 'nopath'])
+
+
+def test_split_parts_merge_to_the_whole_run(pair_sets, tmp_path):
+    """--starts / --first_network parts joined by --merge give the curves of one run over all starts and networks."""
+    whole = run(pair_sets, tmp_path / 'whole.json')
+    names = list(whole['starts'])
+    run(pair_sets, tmp_path / 'p1.json', '--num_networks', '1')
+    run(pair_sets, tmp_path / 'p2.json', '--first_network', '1', '--starts', *names[:2])
+    part = run(pair_sets, tmp_path / 'p3.json', '--first_network', '1', '--starts', *names[2:])
+    assert list(part['starts']) == names[2:] and part['networks'] == [1]
+    assert not os.path.exists(tmp_path / 'p3.md')  # no Random Init: no tables of its own
+    out = tmp_path / 'merged.json'
+    warm_start.main(['--out', str(out), '--merge', *(str(tmp_path / f'p{k}.json') for k in (3, 1, 2))])
+    merged = json.loads(out.read_text())
+    assert merged['networks'] == [0, 1] and merged['starts'] == whole['starts']
+    assert merged['retrained'] == whole['retrained'] and merged['flags'] == whole['flags']
+    assert (tmp_path / 'merged.md').read_text() == (tmp_path / 'whole.md').read_text()
+    with pytest.raises(utils.UserError, match='lacks networks'):
+        warm_start.main(['--out', str(tmp_path / 'm2.json'), '--merge', str(tmp_path / 'p1.json'),
+                         str(tmp_path / 'p2.json')])
+    with pytest.raises(utils.UserError, match='no such start'):
+        run(pair_sets, tmp_path / 'p4.json', '--starts', 'Nope')
