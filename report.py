@@ -30,6 +30,17 @@ def load_summary(path):
         raise utils.UserError(f'{path}: not a readable summary.json ({e}); train.py writes it at the end of a run')
 
 
+def picked_on(summary):
+    """Where the run's KT (best) epoch was picked: on the reported validation networks (the original's rule, as
+    train.py does without --holdout_networks) or on held-out training networks."""
+    selection = summary.get('selection') or 'val'
+    if selection.startswith('holdout'):
+        return (f"Best epoch picked on {selection.split()[1]} held-out training networks, not on the "
+                f"{summary.get('num_val', '')} reported ones.").replace('  ', ' ')
+    return (f"Best epoch picked on the {summary.get('num_val', '')} reported validation networks themselves (the "
+            f"original's rule).").replace('  ', ' ')
+
+
 def table(summary, hist=False):
     """Markdown table (and optional 5% histograms) of one run."""
     rows = summary['rows']
@@ -37,7 +48,7 @@ def table(summary, hist=False):
     for name in [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]:
         r = rows[name]
         lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
-    lines += ['', verdict(rows)]
+    lines += ['', verdict(rows) + ' ' + picked_on(summary)]
     if hist:
         lines += ['', 'Counts of val networks per 5% accuracy bin (0-5, 5-10, ..., 95-100):', '```']
         lines += [f"{name:>18}: {' '.join(f'{c:3d}' for c in rows[name]['histogram'])}"
@@ -65,7 +76,7 @@ def side_by_side(summaries, labels):
                                                        zip(summaries, labels) for n in own if n in s['rows']]:
         lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
     lines.append('')
-    lines += [f'{label}: ' + verdict(s['rows']) for s, label in zip(summaries, labels)]
+    lines += [f'{label}: ' + verdict(s['rows']) + ' ' + picked_on(s) for s, label in zip(summaries, labels)]
     return '\n'.join(lines)
 
 
