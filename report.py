@@ -203,7 +203,7 @@ def plot_warm_start(data, plt):
     ax.set_xscale('symlog', linthresh=max(1, min((s for s in steps if s > 0), default=1)))
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.xaxis.set_minor_locator(plt.NullLocator())
-    ax.set_xlim(left=min(steps))
+    ax.set_xlim(left=min(steps) - 1)  # room for step 0's marker; the ticks stay at the steps scored
     networks = len(next(iter(data['starts'].values()), []))
     return finish(fig, ax, 'fine-tuning steps', f'mean test accuracy (%), {networks} val networks')
 

@@ -16,5 +16,6 @@ plot results/function_inputs/runs/*_224/summary.json --plot results/figures/func
 plot $(ls results/function_inputs/runs/*/summary.json | grep -v _seed) --plot results/figures/function_inputs --no_hist
 # 50 to 2,000 networks on the reduced recipe (experiments/scaling/run_scaling.sh): first seeds, no histograms
 plot $(ls results/scaling/runs/*/summary.json | grep -v _seed) --plot results/figures/scaling --no_hist
-# the warm start (experiments/warm_start.py)
-plot --plot results/figures --warm_start results/warm_start/warm_start.json
+# the warm starts (experiments/warm_start.py, which draws the same figure itself), beside their JSONs
+plot --plot results/warm_start --warm_start results/warm_start/warm_start.json
+plot --plot results/warm_start/ten_networks --warm_start results/warm_start/ten_networks/warm_start.json

@@ -69,7 +69,7 @@ def test_plot_writes_pngs_and_warm_start(tmp_path, capsys):
     kt = next(c.lines[0] for c in fig.axes[0].containers if c.get_label() == 'KT')
     assert list(kt.get_ydata()) == [41, 71, 92]
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ['0', '10', '100'] and ax.get_xlim()[0] == 0
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['0', '10', '100'] and ax.get_xlim()[0] == -1
     assert not ax.xaxis.get_minorticklocs().size  # no symlog minor ticks, no '-10^1'
     with pytest.raises(utils.UserError, match='one accuracy per step'):
         report.plot_warm_start(dict(warm, steps=[0, 10]), report.pyplot())
