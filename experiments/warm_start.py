@@ -32,6 +32,7 @@ joins such parts (same flags but --starts and --translator; every start on every
     (never reaching counts as later than any grid step; both never reaching is a tie), its mean ± standard error:
     the fraction of networks where the start gets there at an earlier grid step than Random Init minus the
     fraction where it gets there later.
+(c) When the refit rule is a start: every other start's accuracy margin over it at each grid step (paired, ± SE).
 """
 import argparse
 import json
@@ -55,6 +56,7 @@ import utils  # noqa: E402
 CHECKPOINTS = (10, 30, 100, 300)  # scored between step 0 and the last, which small_phase scores itself
 FRACTIONS = (0.5, 0.8, 0.9)  # of the network's Retrained accuracy
 NOT_STARTS = ('Large (BasicBlock)', 'Retrained')  # reference_rows' rows that are no small-block start
+RULE = 'Weight selection (folded, refit)'  # the strongest training-free start: table (c) compares the others to it
 
 
 def get_args(argv=None):
@@ -264,6 +266,15 @@ def tables(data):
                          f'{sum(a < len(grid) for a in at) / n:.2f} / ' +
                          ('—' if name == 'Random Init' else f'{mean:+.2f} ± {se:.2f}'))
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    rule = starts.get(RULE)
+    others = [name for name in starts if name not in ('Random Init', RULE)]
+    if rule is not None and others:  # (c): does a start do better than the strongest rule it could replace?
+        lines += ['', f'(c) Margin over {RULE} after each number of fine-tuning steps, paired over the networks '
+                  f'(mean ± SE)', '', '| start | ' + ' | '.join(f'step {s}' for s in grid) + ' |',
+                  '| --- |' + ' --- |' * len(grid)]
+        for name in others:
+            cells = [evaluate.paired_margin([c[j] for c in starts[name]], [c[j] for c in rule]) for j in range(len(grid))]
+            lines.append(f'| {name} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 

@@ -65,7 +65,13 @@ def test_step0_is_evaluate_and_translator_starts(pair_sets, residual_translator,
     assert data['starts']['kt'] == data['starts']['Weight selection (folded)']
     assert all(len(c) == 3 for curves in data['starts'].values() for c in curves)
     table = (tmp_path / 'w.md').read_text()
-    assert table.count('| kt |') == 2 and '| step 0 | step 10 | step 30 |' in table
+    assert table.count('| kt |') == 3 and '| step 0 | step 10 | step 30 |' in table  # tables (a), (b), (c)
+    # (c): kt is the folded rule, so its margin over the refit rule is the folded rule's, paired per network
+    folded, refit = data['starts']['Weight selection (folded)'], data['starts'][warm_start.RULE]
+    m, se = evaluate.paired_margin([c[0] for c in folded], [c[0] for c in refit])
+    row_c = table.split('(c) Margin over')[1].split('| kt |')[1].splitlines()[0]
+    assert row_c.split('|')[0].strip() == f'{m:+.2f} ± {se:.2f}'
+    assert '| Weight selection (folded, refit) |' not in table.split('(c) Margin over')[1]
 
 
 def tiny_setup(pair_sets):
