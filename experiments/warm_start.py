@@ -78,7 +78,8 @@ def get_args(argv=None):
                    help='fine-tune only these starts (reference rows or --translator names); default: all')
     p.add_argument('--first_network', type=int, default=0, help='skip the validation networks before this one')
     p.add_argument('--merge', nargs='+', default=None, metavar='JSON',
-                   help='join the JSONs of split runs into --out (its .md and .png too) and fine-tune nothing')
+                   help='join the JSONs of split runs into --out (its .md and .png too), networks below '
+                        '--num_networks only, and fine-tune nothing')
     p.add_argument('--side_by_side', type=int, default=0, help='starts fine-tuned side by side (stacked); 0: all on '
                    'a GPU, one at a time on a CPU (where grouped convolutions are slower); the same batches either way')
     utils.add_shared_flags(p, 'device', 'mnist_root', 'num_threads', device='cpu')
@@ -193,9 +194,10 @@ def load_done(path, flags):
     return data
 
 
-def merge(datas):
-    """One results dict from split runs' (same flags but 'starts' and 'translators'): every network of any part,
-    in order, with every start of any part; a UserError when a start lacks a network or two parts disagree."""
+def merge(datas, num_networks=None):
+    """One results dict from split runs' (same flags but 'starts' and 'translators'): every network of any part
+    (below num_networks, if given), in order, with every start of any part; a UserError when a start lacks a network
+    or two parts disagree."""
     common = [{k: v for k, v in d['flags'].items() if k not in ('starts', 'translators')} for d in datas]
     if any(c != common[0] for c in common) or any(d['steps'] != datas[0]['steps'] for d in datas):
         raise utils.UserError('--merge: the parts were made with other flags or step grids')
@@ -210,7 +212,7 @@ def merge(datas):
             for name, c in d['starts'].items():
                 if curves.setdefault(name, {}).setdefault(i, c[j]) != c[j]:
                     raise utils.UserError(f'--merge: start {name} on network {i} differs between the parts')
-    networks = sorted(retrained)
+    networks = sorted(i for i in retrained if num_networks is None or i < num_networks)
     for name, by_net in curves.items():
         missing = [i for i in networks if i not in by_net]
         if missing:
@@ -305,7 +307,7 @@ def main(argv=None):
         for path in args.merge:
             with open(path) as f:
                 datas.append(json.load(f))
-        data = merge(datas)
+        data = merge(datas, args.num_networks)
         utils.atomic_write(args.out, json.dumps(data, indent=1))
         return write_outputs(data, args.out)
     if args.num_threads:

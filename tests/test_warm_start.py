@@ -145,6 +145,11 @@ def test_split_parts_merge_to_the_whole_run(pair_sets, tmp_path):
     assert merged['networks'] == [0, 1] and merged['starts'] == whole['starts']
     assert merged['retrained'] == whole['retrained'] and merged['flags'] == whole['flags']
     assert (tmp_path / 'merged.md').read_text() == (tmp_path / 'whole.md').read_text()
+    out1 = tmp_path / 'first.json'  # --num_networks keeps the networks below it: here those all parts have
+    warm_start.main(['--out', str(out1), '--num_networks', '1', '--merge', str(tmp_path / 'p1.json'),
+                     str(tmp_path / 'p2.json')])
+    first = json.loads(out1.read_text())
+    assert first['networks'] == [0] and first['starts'] == {n: c[:1] for n, c in whole['starts'].items()}
     with pytest.raises(utils.UserError, match='lacks networks'):
         warm_start.main(['--out', str(tmp_path / 'm2.json'), '--merge', str(tmp_path / 'p1.json'),
                          str(tmp_path / 'p2.json')])
