@@ -32,6 +32,17 @@ def load_summary(path):
         raise utils.UserError(f'{path}: not a readable summary.json ({e}); train.py writes it at the end of a run')
 
 
+def picked_on(summary):
+    """Where the run's KT (best) epoch was picked: on the reported validation networks (the original's rule, as
+    train.py does without --holdout_networks) or on held-out training networks."""
+    selection = summary.get('selection') or 'val'
+    if selection.startswith('holdout'):
+        return (f"Best epoch picked on {selection.split()[1]} held-out training networks, not on the "
+                f"{summary.get('num_val', '')} reported ones.").replace('  ', ' ')
+    return (f"Best epoch picked on the {summary.get('num_val', '')} reported validation networks themselves (the "
+            f"original's rule).").replace('  ', ' ')
+
+
 def table(summary, hist=False):
     """Markdown table (and optional 5% histograms) of one run."""
     rows = summary['rows']
@@ -39,7 +50,7 @@ def table(summary, hist=False):
     for name in [n for n in ORDER if n in rows] + [n for n in rows if n not in ORDER]:
         r = rows[name]
         lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
-    lines += ['', verdict(rows)]
+    lines += ['', verdict(rows) + ' ' + picked_on(summary)]
     if hist:
         lines += ['', 'Counts of val networks per 5% accuracy bin (0-5, 5-10, ..., 95-100):', '```']
         lines += [f"{name:>18}: {' '.join(f'{c:3d}' for c in rows[name]['histogram'])}"
@@ -67,7 +78,7 @@ def side_by_side(summaries, labels):
                                                        zip(summaries, labels) for n in own if n in s['rows']]:
         lines.append(f"| {name} | {r['mean']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
     lines.append('')
-    lines += [f'{label}: ' + verdict(s['rows']) for s, label in zip(summaries, labels)]
+    lines += [f'{label}: ' + verdict(s['rows']) + ' ' + picked_on(s) for s, label in zip(summaries, labels)]
     return '\n'.join(lines)
 
 
@@ -85,11 +96,51 @@ def pyplot():
     return plt
 
 
-def objective_of(summary):
-    """A run's objective, from its run name: its research options (e.g. 'perm functional-w1-ce0-img32'), or 'faithful MSE'."""
+OPTION_LABELS = {'perm': 'perm', 'canon': 'canonical targets', 'hinv': 'hidden-invariant loss'}
+IO_LABELS = {'in-folded': 'folded inputs', 'out-residual': 'residual output', 'out-refit': 'refit output'}
+
+
+def objective_options(summary):
+    """A run's research options, from its run name (e.g. ['perm', 'functional-w1-ce0-img32']); [] for the original."""
     parts = summary['run'].split('/')[-1].split('_')
-    keep = [p for p in parts if not re.fullmatch(r'n\d+|seed\d+|mask-t0|noise-t0|hold\d+|val\d+|test\d+', p)]
-    return ' '.join(keep) or 'faithful MSE'
+    return [p for p in parts if not re.fullmatch(r'n\d+|seed\d+|mask-t0|noise-t0|hold\d+|val\d+|test\d+', p)]
+
+
+def objective_of(summary):
+    """A run's objective in words, for legends and titles: the loss ('faithful MSE', 'MSE', 'functional',
+    'functional + CE', 'MSE + functional'), '+ option' per research option (perm, canonical targets, hidden-invariant
+    loss, mask/noise) and ', folded inputs' / ', residual output' / ', refit output'; e.g. 'functional + perm'."""
+    loss, options, io = 'MSE', [], []
+    for part in objective_options(summary):
+        m = re.fullmatch(r'(mse\+)?functional-w[\d.]+-ce([\d.]+)-img\d+', part)
+        if m:
+            loss = ('MSE + functional' if m.group(1) else 'functional') + (' + CE' if float(m.group(2)) else '')
+        elif part in OPTION_LABELS:
+            options.append(OPTION_LABELS[part])
+        elif part in IO_LABELS:
+            io.append(IO_LABELS[part])
+        elif re.fullmatch(r'(mask|noise)-\w+?[\d.]+', part):
+            options.append(part.replace('-t', ' ').replace('-s', ' ').replace('-both', ' '))
+        else:
+            options.append(part)
+    if loss == 'MSE' and not options and not io:
+        loss = 'faithful MSE'
+    return ' + '.join([loss] + options) + ''.join(f', {x}' for x in io)
+
+
+def finish(fig, ax, xlabel, ylabel, title=None):
+    """The one style of every figure: light grid, no top/right frame, 9-point labels, the legend outside on the
+    right (it holds the curves' names in words), tight layout."""
+    ax.grid(True, alpha=0.3)
+    ax.spines[['top', 'right']].set_visible(False)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc='center left', bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
 
 
 def mean_se(accs):
@@ -114,27 +165,23 @@ def plot_scaling(summaries, plt):
         mean, se = mean_se(rows[name]['accs'])
         ax.axhspan(mean - se, mean + se, color=bands(i), alpha=0.35, label=f'{name} (± 1 SE)')
     ax.set_xscale('log')
-    ax.set_xlabel('training networks')
-    ax.set_ylabel(f"mean test accuracy (%), {summaries[0]['num_val']} val networks")
-    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    return fig
+    sizes = sorted({s['train_pairs'] for s in summaries})
+    ax.set_xticks(sizes, [str(n) for n in sizes])  # plain numbers at the sizes run, no powers of ten
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    return finish(fig, ax, 'training networks', f"mean test accuracy (%), {summaries[0]['num_val']} val networks")
 
 
 def plot_histograms(summary, plt):
     """Per-network accuracy histograms (5% bins) of KT (best) beside the training-free rules, one bar group per bin."""
     names = ['KT (best)'] + [b for b in BASELINES if b in summary['rows']]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 5 / (len(names) + 1)
     for i, name in enumerate(names):
         counts = summary['rows'][name]['histogram']
         ax.bar([5 * b + width * (i + 0.5) for b in range(len(counts))], counts, width, label=name, align='edge')
-    ax.set_xlabel('test accuracy (%)')
-    ax.set_ylabel('val networks')
-    ax.set_title(objective_of(summary) + f", {summary['train_pairs']} training networks", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))  # counts of networks: whole numbers
+    return finish(fig, ax, 'test accuracy (%)', 'val networks',
+                  objective_of(summary) + f", {summary['train_pairs']} training networks")
 
 
 def plot_warm_start(data, plt):
@@ -144,9 +191,9 @@ def plot_warm_start(data, plt):
          "retrained": [accuracy in % per network]  (optional: the small block trained from scratch),
          "networks": [val network indices]  (optional, for the record)}
     Drawn: each start's mean accuracy ± 1 SE over the networks against the steps (symlog axis, so step 0
-    shows), and the retrained mean as a dashed line."""
+    shows, ticked at the steps scored, in plain numbers), and the retrained mean as a dashed line."""
     steps = data['steps']
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, per_network in data['starts'].items():
         if any(len(a) != len(steps) for a in per_network):
             raise utils.UserError(f'warm-start file: start "{name}" has a network without one accuracy per step '
@@ -156,11 +203,11 @@ def plot_warm_start(data, plt):
     if data.get('retrained'):
         ax.axhline(mean_se(data['retrained'])[0], color='k', linestyle='--', label='Retrained')
     ax.set_xscale('symlog', linthresh=max(1, min((s for s in steps if s > 0), default=1)))
-    ax.set_xlabel('fine-tuning steps')
-    ax.set_ylabel('mean test accuracy (%)')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_xlim(left=min(steps) - 1)  # room for step 0's marker; the ticks stay at the steps scored
+    networks = len(next(iter(data['starts'].values()), []))
+    return finish(fig, ax, 'fine-tuning steps', f'mean test accuracy (%), {networks} val networks')
 
 
 def save_figure(fig, path, plt):
@@ -171,13 +218,16 @@ def save_figure(fig, path, plt):
     os.replace(tmp, path)
 
 
-def plot(summaries, paths, outdir, warm_start=None):
-    """--plot: scaling.png (all summaries), hist_<run dir>.png per summary, warm_start.png; returns the paths."""
+def plot(summaries, paths, outdir, warm_start=None, hist=True):
+    """--plot: scaling.png (all summaries, if any), hist_<run dir>.png per summary (unless hist is False),
+    warm_start.png; returns the paths."""
     plt = pyplot()
     os.makedirs(outdir, exist_ok=True)
-    written = [os.path.join(outdir, 'scaling.png')]
-    save_figure(plot_scaling(summaries, plt), written[0], plt)
-    for s, path in zip(summaries, paths):
+    written = []
+    if summaries:
+        written.append(os.path.join(outdir, 'scaling.png'))
+        save_figure(plot_scaling(summaries, plt), written[0], plt)
+    for s, path in zip(summaries if hist else [], paths):
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) + \
             ('' if os.path.basename(path) == 'summary.json' else '_' + os.path.splitext(os.path.basename(path))[0])
         written.append(os.path.join(outdir, f'hist_{name}.png'))
@@ -191,7 +241,7 @@ def plot(summaries, paths, outdir, warm_start=None):
 
 def main():
     p = argparse.ArgumentParser(description='Results table of train.py runs.')
-    p.add_argument('summaries', nargs='+', help='summary.json files written by train.py')
+    p.add_argument('summaries', nargs='*', help='summary.json files written by train.py')
     p.add_argument('--out', default='', help='also write the tables to this markdown file')
     p.add_argument('--hist', action='store_true', help='add the 20-bin histograms of Random Init and KT')
     p.add_argument('--side_by_side', nargs='+', metavar='LABEL', default=None,
@@ -201,10 +251,13 @@ def main():
                         'per-run histograms (needs matplotlib)')
     p.add_argument('--warm_start', metavar='JSON', default=None,
                    help='with --plot: also warm_start.png from this file (schema: report.plot_warm_start)')
+    p.add_argument('--no_hist', action='store_true', help='with --plot: scaling.png only, no per-run histograms')
     args = p.parse_args()
+    if not args.summaries and not (args.plot is not None and args.warm_start):
+        raise utils.UserError('give summary.json files (or --plot OUTDIR --warm_start JSON alone)')
     summaries = [load_summary(path) for path in args.summaries]
     if args.plot is not None:
-        for path in plot(summaries, args.summaries, args.plot, args.warm_start):
+        for path in plot(summaries, args.summaries, args.plot, args.warm_start, not args.no_hist):
             print(f'wrote {path}')
         return
     if args.warm_start:

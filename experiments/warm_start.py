@@ -18,6 +18,10 @@ Starts: the training-free rows of evaluate.reference_rows (Random Init seeded as
 Written: --out (JSON, report.plot_warm_start's schema plus 'flags'; rewritten after every network, and a rerun
 with the same flags skips the networks already in it), the same path with .md (the tables below) and .png.
 
+Split runs: the starts of a network never interact, so parts can run side by side (one core each) and be joined:
+--starts keeps only the named starts, --first_network skips the networks before it, and --merge A.json B.json ...
+joins such parts (same flags but --starts and --translator; every start on every network of the union) into --out.
+
 (a) Accuracy: per start and grid step, the mean test accuracy (%) over the networks and its margin over Random
     Init, paired over the networks (mean ± standard error).
 (b) Steps to reach 50%, 80% and 90% of the network's own Retrained accuracy (the val set's small block trained 10
@@ -28,6 +32,7 @@ with the same flags skips the networks already in it), the same path with .md (t
     (never reaching counts as later than any grid step; both never reaching is a tie), its mean ± standard error:
     the fraction of networks where the start gets there at an earlier grid step than Random Init minus the
     fraction where it gets there later.
+(c) When the refit rule is a start: every other start's accuracy margin over it at each grid step (paired, ± SE).
 """
 import argparse
 import json
@@ -51,6 +56,7 @@ import utils  # noqa: E402
 CHECKPOINTS = (10, 30, 100, 300)  # scored between step 0 and the last, which small_phase scores itself
 FRACTIONS = (0.5, 0.8, 0.9)  # of the network's Retrained accuracy
 NOT_STARTS = ('Large (BasicBlock)', 'Identity (block skipped)', 'Retrained')  # reference_rows' rows: no start
+RULE = 'Weight selection (folded, refit)'  # the strongest training-free start: table (c) compares the others to it
 
 
 def get_args(argv=None):
@@ -68,12 +74,19 @@ def get_args(argv=None):
     p.add_argument('--batch_size', type=int, default=128, help='fine-tuning batch size')
     p.add_argument('--num_train_images', type=int, default=60000, help='one epoch over the first N training images')
     p.add_argument('--num_test_images', type=int, default=10000, help='score on the first N test images')
+    p.add_argument('--starts', nargs='+', default=None, metavar='NAME',
+                   help='fine-tune only these starts (reference rows or --translator names); default: all')
+    p.add_argument('--first_network', type=int, default=0, help='skip the validation networks before this one')
+    p.add_argument('--merge', nargs='+', default=None, metavar='JSON',
+                   help='join the JSONs of split runs into --out (its .md and .png too), networks below '
+                        '--num_networks only, and fine-tune nothing')
     p.add_argument('--side_by_side', type=int, default=0, help='starts fine-tuned side by side (stacked); 0: all on '
                    'a GPU, one at a time on a CPU (where grouped convolutions are slower); the same batches either way')
     utils.add_shared_flags(p, 'device', 'mnist_root', 'num_threads', device='cpu')
     args = p.parse_args(argv)
-    if args.side_by_side < 0:
-        raise utils.UserError(f'--side_by_side must be >= 0 (got {args.side_by_side})')
+    if args.side_by_side < 0 or args.first_network < 0:
+        raise utils.UserError(f'--side_by_side and --first_network must be >= 0 (got {args.side_by_side}, '
+                              f'{args.first_network})')
     for flag in ('num_networks', 'num_mean_targets', 'lr', 'batch_size', 'num_train_images', 'num_test_images'):
         if getattr(args, flag) <= 0:
             raise utils.UserError(f'--{flag} must be > 0 (got {getattr(args, flag)})')
@@ -94,7 +107,10 @@ def flags_of(args):
     """The flags a result depends on (not --num_networks: a rerun may add networks)."""
     keep = ('val_path', 'train_path', 'num_mean_targets', 'translators', 'seed', 'lr', 'batch_size',
             'num_train_images', 'num_test_images')
-    return {k: getattr(args, k) for k in keep}
+    flags = {k: getattr(args, k) for k in keep}
+    if args.starts is not None:  # absent when all starts run: the JSONs of earlier runs stay valid
+        flags['starts'] = sorted(args.starts)
+    return flags
 
 
 def step_grid(num_images, batch_size):
@@ -178,6 +194,36 @@ def load_done(path, flags):
     return data
 
 
+def merge(datas, num_networks=None):
+    """One results dict from split runs' (same flags but 'starts' and 'translators'): every network of any part
+    (below num_networks, if given), in order, with every start of any part; a UserError when a start lacks a network
+    or two parts disagree."""
+    common = [{k: v for k, v in d['flags'].items() if k not in ('starts', 'translators')} for d in datas]
+    if any(c != common[0] for c in common) or any(d['steps'] != datas[0]['steps'] for d in datas):
+        raise utils.UserError('--merge: the parts were made with other flags or step grids')
+    translators, curves, retrained = {}, {}, {}
+    for d in datas:
+        for name, path in d['flags']['translators'].items():
+            if translators.setdefault(name, path) != path:
+                raise utils.UserError(f'--merge: translator {name} has two paths')
+        for j, i in enumerate(d['networks']):
+            if retrained.setdefault(i, d['retrained'][j]) != d['retrained'][j]:
+                raise utils.UserError(f'--merge: network {i} has two Retrained accuracies')
+            for name, c in d['starts'].items():
+                if curves.setdefault(name, {}).setdefault(i, c[j]) != c[j]:
+                    raise utils.UserError(f'--merge: start {name} on network {i} differs between the parts')
+    networks = sorted(i for i in retrained if num_networks is None or i < num_networks)
+    for name, by_net in curves.items():
+        missing = [i for i in networks if i not in by_net]
+        if missing:
+            raise utils.UserError(f'--merge: start {name} lacks networks {missing}')
+    widest = max(datas, key=lambda d: len(d['starts']))['starts']  # its order first (reference rows, translators)
+    names = list(widest) + [n for n in curves if n not in widest]
+    return {'steps': datas[0]['steps'], 'starts': {name: [curves[name][i] for i in networks] for name in names},
+            'retrained': [retrained[i] for i in networks], 'networks': networks,
+            'flags': {**common[0], 'translators': translators}}
+
+
 def reach_step(curve, target, grid):
     """Index in grid of the first step whose accuracy is >= target; len(grid) when none is."""
     return next((j for j, a in enumerate(curve) if a >= target), len(grid))
@@ -222,6 +268,15 @@ def tables(data):
                          f'{sum(a < len(grid) for a in at) / n:.2f} / ' +
                          ('—' if name == 'Random Init' else f'{mean:+.2f} ± {se:.2f}'))
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    rule = starts.get(RULE)
+    others = [name for name in starts if name not in ('Random Init', RULE)]
+    if rule is not None and others:  # (c): does a start do better than the strongest rule it could replace?
+        lines += ['', f'(c) Margin over {RULE} after each number of fine-tuning steps, paired over the networks '
+                  f'(mean ± SE)', '', '| start | ' + ' | '.join(f'step {s}' for s in grid) + ' |',
+                  '| --- |' + ' --- |' * len(grid)]
+        for name in others:
+            cells = [evaluate.paired_margin([c[j] for c in starts[name]], [c[j] for c in rule]) for j in range(len(grid))]
+            lines.append(f'| {name} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in cells) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -236,8 +291,25 @@ def write_plot(data, path):
     print(f'wrote {path}')
 
 
+def write_outputs(data, out):
+    """Print the tables and write them (.md) and the figure (.png) beside out."""
+    text = tables(data)
+    print(text)
+    stem = os.path.splitext(out)[0]
+    utils.atomic_write(stem + '.md', text)
+    write_plot(data, stem + '.png')
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.merge:
+        datas = []
+        for path in args.merge:
+            with open(path) as f:
+                datas.append(json.load(f))
+        data = merge(datas, args.num_networks)
+        utils.atomic_write(args.out, json.dumps(data, indent=1))
+        return write_outputs(data, args.out)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = utils.check_device(args.device)
@@ -249,6 +321,11 @@ def main(argv=None):
     train.require('simple', 'the Mean target start')
     targets = [train.simple['conv1.weight'], train.simple['conv2.weight']]
     blocks = start_blocks(val, targets, args.seed, args.translators)
+    if args.starts is not None:
+        unknown = sorted(set(args.starts) - set(blocks))
+        if unknown:
+            raise utils.UserError(f'--starts {unknown}: no such start (there are {list(blocks)})')
+        blocks = {name: b for name, b in blocks.items() if name in args.starts}
     val.to(device)
     blocks = {name: {n: t.to(device) for n, t in b.items()} for name, b in blocks.items()}
     mnist = generation.load_mnist_to(device, args)
@@ -261,7 +338,7 @@ def main(argv=None):
                 'flags': flags}
     print(f'{len(blocks)} starts x {args.num_networks} networks of {args.val_path}, steps {grid} '
           f'({len(data["networks"])} networks already in {args.out})', flush=True)
-    for i in range(args.num_networks):
+    for i in range(args.first_network, args.num_networks):
         if i in data['networks']:
             continue
         t0 = time.time()
@@ -274,11 +351,9 @@ def main(argv=None):
         utils.atomic_write(args.out, json.dumps(data, indent=1))
         print(f'network {i} ({time.time() - t0:.0f} s), retrained {retrained[i]:.2f}: ' +
               '; '.join(f'{name} ' + ' '.join(f'{a:.1f}' for a in c) for name, c in curves.items()), flush=True)
-    text = tables(data)
-    print(text)
-    stem = os.path.splitext(args.out)[0]
-    utils.atomic_write(stem + '.md', text)
-    write_plot(data, stem + '.png')
+    if 'Random Init' not in data['starts']:  # a part of a split run: its tables come from --merge
+        return print(f'{len(data["networks"])} networks in {args.out}; join the parts with --merge')
+    write_outputs(data, args.out)
 
 
 if __name__ == '__main__':

@@ -96,3 +96,20 @@ def test_data_refit_recovers_conv2_when_nothing_is_dropped():
                                                                                atol=1e-4)
     basic['conv2.weight'][:, :, 5] = 0.5
     assert not torch.allclose(data_refit.data_refit(basic, begin, images)['conv2.weight'], c2[:, :, :3], atol=1e-3)
+
+
+def test_data_refit_ridge_fit_is_unique_on_a_dead_channel():
+    """experiments/data_refit.py: a dead hidden feature (an all-zero column) gets weight 0 from the ridge solve, the
+    others match the least squares fit without it; ridge 0 is plain least squares."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+    import data_refit
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(200, 5, generator=gen, dtype=torch.float64)
+    target = torch.rand(200, 2, generator=gen, dtype=torch.float64)
+    full = data_refit.ridge_fit(feats, target, 0)
+    assert torch.allclose(full, torch.linalg.lstsq(feats, target).solution)
+    assert torch.allclose(data_refit.ridge_fit(feats, target, data_refit.RIDGE), full, atol=1e-6)
+    dead = torch.cat([feats[:, :2], torch.zeros(200, 1, dtype=torch.float64), feats[:, 2:]], 1)
+    w = data_refit.ridge_fit(dead, target, data_refit.RIDGE)
+    assert torch.equal(w[2], torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(torch.cat([w[:2], w[3:]]), full, atol=1e-6)

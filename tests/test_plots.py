@@ -30,7 +30,8 @@ def test_figures_hold_the_summaries_numbers(tmp_path):
     fig = report.plot_scaling(RUNS, plt)
     ax = fig.axes[0]
     lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar containers: (data line, caps, bars)
-    assert set(lines) == {'faithful MSE', 'perm'}
+    assert set(lines) == {'faithful MSE', 'MSE + perm'}  # run names in words
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['64', '224']  # plain ticks at the sizes run
     assert list(lines['faithful MSE'].get_xdata()) == [64, 224] and list(lines['faithful MSE'].get_ydata()) == [30, 50]
     bands = {p.get_label(): p.get_bbox() for p in ax.patches}  # axhspan: a Rectangle, y in data coordinates
     mean, se = report.mean_se(REFS['Weight selection (folded)'])
@@ -67,5 +68,17 @@ def test_plot_writes_pngs_and_warm_start(tmp_path, capsys):
     fig = report.plot_warm_start(warm, report.pyplot())
     kt = next(c.lines[0] for c in fig.axes[0].containers if c.get_label() == 'KT')
     assert list(kt.get_ydata()) == [41, 71, 92]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['0', '10', '100'] and ax.get_xlim()[0] == -1
+    assert not ax.xaxis.get_minorticklocs().size  # no symlog minor ticks, no '-10^1'
     with pytest.raises(utils.UserError, match='one accuracy per step'):
         report.plot_warm_start(dict(warm, steps=[0, 10]), report.pyplot())
+
+
+@pytest.mark.parametrize('options, label', [
+    ('', 'faithful MSE'), ('_perm_canon', 'MSE + perm + canonical targets'), ('_hinv', 'MSE + hidden-invariant loss'),
+    ('_perm_functional-w1-ce0-img32', 'functional + perm'),
+    ('_perm_functional-w1-ce1-img32_in-folded_out-refit', 'functional + CE + perm, folded inputs, refit output'),
+    ('_in-folded_out-residual', 'MSE, folded inputs, residual output'), ('_mask-t0.1', 'MSE + mask 0.1')])
+def test_legends_name_objectives_in_words(options, label):
+    assert report.objective_of({'run': f'a/b/mask-t0_noise-t0_n224_seed1_hold32{options}'}) == label

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import report
 from conftest import ROOT
 
 
@@ -82,3 +83,16 @@ def test_committed_tables_regenerate(script, committed):
     assert run.returncode == 0, run.stderr[-3000:]
     with open(os.path.join(ROOT, committed)) as f:
         assert run.stdout == f.read()
+
+
+def test_tables_say_where_the_best_epoch_was_picked():
+    """A verdict names where KT (best) was picked: the reported networks (no --holdout_networks) or held-out ones."""
+    with open(os.path.join(ROOT, 'results/demo/summary.json')) as f:
+        demo = json.load(f)
+    assert demo['selection'] == 'val'
+    assert report.table(demo).endswith('Best epoch picked on the 100 reported validation networks themselves '
+                                       "(the original's rule).")
+    held = dict(demo, selection='holdout 32')
+    assert 'Best epoch picked on 32 held-out training networks, not on the 100 reported ones.' in \
+        report.side_by_side([demo, held], ['a', 'b']).splitlines()[-1]
+    assert report.picked_on({k: v for k, v in demo.items() if k != 'selection'}) == report.picked_on(demo)

@@ -65,7 +65,13 @@ def test_step0_is_evaluate_and_translator_starts(pair_sets, residual_translator,
     assert data['starts']['kt'] == data['starts']['Weight selection (folded)']
     assert all(len(c) == 3 for curves in data['starts'].values() for c in curves)
     table = (tmp_path / 'w.md').read_text()
-    assert table.count('| kt |') == 2 and '| step 0 | step 10 | step 30 |' in table
+    assert table.count('| kt |') == 3 and '| step 0 | step 10 | step 30 |' in table  # tables (a), (b), (c)
+    # (c): kt is the folded rule, so its margin over the refit rule is the folded rule's, paired per network
+    folded, refit = data['starts']['Weight selection (folded)'], data['starts'][warm_start.RULE]
+    m, se = evaluate.paired_margin([c[0] for c in folded], [c[0] for c in refit])
+    row_c = table.split('(c) Margin over')[1].split('| kt |')[1].splitlines()[0]
+    assert row_c.split('|')[0].strip() == f'{m:+.2f} ± {se:.2f}'
+    assert '| Weight selection (folded, refit) |' not in table.split('(c) Margin over')[1]
 
 
 def tiny_setup(pair_sets):
@@ -122,3 +128,30 @@ def test_resume_skips_finished_networks_and_refuses_other_flags(pair_sets, tmp_p
         run(pair_sets, tmp_path / 'bad.json')
     with pytest.raises(utils.UserError, match='NAME=PATH'):
         warm_start.get_args(['--translator', 'nopath'])
+
+
+def test_split_parts_merge_to_the_whole_run(pair_sets, tmp_path):
+    """--starts / --first_network parts joined by --merge give the curves of one run over all starts and networks."""
+    whole = run(pair_sets, tmp_path / 'whole.json')
+    names = list(whole['starts'])
+    run(pair_sets, tmp_path / 'p1.json', '--num_networks', '1')
+    run(pair_sets, tmp_path / 'p2.json', '--first_network', '1', '--starts', *names[:2])
+    part = run(pair_sets, tmp_path / 'p3.json', '--first_network', '1', '--starts', *names[2:])
+    assert list(part['starts']) == names[2:] and part['networks'] == [1]
+    assert not os.path.exists(tmp_path / 'p3.md')  # no Random Init: no tables of its own
+    out = tmp_path / 'merged.json'
+    warm_start.main(['--out', str(out), '--merge', *(str(tmp_path / f'p{k}.json') for k in (3, 1, 2))])
+    merged = json.loads(out.read_text())
+    assert merged['networks'] == [0, 1] and merged['starts'] == whole['starts']
+    assert merged['retrained'] == whole['retrained'] and merged['flags'] == whole['flags']
+    assert (tmp_path / 'merged.md').read_text() == (tmp_path / 'whole.md').read_text()
+    out1 = tmp_path / 'first.json'  # --num_networks keeps the networks below it: here those all parts have
+    warm_start.main(['--out', str(out1), '--num_networks', '1', '--merge', str(tmp_path / 'p1.json'),
+                     str(tmp_path / 'p2.json')])
+    first = json.loads(out1.read_text())
+    assert first['networks'] == [0] and first['starts'] == {n: c[:1] for n, c in whole['starts'].items()}
+    with pytest.raises(utils.UserError, match='lacks networks'):
+        warm_start.main(['--out', str(tmp_path / 'm2.json'), '--merge', str(tmp_path / 'p1.json'),
+                         str(tmp_path / 'p2.json')])
+    with pytest.raises(utils.UserError, match='no such start'):
+        run(pair_sets, tmp_path / 'p4.json', '--starts', 'Nope')
