@@ -9,12 +9,14 @@ process is gone (same host: its pid no longer exists) or when its file was not t
 (any host: the only test across machines, a process that hangs included). Two processes that claim overlapping
 groups at the same moment both see both claims: the earlier (started, host, pid) keeps its group.
 """
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -129,15 +131,18 @@ class Claims:
         now = time.time()
         claim = Claim(start, stop, os.path.join(claims_dir(self.root), f'{start}_{stop}.claim'), HOST, os.getpid(),
                       now, now)
-        if not self.create(claim):
+        with signals_deferred():  # a stop between creating the file and holding it would leave the file behind
+            created = self.create(claim)
+            if created:
+                with self.lock:
+                    self.held[(start, stop)] = claim
+        if not created:
             return next(iter(self.others(start, stop)), None) or Claim(start, stop, claim.path)
         # another process may have claimed an overlapping range at the same moment: the earlier claim keeps it
         first = min((c for c in self.others(start, stop) if not c.stale(self.timeout_h)), key=Claim.key, default=None)
         if first is not None and first.key() < claim.key():
-            remove(claim.path)
+            self.release(start, stop)
             return first
-        with self.lock:
-            self.held[(start, stop)] = claim
         self.heartbeat()
         return None
 
@@ -168,10 +173,11 @@ class Claims:
 
     def release(self, start, stop):
         """Remove this process's claim of [start, stop)."""
-        with self.lock:
-            claim = self.held.pop((start, stop), None)
+        claim = self.held.get((start, stop))
         if claim is not None:
-            remove(claim.path)
+            remove(claim.path)  # before forgetting it: a stop in between leaves it to release_all, not on disk
+            with self.lock:
+                self.held.pop((start, stop), None)
 
     def release_all(self):
         """Remove every claim of this process, stop the heartbeat, and remove the claims folder if it is empty."""
@@ -198,6 +204,21 @@ class Claims:
                     os.utime(path)
                 except OSError:
                     pass  # released meanwhile, or the disk fails: the main thread reports its own writes
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGTERM and SIGINT wait until the block ends (they arrive then): for the few system calls that must not be
+    split. Only the main thread can block them for the process; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def remove(path):
