@@ -26,6 +26,7 @@ python bench/bench_mnist_load.py 2>&1 | tee $OUT/mnist_load.log
 python bench/bench_begin_cache.py 2>&1 | tee $OUT/begin_cache.log
 python bench/profile_step.py 2>&1 | tee $OUT/profile_step.log
 python bench/roofline.py 2>&1 | tee $OUT/roofline.log
+python bench/step_routes.py 2>&1 | tee $OUT/step_routes.log
 if python -c 'import triton' 2>/dev/null; then  # triton is not a dependency: compiles the kernels for sm_90
   python speed/kernel_resources.py 2>&1 | tee $OUT/kernel_resources.log
 fi
