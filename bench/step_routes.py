@@ -3,12 +3,14 @@ a step (batch 128) by aten and by its alternatives, then the whole first-phase s
 today's default and by each whole-step route. Ratios are against today's default in the same run.
 
 Routes: convolutions by channels-last, by unfold + matmul, and their backward as two plain convolutions; the max-pool
-by channels-last and by a compiled separable scan that returns the same indices; BatchNorm + ReLU compiled into one
+by channels-last and by a compiled separable scan that returns the same indices (alone, and in the eager step); BatchNorm + ReLU compiled into one
 pass; bf16 autocast; torch.compile of the whole step; a batch-last layout (C, H, W, B) where every convolution is a
 sum of shifted slices, compiled by inductor into C++ loops vectorised over the batch; threads.
 
     python bench/step_routes.py > results/bench_cpu/step_routes.log    # needs a quiet machine (say so in the log)
     python bench/step_routes.py --quick                                  # checks that it runs; numbers mean nothing
+    for i in 1 2 3; do for r in eager batch-last bf16 'separable pool'; do python bench/step_routes.py --route "$r" \
+      --steps 200; done; done                                            # each route alone, processes alternating
 """
 import argparse
 import threading
@@ -52,6 +54,32 @@ def separable_pool(x):
         c, ci = m[..., s:h + s - 1:2, :], idx[..., s:h + s - 1:2, :]
         vm, vi = torch.where(c > vm, c, vm), torch.where(c > vm, ci, vi)
     return vm, vi
+
+
+class PoolWithIndices(torch.autograd.Function):
+    """The max-pool of net.begin_forward by `scan` (separable_pool, compiled or not), backward by aten's own kernel
+    from its indices: the same values and gradients, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, scan):
+        values, indices = scan(x)
+        ctx.save_for_backward(x, indices)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [3, 3], [2, 2], [1, 1], [1, 1], False,
+                                                               indices), None
+
+
+def separable_pool_loss(images, labels, begin, basic, last, scan=separable_pool):
+    """The plain first-phase loss of one network (K = 1) with Begin's max-pool by PoolWithIndices."""
+    def logits(idx, flip):
+        x = F.conv2d(construct.augment(images, idx, flip), begin['conv.weight'][0], padding=1)
+        h = PoolWithIndices.apply(F.relu(net.batch_norm(x, begin, 'bn.', True)), scan)
+        return net.last_forward(net.basic_forward(h, basic, training=True), last, training=True)
+    return construct.cross_entropy(logits, labels)
 
 
 def bn_relu(x, w, b):
@@ -168,6 +196,8 @@ def large_step(images, labels, seed, route):
     if route == 'batch-last':
         loss = torch.compile(lambda idx, flip: batch_last_loss(images, labels, idx, flip, begin, basic, last),
                              dynamic=False)
+    elif route == 'separable pool':
+        loss = separable_pool_loss(images, labels, begin, basic, last, torch.compile(separable_pool, dynamic=False))
     else:
         loss = construct.PLAIN.large_loss(images, labels, begin, basic, last)
         if route == 'compiled':
@@ -178,61 +208,89 @@ def large_step(images, labels, seed, route):
     return step, params
 
 
-def step_rows(steps, threads):
-    """[(route, ms per network-step)] of the first-phase step, today's default first."""
+ROUTES = ('eager', 'bf16', 'separable pool', 'compiled', 'batch-last')  # large_step's
+
+
+def alone(route, steps):
+    """ms a step of one large network by `route`, timed over `steps` steps after 10 warm-up steps."""
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60000,))
     batches = [(torch.randint(0, 60000, (1, BATCH), generator=g), torch.rand(1, BATCH, generator=g) < 0.5)
                for _ in range(steps)]
-
-    def per_step(step):
-        for b in batches[:5]:  # warm-up (and compilation)
-            step(*b)
-        t0 = time.perf_counter()
-        for b in batches:
-            step(*b)
-        return 1e3 * (time.perf_counter() - t0) / len(batches)
-
-    rows = []
-    for route, label in [('eager', f'today\'s default: eager, {threads} threads'), ('bf16', 'eager, bf16 autocast'),
-                         ('compiled', 'torch.compile of the step (aten convolutions)'),
-                         ('batch-last', 'batch-last, convolutions as shifted sums, compiled')]:
-        torch.set_num_threads(threads)
-        rows.append((label, per_step(large_step(images, labels, 0, route)[0])))
-    torch.set_num_threads(1)
-    rows.append(('eager, 1 thread', per_step(large_step(images, labels, 0, 'eager')[0])))
-    pair = [large_step(images, labels, seed, 'eager')[0] for seed in (0, 1)]
-    for step in pair:
-        per_step(step)
+    step = large_step(images, labels, 0, route)[0]
+    for b in batches[:10]:
+        step(*b)
     t0 = time.perf_counter()
-    workers = [threading.Thread(target=lambda s=s: [s(*b) for b in batches]) for s in pair]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    rows.append(('two networks in two Python threads, 1 torch thread each', 1e3 * (time.perf_counter() - t0) /
-                 (2 * len(batches))))
+    for b in batches:
+        step(*b)
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def step_rows(steps, threads, rounds=6):
+    """[(route, ms per network-step)] of the first-phase step, today's default first: the median over `rounds`
+    rounds, each timing steps // rounds steps of every route in turn (so that a drift of the machine hits all)."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60000,))
+    batches = [(torch.randint(0, 60000, (1, BATCH), generator=g), torch.rand(1, BATCH, generator=g) < 0.5)
+               for _ in range(max(steps // rounds, 1))]
+
+    def one(step):  # run(batches) -> network-steps made
+        return lambda bs: len([step(*b) for b in bs])
+
+    def two_threads(steps_of_two):
+        def run(bs):
+            workers = [threading.Thread(target=one(s), args=(bs,)) for s in steps_of_two]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            return 2 * len(bs)
+        return run
+
+    routes = [(f"today's default: eager, {threads} threads", threads, 'eager'), ('eager, bf16 autocast', threads, 'bf16'),
+              ("eager, Begin's max-pool by the compiled separable scan", threads, 'separable pool'),
+              ('torch.compile of the step (aten convolutions)', threads, 'compiled'),
+              ('batch-last, convolutions as shifted sums, compiled', threads, 'batch-last'),
+              ('eager, 1 thread', 1, 'eager')]
+    runs = {label: (n, one(large_step(images, labels, 0, route)[0])) for label, n, route in routes}
+    runs['two networks in two Python threads, 1 torch thread each'] = (1, two_threads(
+        [large_step(images, labels, seed, 'eager')[0] for seed in (0, 1)]))
+    times = {label: [] for label in runs}
+    for r in range(rounds + 1):  # round 0 warms up (and compiles)
+        for label, (n, run) in runs.items():
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            made = run(batches)
+            if r:
+                times[label].append(1e3 * (time.perf_counter() - t0) / made)
     torch.set_num_threads(threads)
-    return rows
+    return [(label, common.median(t)) for label, t in times.items()]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--repeats', type=int, default=30, help='timed calls of each operator')
-    p.add_argument('--steps', type=int, default=60, help='timed steps of each whole-step route')
+    p.add_argument('--steps', type=int, default=120, help='timed steps of each whole-step route, in 6 rounds')
     p.add_argument('--threads', type=int, default=2, help='torch threads (the machine\'s cores)')
     p.add_argument('--quick', action='store_true', help='a short run that checks the script')
+    p.add_argument('--route', choices=ROUTES, default=None,
+                   help='time only this whole-step route, alone in this process (--steps steps after 10 warm-up '
+                        'steps); run routes in alternating processes to compare them')
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps = 3, 6
     torch.set_num_threads(args.threads)
+    if args.route:
+        print(f'{args.route}: {alone(args.route, args.steps):.2f} ms a step')
+        return
     print(f'machine: {common.machine("cpu")}\n\n## Operators at batch 128 (median ms of {args.repeats} calls)\n')
     rows, base = [], {}
     for op, route, t in operator_rows(args.repeats):
         base.setdefault(op, t)
         rows.append([op, route, f'{t:.3f}', f'{base[op] / t:.2f}x'])
     common.print_table(['operator', 'route', 'ms', 'vs the first row'], rows)
-    print(f'\n## The first-phase step, one large network (ms per network-step, mean of {args.steps} steps)\n')
+    print(f'\n## The first-phase step, one large network (ms per network-step: median of 6 rounds of '
+          f'{max(args.steps // 6, 1)} steps, the routes interleaved)\n')
     rows = step_rows(args.steps, args.threads)
     common.print_table(['route', 'ms', 'vs today\'s default'], [[r, f'{t:.2f}', f'{rows[0][1] / t:.2f}x'] for r, t in rows])
 

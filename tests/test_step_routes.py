@@ -23,6 +23,19 @@ def test_separable_pool_gives_atens_values_and_indices_ties_included():
     assert torch.equal(mine[0], values) and torch.equal(mine[1], indices)
 
 
+def test_the_step_with_the_separable_pool_is_the_plain_step_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (300,))
+    idx, flip = torch.randint(0, 300, (1, 32), generator=g), torch.rand(1, 32, generator=g) < 0.5
+    states = [net.stack_states([sd]) for sd in construct.init_pair(5)[:3]]
+    grads = []
+    for loss_of in (construct.PLAIN.large_loss, step_routes.separable_pool_loss):
+        blocks = copy.deepcopy(states)
+        params = [t for state in blocks for t in construct.trainable(state)]
+        grads.append(torch.autograd.grad(loss_of(images, labels, *blocks)(idx, flip), params))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_batch_last_loss_and_gradients_equal_the_plain_step():
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (300,))
