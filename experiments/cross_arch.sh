@@ -3,6 +3,8 @@
 # data/demo's large networks (256 training, 100 validation). In parts, each resumable (rerun to continue):
 #   pairs      construct_train.py --small_block T --large_from data/demo/train (only the small-block phase), and
 #              construct_val.py --small_block T --train_simple --large_from data/demo/val (the Retrained rows)
+#   retrained  the construct_val.py half of pairs alone: T's blocks retrained in data/demo/val's 100 networks, the
+#              first look's Retrained row (experiments/cross_arch_rows.py adds it to the first look's summaries)
 #   universal  universal.py: the Universal block of the first N training networks, with and without --ce_weight 1
 #              (SimpleBlock_NoBn's too: the original pair's tables get the row)
 #   train      at N pairs, best epoch on the next HOLD (--holdout_networks): faithful MSE, functional --perm_aug,
@@ -14,7 +16,7 @@
 # Generated roots go to $DATA/<T>/{train,val} (about 2 MB per 100 networks; not committed: remade by this script);
 # runs to $OUT/runs/<T>/<name>/ (summary.json, train.log, metrics.csv, command.txt).
 #
-#   bash experiments/cross_arch.sh PART [TARGET...]     # PART: pairs | universal | train | first | all
+#   bash experiments/cross_arch.sh PART [TARGET...]     # PART: pairs | retrained | universal | train | first | all
 #   SEED=1 ONLY="mse functional_perm" bash experiments/cross_arch.sh train MLPBlock   # second seeds where close
 # A tiny check (a minute) into /tmp, from tiny source roots of the same tiny recipe:
 #   G="--num_epochs 1 --num_train_images 300 --num_test_images 200"
@@ -42,12 +44,17 @@ source experiments/train_run.sh
 
 num_train() { [ "$1" = AttnBlock ] && echo "$ATTN_TRAIN" || echo "$NUM_TRAIN"; }
 
-pairs() {  # pairs T: the small blocks of T in data/demo's networks (generation resumes by itself)
-  local t=$1 g="--device cpu --num_threads 1 ${GEN_EXTRA:-}"
-  python construct_train.py $g --small_block "$t" --large_from "$SRC_TRAIN" --num_data "$(num_train "$t")" \
-    --data_root "$DATA/$t/train"
-  python construct_val.py $g --small_block "$t" --train_simple --large_from "$SRC_VAL" --num_data "$NUM_VAL" \
-    --data_root "$DATA/$t/val"
+GEN="--device cpu --num_threads 1 ${GEN_EXTRA:-}"
+
+retrained() {  # retrained T: T's blocks retrained in data/demo/val's networks (generation resumes by itself)
+  python construct_val.py $GEN --small_block "$1" --train_simple --large_from "$SRC_VAL" --num_data "$NUM_VAL" \
+    --data_root "$DATA/$1/val"
+}
+
+pairs() {  # pairs T: the small blocks of T in data/demo's networks
+  python construct_train.py $GEN --small_block "$1" --large_from "$SRC_TRAIN" --num_data "$(num_train "$1")" \
+    --data_root "$DATA/$1/train"
+  retrained "$1"
 }
 
 functional_train() {  # the training root of T's functional runs: its own pairs when they cover N + HOLD networks
@@ -89,11 +96,12 @@ translators() {  # translators T: the faithful MSE (on T's pairs) and the functi
 for t in $TARGETS; do
   case "$PART" in
     pairs) pairs "$t" ;;
+    retrained) retrained "$t" ;;
     universal) universal_block "$t" ;;
     train) translators "$t" ;;
     first) first "$t" ;;
     all) pairs "$t"; universal_block "$t"; translators "$t" ;;
-    *) echo "unknown part $PART: pairs, universal, train, first or all" >&2; exit 2 ;;
+    *) echo "unknown part $PART: pairs, retrained, universal, train, first or all" >&2; exit 2 ;;
   esac
 done
 if [ "$PART" = universal ] || [ "$PART" = first ] || [ "$PART" = all ]; then universal_block SimpleBlock_NoBn; fi

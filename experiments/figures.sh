@@ -19,3 +19,5 @@ plot $(ls results/scaling/runs/*/summary.json | grep -v _seed) --plot results/fi
 # the warm starts (experiments/warm_start.py, which draws the same figure itself), beside their JSONs
 plot --plot results/warm_start --warm_start results/warm_start/warm_start.json
 plot --plot results/warm_start/ten_networks --warm_start results/warm_start/ten_networks/warm_start.json
+# cross-architecture translation (experiments/cross_arch.sh): one figure per target
+python experiments/cross_arch_table.py --plot results/figures/cross_arch | sed 's/^/  /'
