@@ -3,9 +3,10 @@ a step (batch 128) by aten and by its alternatives, then the whole first-phase s
 today's default and by each whole-step route. Ratios are against today's default in the same run.
 
 Routes: convolutions by channels-last, by unfold + matmul, and their backward as two plain convolutions; the max-pool
-by channels-last and by a compiled separable scan that returns the same indices (alone, and in the eager step); BatchNorm + ReLU compiled into one
-pass; bf16 autocast; torch.compile of the whole step; a batch-last layout (C, H, W, B) where every convolution is a
-sum of shifted slices, compiled by inductor into C++ loops vectorised over the batch; threads.
+by channels-last and by a compiled separable scan that returns the same indices (alone, and in the eager step);
+BatchNorm + ReLU compiled into one pass; bf16 autocast; torch.compile of the whole step; a batch-last layout
+(C, H, W, B) where every convolution is a sum of shifted slices, compiled by inductor into C++ loops vectorised over
+the batch; threads.
 
     python bench/step_routes.py > results/bench_cpu/step_routes.log    # needs a quiet machine (say so in the log)
     python bench/step_routes.py --quick                                  # checks that it runs; numbers mean nothing
@@ -102,22 +103,22 @@ def operator_rows(repeats):
             if ci > 1:
                 F.conv2d(g, w.detach().transpose(0, 1).flip(-1, -2), padding=1)
             F.conv2d(x.detach().transpose(0, 1), g.transpose(0, 1), padding=1)
-        rows += [(name, 'aten forward', ms(lambda: F.conv2d(x.detach(), w.detach(), padding=1), repeats)),
-                 (name, 'aten forward + backward', ms(lambda: F.conv2d(x, w, padding=1).backward(g), repeats)),
-                 (name, 'channels-last forward + backward', ms(lambda: F.conv2d(xc, w, padding=1).backward(g), repeats)),
-                 (name, 'unfold + matmul forward', ms(lambda: w.detach().view(co, -1) @ F.unfold(x.detach(), 3, padding=1),
-                                                      repeats)),
-                 (name, 'aten forward + backward as two convolutions',
-                  ms(lambda: (F.conv2d(x.detach(), w.detach(), padding=1), two_convs()), repeats))]
+        rows += [(name, route, ms(fn, repeats)) for route, fn in [
+            ('aten forward', lambda: F.conv2d(x.detach(), w.detach(), padding=1)),
+            ('aten forward + backward', lambda: F.conv2d(x, w, padding=1).backward(g)),
+            ('channels-last forward + backward', lambda: F.conv2d(xc, w, padding=1).backward(g)),
+            ('unfold + matmul forward', lambda: w.detach().view(co, -1) @ F.unfold(x.detach(), 3, padding=1)),
+            ('aten forward + backward as two convolutions',
+             lambda: (F.conv2d(x.detach(), w.detach(), padding=1), two_convs()))]]
     x = torch.randn(BATCH, 6, 28, 28).relu()
     compiled_pool = torch.compile(separable_pool, dynamic=False)
     ref, mine = F.max_pool2d(x, 3, 2, 1, return_indices=True), compiled_pool(x)
     assert all(torch.equal(a, b) for a, b in zip(ref, mine)), 'the separable max-pool differs from aten'
     xc = x.contiguous(memory_format=torch.channels_last)
-    rows += [('max-pool 3x3/2 with indices', 'aten', ms(lambda: F.max_pool2d(x, 3, 2, 1, return_indices=True), repeats)),
-             ('max-pool 3x3/2 with indices', 'channels-last', ms(lambda: F.max_pool2d(xc, 3, 2, 1, return_indices=True),
-                                                                 repeats)),
-             ('max-pool 3x3/2 with indices', 'compiled separable scan (same indices)', ms(lambda: compiled_pool(x), repeats))]
+    rows += [('max-pool 3x3/2 with indices', route, ms(fn, repeats)) for route, fn in [
+        ('aten', lambda: F.max_pool2d(x, 3, 2, 1, return_indices=True)),
+        ('channels-last', lambda: F.max_pool2d(xc, 3, 2, 1, return_indices=True)),
+        ('compiled separable scan (same indices)', lambda: compiled_pool(x))]]
     x = torch.randn(BATCH, 6, 28, 28, requires_grad=True)
     w, b = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
     rm, rv = torch.zeros(6), torch.ones(6)
@@ -247,7 +248,8 @@ def step_rows(steps, threads, rounds=6):
             return 2 * len(bs)
         return run
 
-    routes = [(f"today's default: eager, {threads} threads", threads, 'eager'), ('eager, bf16 autocast', threads, 'bf16'),
+    routes = [(f"today's default: eager, {threads} threads", threads, 'eager'),
+              ('eager, bf16 autocast', threads, 'bf16'),
               ("eager, Begin's max-pool by the compiled separable scan", threads, 'separable pool'),
               ('torch.compile of the step (aten convolutions)', threads, 'compiled'),
               ('batch-last, convolutions as shifted sums, compiled', threads, 'batch-last'),
@@ -292,7 +294,8 @@ def main():
     print(f'\n## The first-phase step, one large network (ms per network-step: median of 6 rounds of '
           f'{max(args.steps // 6, 1)} steps, the routes interleaved)\n')
     rows = step_rows(args.steps, args.threads)
-    common.print_table(['route', 'ms', 'vs today\'s default'], [[r, f'{t:.2f}', f'{rows[0][1] / t:.2f}x'] for r, t in rows])
+    common.print_table(['route', 'ms', "vs today's default"],
+                       [[r, f'{t:.2f}', f'{rows[0][1] / t:.2f}x'] for r, t in rows])
 
 
 if __name__ == '__main__':

@@ -4,7 +4,8 @@ data/demo/val's 100 networks), without retraining them:
   * the Retrained row: T's blocks retrained in place in the same networks (construct_val.py --small_block T
     --train_simple --large_from data/demo/val, `bash experiments/cross_arch.sh retrained T`), added to summary.json;
   * translated.pt: the run's best translator applied to the 100 BasicBlocks. They are made once from the run's
-    checkpoint (under --ckpt_root), and must score exactly the summary's KT (best) row;
+    checkpoint (under --ckpt_root), and must score exactly the summary's KT (best) row (on the run's test images:
+    all 10,000, or AttnBlock's first 2,000);
   * agreement.json: how alike each row's blocks are across networks. Every block gets the same inputs, Begin's
     outputs of validation network 0 on the first 64 test images; its output minus its input is its effect. The
     value is the mean cosine between the effects of two different networks' blocks: +1 is one block for every
@@ -77,12 +78,17 @@ def main():
     os.chdir(REPO)
     val = loader.ValDataset(VAL, NUM_VAL)
     images, labels = mnist.load_mnist('data', train=False)
-    score = evaluate.Scorer(images, labels, val.begin, val.last)
+    scorers = {}
+
+    def scorer(n):  # a run scored on its first n test images (AttnBlock's: fewer, for time)
+        if n not in scorers:
+            scorers[n] = evaluate.Scorer(images[:n], labels[:n], val.begin, val.last)
+        return scorers[n]
     probe = net.begin_outputs(images[:PROBE_IMAGES], {k: t[:1] for k, t in val.begin.items()})[0]
     agreement = {}
     for path in sorted(glob.glob('results/cross_arch/runs/*/*_demo_val*/summary.json')):
         run_dir, s = os.path.dirname(path), json.load(open(path))
-        target, rows = s['target'], s['rows']
+        target, rows, score = s['target'], s['rows'], scorer(s['num_test_images'])
         if target not in agreement:  # the rows every run of this target shares
             seeds = [utils.seed_for(0, 'random_init', i) for i in range(NUM_VAL)]
             shared = {'Random Init': net.fresh_states(target, seeds), **{name: rule(val.basic) for name, rule in
@@ -116,7 +122,8 @@ def main():
             raise utils.UserError(f'{run_dir}/translated.pt does not score the summary\'s KT (best) row')
         run = os.path.basename(run_dir)
         agreement[target][run] = effect_agreement(blocks, probe)
-        print(f'{target} {run}: KT outputs across networks {agreement[target][run]:+.3f}; {evaluate.verdict(s["rows"])}')
+        print(f'{target} {run}: KT outputs across networks {agreement[target][run]:+.3f}; '
+              f'{evaluate.verdict(s["rows"])}')
     out = {t: {n: v for n, v in a.items() if n != 'accs'} for t, a in agreement.items()}
     utils.atomic_write('results/cross_arch/agreement.json', json.dumps(out, indent=1) + '\n')
     print('wrote results/cross_arch/agreement.json')
