@@ -117,8 +117,11 @@ def main():
         rule = f'{best} ({rows[best]["mean"]:.2f})' if best else 'none'
         print(f'| {target} | {run} | {rows["KT (best)"]["mean"]:.2f} | {rule} | '
               f'{margin(rows, best) if best else ""} | ' + ' | '.join(margin(rows, c) for c in COLUMNS) + ' |')
+    fewer = sorted({(t, s['num_test_images']) for t, summaries in runs().items() for _, s in summaries
+                    if s['num_test_images'] != 10000})
     print('\n* KT (best) beats the row: its mean margin, paired over the same validation networks, is above two '
-          'standard errors. Best epoch picked on 32 held-out training networks.')
+          'standard errors. Best epoch picked on 32 held-out training networks. Scored on all 10,000 test images'
+          + ''.join(f'; {t}: the first {n:,}' for t, n in fewer) + '.')
     for line in agreement_table():
         print(line)
 
