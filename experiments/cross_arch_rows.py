@@ -70,6 +70,19 @@ def translated_blocks(run_dir, ckpt_root, basic, target):
     return utils.load_file(path, 'translated blocks')
 
 
+def retrained_blocks(root, val):
+    """The stacked small blocks retrained in val's networks under root, or None when root has not all of them."""
+    try:
+        theirs = loader.ValDataset(root, NUM_VAL)
+    except utils.UserError as e:  # not made yet, or not all of it
+        print(f'no Retrained row from {root} yet ({" ".join(str(e).split())[:200]})')
+        return None
+    for name in ('begin', 'basic', 'last'):
+        if not all(torch.equal(a, b) for a, b in zip(getattr(theirs, name).values(), getattr(val, name).values())):
+            raise utils.UserError(f'{root}: its {name} blocks are not those of {VAL}')
+    return theirs.simple
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', default='data/cross_arch', help="the study's generated roots ($DATA of cross_arch.sh)")
@@ -85,7 +98,7 @@ def main():
             scorers[n] = evaluate.Scorer(images[:n], labels[:n], val.begin, val.last)
         return scorers[n]
     probe = net.begin_outputs(images[:PROBE_IMAGES], {k: t[:1] for k, t in val.begin.items()})[0]
-    agreement = {}
+    agreement, added = {}, {}  # per target: {blocks: agreement}, {row: summary row} for its summaries
     for path in sorted(glob.glob('results/cross_arch/runs/*/*_demo_val*/summary.json')):
         run_dir, s = os.path.dirname(path), json.load(open(path))
         target, rows, score = s['target'], s['rows'], scorer(s['num_test_images'])
@@ -93,24 +106,13 @@ def main():
             seeds = [utils.seed_for(0, 'random_init', i) for i in range(NUM_VAL)]
             shared = {'Random Init': net.fresh_states(target, seeds), **{name: rule(val.basic) for name, rule in
                                                                           rules.rules_of(target).items()}}
-            retrained_root = os.path.join(args.data, target, 'val')
-            retrained = None
-            try:
-                theirs = loader.ValDataset(retrained_root, NUM_VAL)
-            except utils.UserError as e:  # not made yet, or not all of it
-                print(f'{target}: no Retrained row yet ({" ".join(str(e).split())[:200]})')
-                theirs = None
-            if theirs is not None:
-                for name in ('begin', 'basic', 'last'):
-                    if not all(torch.equal(a, b) for a, b in zip(getattr(theirs, name).values(),
-                                                                 getattr(val, name).values())):
-                        raise utils.UserError(f'{retrained_root}: its {name} blocks are not those of {VAL}')
-                retrained = theirs.simple
+            retrained = retrained_blocks(os.path.join(args.data, target, 'val'), val)
+            if retrained is not None:
                 shared['Retrained'] = retrained
             agreement[target] = {name: effect_agreement(block, probe) for name, block in shared.items()}
-            agreement[target]['accs'] = {'Retrained': evaluate.acc_row(score(retrained))} if retrained else {}
-            print(f'{target}: ' + ', '.join(f'{n} {v:+.3f}' for n, v in agreement[target].items() if n != 'accs'))
-        new = dict(agreement[target]['accs'])
+            added[target] = {} if retrained is None else {'Retrained': evaluate.acc_row(score(retrained))}
+            print(f'{target}: ' + ', '.join(f'{n} {v:+.3f}' for n, v in agreement[target].items()))
+        new = added[target]
         for name, row in new.items():
             if name in rows and rows[name] != row:
                 raise utils.UserError(f'{path}: its "{name}" row differs from the one measured now')
@@ -124,8 +126,7 @@ def main():
         agreement[target][run] = effect_agreement(blocks, probe)
         print(f'{target} {run}: KT outputs across networks {agreement[target][run]:+.3f}; '
               f'{evaluate.verdict(s["rows"])}')
-    out = {t: {n: v for n, v in a.items() if n != 'accs'} for t, a in agreement.items()}
-    utils.atomic_write('results/cross_arch/agreement.json', json.dumps(out, indent=1) + '\n')
+    utils.atomic_write('results/cross_arch/agreement.json', json.dumps(agreement, indent=1) + '\n')
     print('wrote results/cross_arch/agreement.json')
 
 
