@@ -78,6 +78,12 @@ class Scorer:
         return accs.cpu()
 
 
+def random_init(k, seed, block=net.DEFAULT_SMALL, device='cpu'):
+    """The Random Init row's blocks: k fresh `block`s (a SMALL_BLOCKS name), network i's drawn under
+    utils.seed_for(seed, 'random_init', i)."""
+    return net.fresh_states(block, [utils.seed_for(seed, 'random_init', i) for i in range(k)], device)
+
+
 def reference_rows(score, networks, targets, seed, block=net.DEFAULT_SMALL, universal=None):
     """The rows every run is judged against, for the networks of `score` (networks: their stacked
     blocks; targets: the training set's written small blocks (targets.written; SimpleBlock_NoBn: [conv1, conv2]),
@@ -88,10 +94,8 @@ def reference_rows(score, networks, targets, seed, block=net.DEFAULT_SMALL, univ
     of the target's kind trained in place, when the val set has them)."""
     c1 = networks.basic['conv1.weight']
     k = c1.shape[0]
-    seeds = [utils.seed_for(seed, 'random_init', i) for i in range(k)]
     rows = {'Large (BasicBlock)': score(networks.basic, 'basic'),
-            'Random Init': score(net.fresh_states('simple' if block == net.DEFAULT_SMALL else block, seeds,
-                                                  c1.device)),
+            'Random Init': score(random_init(k, seed, block, c1.device)),
             'Identity (block skipped)': score({}, 'identity')}
     if targets:
         rows['Mean target'] = score(mean_block(targets, k, block))

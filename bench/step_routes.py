@@ -209,15 +209,21 @@ def large_step(images, labels, seed, route):
     return step, params
 
 
+def synthetic_data(steps):
+    """MNIST-sized random images and labels, and `steps` batches (indices, flips) of one network, drawn from seed 0."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60000,))
+    batches = [(torch.randint(0, 60000, (1, BATCH), generator=g), torch.rand(1, BATCH, generator=g) < 0.5)
+               for _ in range(steps)]
+    return images, labels, batches
+
+
 ROUTES = ('eager', 'bf16', 'separable pool', 'compiled', 'batch-last')  # large_step's
 
 
 def alone(route, steps):
     """ms a step of one large network by `route`, timed over `steps` steps after 10 warm-up steps."""
-    g = torch.Generator().manual_seed(0)
-    images, labels = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60000,))
-    batches = [(torch.randint(0, 60000, (1, BATCH), generator=g), torch.rand(1, BATCH, generator=g) < 0.5)
-               for _ in range(steps)]
+    images, labels, batches = synthetic_data(steps)
     step = large_step(images, labels, 0, route)[0]
     for b in batches[:10]:
         step(*b)
@@ -230,10 +236,7 @@ def alone(route, steps):
 def step_rows(steps, threads, rounds=6):
     """[(route, ms per network-step)] of the first-phase step, today's default first: the median over `rounds`
     rounds, each timing steps // rounds steps of every route in turn (so that a drift of the machine hits all)."""
-    g = torch.Generator().manual_seed(0)
-    images, labels = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60000,))
-    batches = [(torch.randint(0, 60000, (1, BATCH), generator=g), torch.rand(1, BATCH, generator=g) < 0.5)
-               for _ in range(max(steps // rounds, 1))]
+    images, labels, batches = synthetic_data(max(steps // rounds, 1))
 
     def one(step):  # run(batches) -> network-steps made
         return lambda bs: len([step(*b) for b in bs])

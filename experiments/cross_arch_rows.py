@@ -40,7 +40,7 @@ PROBE_IMAGES = 64
 def effect_agreement(block, probe):
     """Mean cosine, over pairs of different networks, of the effects (output - input) of a stacked block on the
     same inputs `probe` (B, 6, 14, 14); a block with no effect counts as cosine 0."""
-    k = next(iter(block.values())).shape[0] if block else 1
+    k = next(iter(block.values())).shape[0]
     block = {name: t.contiguous() for name, t in block.items()}  # a rule's tensors may be views
     x = probe.repeat(1, k, 1, 1)
     with torch.no_grad():
@@ -103,9 +103,8 @@ def main():
         run_dir, s = os.path.dirname(path), json.load(open(path))
         target, rows, score = s['target'], s['rows'], scorer(s['num_test_images'])
         if target not in agreement:  # the rows every run of this target shares
-            seeds = [utils.seed_for(0, 'random_init', i) for i in range(NUM_VAL)]
-            shared = {'Random Init': net.fresh_states(target, seeds), **{name: rule(val.basic) for name, rule in
-                                                                          rules.rules_of(target).items()}}
+            shared = {'Random Init': evaluate.random_init(NUM_VAL, 0, target),
+                      **{name: rule(val.basic) for name, rule in rules.rules_of(target).items()}}
             retrained = retrained_blocks(os.path.join(args.data, target, 'val'), val)
             if retrained is not None:
                 shared['Retrained'] = retrained

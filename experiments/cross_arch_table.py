@@ -110,14 +110,15 @@ def main():
     print('| target | run | KT (best) | strongest rule (mean) | vs the rule | '
           + ' | '.join(f'vs {c}' for c in COLUMNS) + ' |')
     print('|' + ' --- |' * (5 + len(COLUMNS)))
-    for target, run, summary in [(t, r, s) for t, summaries in runs().items() for r, s in summaries]:
+    every = runs()
+    for target, run, summary in [(t, r, s) for t, summaries in every.items() for r, s in summaries]:
         rows = summary['rows']
         present = [name for name in rules.rules_of(target) if name in rows]
         best = max(present, key=lambda name: rows[name]['mean'], default=None)
         rule = f'{best} ({rows[best]["mean"]:.2f})' if best else 'none'
         print(f'| {target} | {run} | {rows["KT (best)"]["mean"]:.2f} | {rule} | '
               f'{margin(rows, best) if best else ""} | ' + ' | '.join(margin(rows, c) for c in COLUMNS) + ' |')
-    fewer = sorted({(t, s['num_test_images']) for t, summaries in runs().items() for _, s in summaries
+    fewer = sorted({(t, s['num_test_images']) for t, summaries in every.items() for _, s in summaries
                     if s['num_test_images'] != 10000})
     print('\n* KT (best) beats the row: its mean margin, paired over the same validation networks, is above two '
           'standard errors. Best epoch picked on 32 held-out training networks. Scored on all 10,000 test images'

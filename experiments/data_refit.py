@@ -11,9 +11,9 @@ The fit is a ridge regression in float64: conv2 = (F'F + lambda I)^-1 F't with l
 of F'F (F: the (N*196, 27) hidden patches, t: the targets). A hidden channel that a few images leave dead or nearly
 dead makes F'F singular; plain least squares then returns weights that move with the BLAS thread count (on 16
 images, 2 of 100 networks, by up to 23.50 points: results/baselines/data_refit_threads_ridge0.log). The ridge term
-makes the solve well conditioned; --ridge 0 is plain torch.linalg.lstsq. --compare_threads A B checks it. Each of --draws draws shuffles the training images with seed
---seed + draw and fits on the first N; the table gives the mean over the draws of the 100-network mean, ± the
-standard error over the draws.
+makes the solve well conditioned; --ridge 0 is plain torch.linalg.lstsq. --compare_threads A B checks it. Each of
+--draws draws shuffles the training images with seed --seed + draw and fits on the first N; the table gives the
+mean over the draws of the 100-network mean, ± the standard error over the draws.
 
     OMP_NUM_THREADS=1 python experiments/data_refit.py --num_threads 1 \\
         --json results/baselines/data_refit.json > results/baselines/data_refit.log
@@ -36,6 +36,7 @@ import rules  # noqa: E402
 import utils  # noqa: E402
 
 RIDGE = 1e-10  # lambda / mean diagonal of F'F: negligible on well-conditioned fits, a unique solution on singular ones
+
 
 def ridge_fit(feats, target, ridge):
     """argmin_w |feats w - target|^2 + lam |w|^2 with lam = ridge x the mean diagonal of feats'feats (float64);

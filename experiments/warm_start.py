@@ -275,7 +275,8 @@ def tables(data):
                   f'(mean ± SE)', '', '| start | ' + ' | '.join(f'step {s}' for s in grid) + ' |',
                   '| --- |' + ' --- |' * len(grid)]
         for name in others:
-            cells = [evaluate.paired_margin([c[j] for c in starts[name]], [c[j] for c in rule]) for j in range(len(grid))]
+            cells = [evaluate.paired_margin([c[j] for c in starts[name]], [c[j] for c in rule])
+                     for j in range(len(grid))]
             lines.append(f'| {name} | ' + ' | '.join(f'{m:+.2f} ± {se:.2f}' for m, se in cells) + ' |')
     return '\n'.join(lines) + '\n'
 
